@@ -1,0 +1,189 @@
+"""The only place in the agent that starts a subprocess.
+
+Every call takes an argv list (never a shell), a timeout, closes stdin unless input is
+given, keeps stdout and stderr apart, bounds what it keeps of them, and raises a typed
+error that carries the command with secrets redacted. Tests replace `subprocess.Popen`
+(pytest-subprocess) and so see every command the agent would run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+#: What a command may print before the rest is dropped (per stream).
+MAX_OUTPUT = 8 * 1024 * 1024
+REDACTED = "***"
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float = 0.0
+
+
+@dataclass
+class CommandError(Exception):
+    """A command failed; `str()` is a one-line explanation safe to log."""
+
+    argv: tuple[str, ...]
+    returncode: int | None
+    stdout: str = ""
+    stderr: str = ""
+    reason: str = field(default="")
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    @property
+    def output(self) -> str:
+        return f"{self.stdout}\n{self.stderr}"
+
+    def __str__(self) -> str:
+        command = " ".join(self.argv)
+        if self.reason:
+            return f"`{command}` {self.reason}"
+        detail = (self.stderr.strip() or self.stdout.strip())[-2000:]
+        return f"`{command}` exited with {self.returncode}" + (f": {detail}" if detail else "")
+
+
+class CommandTimeout(CommandError):
+    pass
+
+
+class CommandNotFound(CommandError):
+    pass
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    input: bytes | str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    secrets: Iterable[str] = (),
+    check: bool = True,
+    max_output: int = MAX_OUTPUT,
+) -> Result:
+    """Run `argv` to completion and return its output.
+
+    `env`, when given, is added to (not substituted for) the agent's environment.
+    `secrets` are strings to mask wherever the command or its output is logged or raised.
+    """
+    if isinstance(argv, str):
+        raise TypeError("run() takes an argv list, never a command string")
+    argv = tuple(str(arg) for arg in argv)
+    hidden = tuple(s for s in secrets if s)
+    shown = tuple(redact(a, hidden) for a in argv)
+    child_env = None
+    if env is not None:
+        child_env = dict(os.environ)
+        child_env.update(env)
+    data = input.encode() if isinstance(input, str) else input
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise CommandNotFound(shown, None, reason=f"cannot start: {argv[0]} is not installed or not on PATH") from exc
+    except PermissionError as exc:
+        raise CommandError(shown, None, reason=f"cannot start: {exc}") from exc
+    try:
+        out, err = proc.communicate(data, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise CommandTimeout(
+            shown, None, _text(out, max_output, hidden), _text(err, max_output, hidden),
+            reason=f"timed out after {timeout:g}s and was killed",
+        ) from None
+    except BaseException:
+        kill_group(proc)
+        proc.wait()
+        raise
+    duration = time.monotonic() - started
+    result = Result(shown, proc.returncode, _text(out, max_output, hidden), _text(err, max_output, hidden), duration)
+    log.debug("ran %s -> %s in %.3fs", " ".join(shown), proc.returncode, duration)
+    if check and proc.returncode != 0:
+        raise CommandError(shown, proc.returncode, result.stdout, result.stderr)
+    return result
+
+
+def popen(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    merge_stderr: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running child (log readers, builds) in its own process group.
+
+    The caller reads its pipes and must end it with `kill_group` or wait for it.
+    """
+    if isinstance(argv, str):
+        raise TypeError("popen() takes an argv list, never a command string")
+    child_env = None
+    if env is not None:
+        child_env = dict(os.environ)
+        child_env.update(env)
+    try:
+        return subprocess.Popen(
+            [str(a) for a in argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            env=child_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise CommandNotFound(tuple(argv), None, reason=f"cannot start: {argv[0]} is not installed or not on PATH") from exc
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the child and everything it started (it leads its own session)."""
+    pid = getattr(proc, "pid", 0) or 0
+    if pid > 1:
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+                return
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.kill()
+    except (ProcessLookupError, OSError):
+        pass
+
+
+def _text(raw: bytes | None, limit: int, secrets: tuple[str, ...]) -> str:
+    if not raw:
+        return ""
+    if len(raw) > limit:
+        raw = raw[:limit]
+    return redact(raw.decode("utf-8", errors="replace"), secrets)

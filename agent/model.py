@@ -1,0 +1,304 @@
+"""The expected state (PROTOCOL.md §6.1) as validated dataclasses.
+
+Parsing happens once, at the edge: everything after this module may trust the values.
+A malformed document raises ModelError and nothing acts on it; a single bad entry is
+dropped with a problem line naming it, and its deployment id is remembered as
+`protected` so that the reconciler never removes a running container because the control
+plane sent a garbled description of it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import validate
+from agent.validate import InvalidValue
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """The document as a whole is unusable (not an object, wrong top-level types)."""
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    container_port: int
+    host_port: int
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    cmd: str
+    interval: int = 10
+    timeout: int = 5
+    retries: int = 3
+    start_period: int = 30
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    container_path: str
+
+
+@dataclass(frozen=True)
+class ExpectedContainer:
+    deployment_id: str
+    service_id: str
+    service_name: str
+    name: str
+    image: str
+    ip_address: str
+    ports: tuple[PortMapping, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    health_check: HealthCheck | None = None
+    volumes: tuple[Volume, ...] = ()
+
+    def volume_host_path(self, volumes_dir: Path, volume: Volume) -> Path:
+        """Where a volume lives on this host: chosen by the agent, never taken from the wire."""
+        return volumes_dir / self.service_id / volume.name
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    name: str
+    ips: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CaddyRoute:
+    id: str
+    domain: str
+    upstreams: tuple[str, ...]
+    service_id: str
+
+
+@dataclass(frozen=True)
+class WireGuardPeer:
+    public_key: str
+    allowed_ips: str
+    endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class ExpectedState:
+    containers: tuple[ExpectedContainer, ...] = ()
+    dns_records: tuple[DnsRecord, ...] = ()
+    caddy_routes: tuple[CaddyRoute, ...] = ()
+    wireguard_peers: tuple[WireGuardPeer, ...] = ()
+    # Deployment ids whose entries were invalid: their containers must be left alone.
+    protected_deployments: frozenset[str] = frozenset()
+    problems: tuple[str, ...] = ()
+
+    def container(self, deployment_id: str) -> ExpectedContainer | None:
+        for item in self.containers:
+            if item.deployment_id == deployment_id:
+                return item
+        return None
+
+
+def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> ExpectedState:
+    """Validate a decoded expected-state document.
+
+    `subnet` is this server's container subnet (10.200.X.0/24); static IPs outside it are
+    rejected. Go decodes null/missing as empty, and so do we.
+    """
+    if not isinstance(data, dict):
+        raise ModelError(f"expected state must be a JSON object, got {type(data).__name__}")
+    problems: list[str] = []
+    protected: set[str] = set()
+
+    containers = _list(data.get("containers"), "containers")
+    dns = _list(_section(data, "dns").get("records"), "dns.records")
+    routes = _list(_section(data, "caddy").get("routes"), "caddy.routes")
+    peers = _list(_section(data, "wireguard").get("peers"), "wireguard.peers")
+
+    parsed_containers: list[ExpectedContainer] = []
+    seen_ids: set[str] = set()
+    seen_ips: dict[str, str] = {}
+    for index, raw in enumerate(containers):
+        label = _container_label(raw, index)
+        try:
+            item = _container(raw, subnet)
+            if item.deployment_id in seen_ids:
+                raise InvalidValue("deploymentId is listed twice")
+            if item.ip_address and item.ip_address in seen_ips:
+                raise InvalidValue(f"ipAddress {item.ip_address} is also given to deployment {seen_ips[item.ip_address]}")
+        except InvalidValue as exc:
+            problems.append(f"container {label}: {exc}; skipped")
+            if isinstance(raw, dict) and isinstance(raw.get("deploymentId"), str) and raw["deploymentId"]:
+                protected.add(raw["deploymentId"])
+            continue
+        seen_ids.add(item.deployment_id)
+        if item.ip_address:
+            seen_ips[item.ip_address] = item.deployment_id
+        parsed_containers.append(item)
+
+    parsed_dns = _entries(dns, "dns record", _dns_record, problems)
+    parsed_routes = _entries(routes, "caddy route", _caddy_route, problems)
+    parsed_peers = _entries(peers, "wireguard peer", _wireguard_peer, problems)
+    for problem in problems:
+        log.error("expected state: %s", problem)
+    return ExpectedState(
+        tuple(parsed_containers),
+        tuple(parsed_dns),
+        tuple(parsed_routes),
+        tuple(parsed_peers),
+        frozenset(protected),
+        tuple(problems),
+    )
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ModelError(f"{key} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ModelError(f"{what} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _entries(raw_items: list[Any], what: str, parse: Any, problems: list[str]) -> list[Any]:
+    parsed = []
+    for index, raw in enumerate(raw_items):
+        try:
+            parsed.append(parse(raw))
+        except InvalidValue as exc:
+            problems.append(f"{what} #{index}: {exc}; skipped")
+    return parsed
+
+
+def _container_label(raw: Any, index: int) -> str:
+    if isinstance(raw, dict) and isinstance(raw.get("deploymentId"), str):
+        return f"#{index} (deployment {raw['deploymentId'][:64]!r})"
+    return f"#{index}"
+
+
+def _object(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise InvalidValue(f"must be an object, got {type(raw).__name__}")
+    return raw
+
+
+def _container(raw: Any, subnet: ipaddress.IPv4Network | None) -> ExpectedContainer:
+    obj = _object(raw)
+    deployment_id = validate.identifier(obj.get("deploymentId"), "deploymentId")
+    service_id = validate.identifier(obj.get("serviceId"), "serviceId")
+    service_name = validate.free_text(obj.get("serviceName"), "serviceName")
+    name = validate.container_name(obj.get("name"))
+    image = validate.image_reference(obj.get("image"))
+    ip_raw = obj.get("ipAddress") or ""
+    if ip_raw:
+        if subnet is None:
+            ip_address = str(validate.ipv4(ip_raw, "ipAddress"))
+        else:
+            ip_address = validate.container_ip(ip_raw, subnet)
+    else:
+        ip_address = ""
+    ports = tuple(
+        PortMapping(
+            validate.port(_object(p).get("containerPort"), "ports[].containerPort"),
+            validate.port(_object(p).get("hostPort"), "ports[].hostPort"),
+        )
+        for p in _list_field(obj, "ports")
+    )
+    env_raw = obj.get("env") or {}
+    if not isinstance(env_raw, dict):
+        raise InvalidValue("env must be an object")
+    env: dict[str, str] = {}
+    for key, value in env_raw.items():
+        validate.env_key(key)
+        if not isinstance(value, str):
+            raise InvalidValue(f"env {key}: value must be a string")
+        env[key] = value
+    health = _health(obj.get("healthCheck"))
+    volumes: list[Volume] = []
+    for volume in _list_field(obj, "volumes"):
+        volume = _object(volume)
+        volumes.append(Volume(validate.volume_name(volume.get("name")), validate.container_path(volume.get("containerPath"))))
+    if len({v.name for v in volumes}) != len(volumes):
+        raise InvalidValue("two volumes share a name")
+    return ExpectedContainer(
+        deployment_id, service_id, service_name, name, image, ip_address, ports, env, health, tuple(volumes)
+    )
+
+
+def _list_field(obj: dict[str, Any], key: str) -> list[Any]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidValue(f"{key} must be a list")
+    return value
+
+
+def _health(raw: Any) -> HealthCheck | None:
+    if raw is None:
+        return None
+    obj = _object(raw)
+    cmd = obj.get("cmd") or ""
+    if not isinstance(cmd, str) or "\x00" in cmd or len(cmd) > 4096:
+        raise InvalidValue("healthCheck.cmd must be a string without NUL bytes")
+    if not cmd.strip():
+        return None
+    return HealthCheck(
+        cmd,
+        validate.bounded_int(_default(obj, "interval", 10), "healthCheck.interval", 1, 86400),
+        validate.bounded_int(_default(obj, "timeout", 5), "healthCheck.timeout", 1, 86400),
+        validate.bounded_int(_default(obj, "retries", 3), "healthCheck.retries", 1, 1000),
+        validate.bounded_int(_default(obj, "startPeriod", 30), "healthCheck.startPeriod", 0, 86400),
+    )
+
+
+def _default(obj: dict[str, Any], key: str, default: int) -> Any:
+    value = obj.get(key)
+    return default if value is None else value
+
+
+def _dns_record(raw: Any) -> DnsRecord:
+    obj = _object(raw)
+    name = validate.hostname(obj.get("name"), "dns name")
+    ips = obj.get("ips")
+    if not isinstance(ips, list) or not ips:
+        raise InvalidValue(f"dns record {name}: ips must be a non-empty list")
+    return DnsRecord(name, tuple(validate.ip_address(ip, f"dns record {name} ip") for ip in ips))
+
+
+def _caddy_route(raw: Any) -> CaddyRoute:
+    obj = _object(raw)
+    domain = validate.hostname(obj.get("domain"), "caddy domain", allow_wildcard=True)
+    route_id = obj.get("id") or domain
+    validate.free_text(route_id, "caddy route id")
+    upstreams = obj.get("upstreams") or []
+    if not isinstance(upstreams, list):
+        raise InvalidValue(f"caddy route {domain}: upstreams must be a list")
+    for upstream in upstreams:
+        validate.host_port(upstream, f"caddy route {domain} upstream")
+    service_id = obj.get("serviceId") or ""
+    if service_id:
+        validate.identifier(service_id, "caddy route serviceId")
+    return CaddyRoute(route_id, domain, tuple(upstreams), service_id)
+
+
+def _wireguard_peer(raw: Any) -> WireGuardPeer:
+    obj = _object(raw)
+    key = validate.wireguard_key(obj.get("publicKey"))
+    allowed = validate.cidr_list(obj.get("allowedIps"))
+    endpoint = obj.get("endpoint") or ""
+    if endpoint:
+        validate.host_port(endpoint, "wireguard endpoint")
+    return WireGuardPeer(key, allowed, endpoint)

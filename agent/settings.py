@@ -1,0 +1,233 @@
+"""One Settings object for the whole agent: flags > environment > TOML file > defaults.
+
+Every tunable lives here so that tests (and unusual servers) can move ports, paths and
+intervals without touching the code. Environment variables are `TECHULUS_AGENT_<NAME>`
+(upper case), TOML keys are the field names (`data_dir` or `data-dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "TECHULUS_AGENT_"
+DEFAULT_DATA_DIR = Path("/var/lib/techulus-agent")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # The original's four flags (PROTOCOL.md §1.1).
+    url: str = ""
+    token: str = field(default="", repr=False)
+    data_dir: Path = DEFAULT_DATA_DIR
+    logs_endpoint: str = ""
+
+    # Where the token may come from instead of argv.
+    token_file: Path | None = None
+
+    # Standalone mode: reconcile from this file instead of a control plane.
+    state_file: Path | None = None
+
+    # Timers (seconds). The heartbeat must stay well under the CP's 30 s offline threshold.
+    tick_interval: float = 10.0
+    heartbeat_interval: float = 10.0
+    workqueue_interval: float = 5.0
+    build_poll_interval: float = 30.0
+    processing_timeout: float = 300.0
+
+    # Control-plane HTTP client.
+    http_connect_timeout: float = 10.0
+    http_read_timeout: float = 30.0
+    http_retries: int = 3
+    max_response_bytes: int = 16 * 1024 * 1024
+    public_ip: str = ""
+    public_ip_url: str = "https://api.ipify.org"
+
+    # Podman.
+    podman: str = "podman"
+    network_name: str = "techulus"
+    pull_timeout: float = 600.0
+    stop_timeout: int = 10
+    podman_timeout: float = 60.0
+    insecure_registries: tuple[str, ...] = ()
+    # Extra `key=value` label put on, and required of, every container we manage. Empty in
+    # production (so containers of the original agent are adopted); tests set it so that
+    # parallel runs on one machine never see each other's containers.
+    scope_label: str = ""
+    # A container DNS resolver to pass to `podman run --dns` ("" = gateway when DNS is managed).
+    container_dns: str = ""
+
+    # Networking (issue 3 parts).
+    manage_wireguard: bool = True
+    manage_dns: bool = True
+    manage_caddy: bool = True
+    wireguard_interface: str = "wg0"
+    wireguard_port: int = 51820
+    wireguard_mtu: int = 1420
+    wireguard_config_dir: Path = Path("/etc/wireguard")
+    dnsmasq_conf_dir: Path = Path("/etc/dnsmasq.d")
+    dns_hosts_dir: Path = Path("/etc/techulus/dns-hosts")
+    dns_port: int = 53
+    caddy_admin_url: str = "http://localhost:2019"
+    caddy_https_listen: str = ":443"
+    caddy_access_log: Path = Path("/var/log/caddy/techulus.log")
+
+    # Builds.
+    buildkit_host: str = "tcp://127.0.0.1:1234"
+    build_timeout: float = 1800.0
+    registry_insecure_push: bool = True
+
+    log_level: str = "INFO"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
+    def builds_dir(self) -> Path:
+        return self.data_dir / "builds"
+
+    @property
+    def standalone(self) -> bool:
+        return self.state_file is not None
+
+    def resolved_token(self) -> str:
+        """The registration token from the flag, environment or token file (trimmed)."""
+        if self.token:
+            return self.token.strip()
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"token_file {self.token_file}: {exc.strerror}") from exc
+        return ""
+
+    def is_insecure_registry(self, image: str) -> bool:
+        host = image.split("/", 1)[0] if "/" in image else ""
+        return host in self.insecure_registries
+
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        config_file: Path | None = None,
+    ) -> Settings:
+        """Merge the sources; unknown keys and bad values raise SettingsError naming them."""
+        environ = os.environ if environ is None else environ
+        merged: dict[str, Any] = {}
+        if config_file is not None:
+            merged.update(_from_toml(config_file))
+        merged.update(_from_environ(environ))
+        if "BUILDKIT_HOST" in environ and environ["BUILDKIT_HOST"] and "buildkit_host" not in merged:
+            merged["buildkit_host"] = environ["BUILDKIT_HOST"]
+        merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+        return cls.from_mapping(merged, source="settings")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "settings") -> Settings:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        converted: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in fields:
+                raise SettingsError(f"{source}: unknown setting {raw_key!r}")
+            converted[key] = _coerce(key, fields[key].type, value, source)
+        settings = cls(**converted)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("tick_interval", "heartbeat_interval", "workqueue_interval", "processing_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.heartbeat_interval > 25:
+            raise SettingsError("heartbeat_interval must stay under the control plane's 30 s offline threshold")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise SettingsError(f"--url must start with http:// or https://, got {self.url!r}")
+        if self.logs_endpoint and not self.logs_endpoint.startswith(("http://", "https://")):
+            raise SettingsError(f"--logs-endpoint must start with http:// or https://, got {self.logs_endpoint!r}")
+        if self.scope_label and "=" not in self.scope_label:
+            raise SettingsError("scope_label must look like key=value")
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise SettingsError(f"config file {path}: {exc.strerror}") from exc
+    section = data.get("agent", data)
+    if not isinstance(section, dict):
+        raise SettingsError(f"config file {path}: [agent] must be a table")
+    return dict(section)
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(Settings)}
+    found: dict[str, Any] = {}
+    for name in names:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            found[name] = value
+    return found
+
+
+def _coerce(name: str, annotation: Any, value: Any, source: str) -> Any:
+    kind = str(annotation)
+    try:
+        if "tuple" in kind:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise TypeError("expected a list of strings")
+        if "Path" in kind:
+            if value is None or value == "":
+                return None if "None" in kind else Path(".")
+            if not isinstance(value, str | os.PathLike):
+                raise TypeError("expected a path")
+            return Path(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise TypeError("expected true or false")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise TypeError("expected an integer")
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError("expected a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: {name}: {exc}") from exc
+    return value

@@ -1,0 +1,107 @@
+"""Hashes (PROTOCOL.md §9.3 worked examples), image comparison and plan order."""
+
+import pytest
+
+from agent import drift
+from agent.drift import ChangeKind, ContainerInfo
+from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer
+
+EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_empty_hashes():
+    assert drift.dns_hash([]) == drift.caddy_hash([]) == drift.wireguard_hash([]) == EMPTY
+
+
+def test_dns_hash_example():
+    records = [DnsRecord("web.internal", ("10.200.1.3",)), DnsRecord("api.internal", ("10.200.2.2", "10.200.1.2"))]
+    assert drift.dns_hash(records) == "4d1eb501cfd6bdca845cb9712bf6d702d16dd516e78c897b6b6013292328055a"
+
+
+def test_caddy_hash_example():
+    routes = [CaddyRoute("app.example.com", "app.example.com", ("10.200.2.2:3000", "10.200.1.2:3000"), "svc-1")]
+    assert drift.caddy_hash(routes) == "15a53a7d0ee2f8e5e812caff59584bd1df522c08b096589704ac88137e962e57"
+
+
+def test_wireguard_hash_example():
+    peers = [
+        WireGuardPeer("BBBB=", "10.100.3.0/24,10.200.3.0/24", ""),
+        WireGuardPeer("AAAA=", "10.100.2.0/24,10.200.2.0/24", "203.0.113.5:51820"),
+    ]
+    assert drift.wireguard_hash(peers) == "a54c1e47b93e0e5e3ae729877ef60b19476a813d0696b1c2cc62b29919f3bbd5"
+
+
+def test_duplicate_dns_names_merge():
+    merged = drift.merge_dns_records([DnsRecord("a.internal", ("10.0.0.1",)), DnsRecord("a.internal", ("10.0.0.2", "10.0.0.1"))])
+    assert merged == [DnsRecord("a.internal", ("10.0.0.1", "10.0.0.2"))]
+
+
+@pytest.mark.parametrize(
+    ("expected", "actual"),
+    [
+        ("nginx", "docker.io/library/nginx:latest"),
+        ("docker.io/library/nginx:1.27", "docker.io/library/nginx:1.27"),
+        ("host:5000/app", "host:5000/app:latest"),
+        ("docker.io/host:5000/app", "host:5000/app:latest"),
+        ("user/app:1.2", "docker.io/user/app:1.2"),
+        ("nginx@sha256:" + "a" * 64, "docker.io/library/nginx@sha256:" + "a" * 64),
+        ("localhost/bb", "localhost/bb:latest"),
+    ],
+)
+def test_images_that_match(expected, actual):
+    assert drift.images_match(expected, actual)
+
+
+@pytest.mark.parametrize(
+    ("expected", "actual"),
+    [
+        ("nginx:1.27", "docker.io/library/nginx:1.28"),
+        ("nginx@sha256:" + "a" * 64, "docker.io/library/nginx@sha256:" + "b" * 64),
+        ("host:5000/app:v2", "host:5000/app:v1"),
+    ],
+)
+def test_images_that_differ(expected, actual):
+    assert not drift.images_match(expected, actual)
+
+
+def _expected(dep: str, image: str = "localhost/bb:latest") -> ExpectedContainer:
+    return ExpectedContainer(dep, "svc", "Svc", f"svc-{dep}", image, "")
+
+
+def _actual(dep: str, state: str = "running", image: str = "localhost/bb:latest", cid: str = "") -> ContainerInfo:
+    labels = {drift.LABEL_SERVICE_ID: "svc"}
+    if dep:
+        labels[drift.LABEL_DEPLOYMENT_ID] = dep
+    return ContainerInfo(cid or f"id-{dep or 'orphan'}", f"n-{dep}", image, state, labels)
+
+
+def test_plan_order_and_kinds():
+    expected = ExpectedState(
+        containers=(_expected("run"), _expected("exited"), _expected("missing"), _expected("newimg", "localhost/bb:v2"))
+    )
+    actual = [
+        _actual("newimg"),
+        _actual("run"),
+        _actual("gone"),
+        _actual("exited", "exited"),
+        _actual("", "running"),
+    ]
+    kinds = [(c.kind, (c.expected or c.container).name if (c.expected or c.container) else "") for c in drift.plan(expected, actual, ["wireguard", "dns"])]
+    assert [k for k, _ in kinds] == [
+        ChangeKind.REMOVE_ORPHAN,
+        ChangeKind.REMOVE_UNEXPECTED,
+        ChangeKind.START,
+        ChangeKind.DEPLOY,
+        ChangeKind.REDEPLOY,
+        ChangeKind.UPDATE_DNS,
+        ChangeKind.UPDATE_WIREGUARD,
+    ]
+
+
+def test_protected_deployment_is_never_removed():
+    state = ExpectedState(protected_deployments=frozenset({"bad"}))
+    assert drift.plan(state, [_actual("bad")]) == []
+
+
+def test_no_drift_when_everything_matches():
+    assert drift.plan(ExpectedState(containers=(_expected("a"),)), [_actual("a")]) == []

@@ -1,0 +1,130 @@
+"""Real Podman for tests, as ../shared/TESTBED.md describes it.
+
+Gives each test run its own containers.conf (ulimits and runc fixes for this VM), a tiny
+busybox image built locally (no registry needed), a unique scope label so parallel runs
+never see each other's containers, and a bridge network on a free 10.200.X.0/24 subnet.
+Import the fixtures from a test module with `from tests.testbed import *  # noqa: F403`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+[network]
+network_backend = "netavark"
+"""
+
+BB_IMAGE = "localhost/techulus-test-bb:latest"
+
+
+def podman_available() -> bool:
+    return shutil.which("podman") is not None and os.geteuid() == 0
+
+
+requires_podman = pytest.mark.skipif(not podman_available(), reason="needs root and podman (scripts/install-test-deps.sh)")
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def _build_busybox_image(workdir: Path) -> None:
+    rootfs = workdir / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    for sub in ("www", "tmp", "etc", "data"):
+        (rootfs / sub).mkdir()
+    shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (rootfs / "bin" / applet).symlink_to("busybox")
+    (rootfs / "www" / "index.html").write_text("hello from techulus test\n")
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    tar_path = workdir / "bb.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(rootfs, arcname=".")
+    podman("import", "--change", 'CMD ["/bin/sh"]', str(tar_path), BB_IMAGE)
+
+
+@pytest.fixture(scope="session")
+def podman_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Points podman (and every child, the agent included) at the test containers.conf."""
+    if not podman_available():
+        pytest.skip("needs root and podman (scripts/install-test-deps.sh)")
+    workdir = tmp_path_factory.mktemp("podman")
+    conf = workdir / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    old = os.environ.get("CONTAINERS_CONF")
+    os.environ["CONTAINERS_CONF"] = str(conf)
+    if podman("image", "exists", BB_IMAGE, check=False).returncode != 0:
+        _build_busybox_image(workdir)
+    yield conf
+    if old is None:
+        os.environ.pop("CONTAINERS_CONF", None)
+    else:
+        os.environ["CONTAINERS_CONF"] = old
+
+
+@dataclass(frozen=True)
+class TestNetwork:
+    name: str
+    subnet_id: int
+    scope_label: str
+
+    @property
+    def subnet(self) -> str:
+        return f"10.200.{self.subnet_id}.0/24"
+
+    @property
+    def gateway(self) -> str:
+        return f"10.200.{self.subnet_id}.1"
+
+    def ip(self, host: int) -> str:
+        return f"10.200.{self.subnet_id}.{host}"
+
+
+def cleanup_scope(scope_label: str) -> None:
+    ids = podman("ps", "-aq", "--filter", f"label={scope_label}", check=False).stdout.split()
+    if ids:
+        podman("rm", "-f", "-t", "0", *ids, check=False)
+
+
+@pytest.fixture
+def podman_net(podman_env: Path) -> Iterator[TestNetwork]:
+    """A fresh bridge on a free 10.200.X.0/24 and a scope label; both removed afterwards."""
+    scope = f"techulus.test.scope={uuid.uuid4().hex[:12]}"
+    candidates = list(range(100, 250))
+    random.shuffle(candidates)
+    for subnet_id in candidates:
+        name = f"tt{uuid.uuid4().hex[:10]}"
+        result = podman(
+            "network", "create", "--driver", "bridge", "--subnet", f"10.200.{subnet_id}.0/24",
+            "--gateway", f"10.200.{subnet_id}.1", "--disable-dns", name, check=False,
+        )
+        if result.returncode == 0:
+            break
+    else:  # pragma: no cover
+        pytest.fail("no free 10.200.X.0/24 subnet for a test network")
+    net = TestNetwork(name, subnet_id, scope)
+    try:
+        yield net
+    finally:
+        cleanup_scope(scope)
+        podman("network", "rm", "-f", name, check=False)
