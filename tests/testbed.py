@@ -32,6 +32,8 @@ network_backend = "netavark"
 """
 
 BB_IMAGE = "localhost/techulus-test-bb:latest"
+# The same image whose default command serves /www on port 80 (the model has no command field).
+HTTPD_IMAGE = "localhost/techulus-test-httpd:latest"
 
 
 def podman_available() -> bool:
@@ -46,6 +48,11 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 
 
 def _build_busybox_image(workdir: Path) -> None:
+    _build_rootfs(workdir)
+    podman("import", "--change", 'CMD ["/bin/sh"]', str(_image_tar(workdir)), BB_IMAGE)
+
+
+def _build_rootfs(workdir: Path) -> None:
     rootfs = workdir / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
     for sub in ("www", "tmp", "etc", "data"):
@@ -57,10 +64,16 @@ def _build_busybox_image(workdir: Path) -> None:
             (rootfs / "bin" / applet).symlink_to("busybox")
     (rootfs / "www" / "index.html").write_text("hello from techulus test\n")
     (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+
+
+def _image_tar(workdir: Path) -> Path:
     tar_path = workdir / "bb.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        tar.add(rootfs, arcname=".")
-    podman("import", "--change", 'CMD ["/bin/sh"]', str(tar_path), BB_IMAGE)
+    if not tar_path.exists():
+        if not (workdir / "rootfs").exists():
+            _build_rootfs(workdir)
+        with tarfile.open(tar_path, "w") as tar:
+            tar.add(workdir / "rootfs", arcname=".")
+    return tar_path
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +88,8 @@ def podman_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ["CONTAINERS_CONF"] = str(conf)
     if podman("image", "exists", BB_IMAGE, check=False).returncode != 0:
         _build_busybox_image(workdir)
+    if podman("image", "exists", HTTPD_IMAGE, check=False).returncode != 0:
+        podman("import", "--change", 'CMD ["httpd","-f","-p","80","-h","/www"]', str(_image_tar(workdir)), HTTPD_IMAGE)
     yield conf
     if old is None:
         os.environ.pop("CONTAINERS_CONF", None)

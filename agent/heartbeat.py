@@ -1,0 +1,91 @@
+"""Status reports on their own thread, so no podman call or build can starve them.
+
+The control plane marks a server offline after 30 s without a report; this thread sends
+one at least every `heartbeat_interval` seconds, and at once when the reconciler asks
+(after each step). If podman cannot be read in time it reports the last known list
+rather than an empty one, which the control plane would read as "all containers gone".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent import status
+from agent.api import ApiError
+from agent.drift import ContainerInfo
+from agent.host.podman import Podman
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any]], None] | None,
+        podman: Podman,
+        interval: float,
+        public_ip: Callable[[], str] = lambda: "",
+        on_beat: Callable[[], None] | None = None,
+    ) -> None:
+        self._send = send
+        self.podman = podman
+        self.interval = interval
+        self.public_ip = public_ip
+        self.on_beat = on_beat
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._include_resources = False
+        self._last_containers: list[ContainerInfo] | None = None
+        self.sent = 0
+        self.last_report: dict[str, Any] | None = None
+        self.last_ok_at: float | None = None
+
+    def trigger(self, include_resources: bool = False) -> None:
+        """Send a report as soon as possible (with resources when there is no drift)."""
+        with self._lock:
+            self._include_resources = self._include_resources or include_resources
+        self._wake.set()
+
+    def send_once(self) -> None:
+        with self._lock:
+            include_resources = self._include_resources
+            self._include_resources = False
+        try:
+            containers = self.podman.list_containers()
+            self._last_containers = containers
+            running = [c.id for c in containers if c.running]
+            health = self.podman.health(running)
+        except Exception as exc:  # noqa: BLE001 - report what we last knew instead of nothing
+            log.warning("cannot list containers for the status report (%s); reporting the last known list", exc)
+            containers = self._last_containers or []
+            health = {}
+        report = status.build_report(containers, health, self.public_ip(), include_resources)
+        self.last_report = report
+        if self._send is None:
+            return
+        try:
+            self._send(report)
+        except ApiError as exc:
+            log.warning("status report failed: %s", exc)
+            return
+        self.sent += 1
+        self.last_ok_at = time.monotonic()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                self.send_once()
+            except Exception:  # noqa: BLE001 - the heartbeat thread must never die
+                log.exception("status report crashed")
+            if self.on_beat is not None:
+                self.on_beat()
+            # Wake early for a triggered report (never more than ~4 per second) or to stop.
+            deadline = time.monotonic() + self.interval
+            while not stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
+                self._wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            stop.wait(0.25)

@@ -1,0 +1,373 @@
+"""The IDLE/PROCESSING state machine (PROTOCOL.md §8) and the reconcile steps (§9.5).
+
+IDLE polls the expected state every tick. On drift the agent enters PROCESSING and
+applies one change at a time, re-reading the actual state before each step (which also
+verifies the previous one), back to back rather than one change per tick, for at most
+`processing_timeout`. A failing change is skipped for this pass and retried later with
+backoff, so one broken deployment does not block the rest. Status reports are sent by the
+Heartbeat thread, so a long step never starves them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import crypto
+from agent.configsync import ConfigSync
+from agent.drift import CONFIG_KINDS, Change, ChangeKind, ContainerInfo, canonical_image, plan
+from agent.fsutil import atomic_write
+from agent.host.podman import Podman
+from agent.model import ExpectedContainer, ExpectedState, ModelError, parse_expected_state
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDLE = "IDLE"
+PROCESSING = "PROCESSING"
+
+REMOVALS = frozenset({ChangeKind.REMOVE_ORPHAN, ChangeKind.REMOVE_UNEXPECTED})
+BACKOFF_BASE = 10.0
+BACKOFF_MAX = 300.0
+BACKOFF_WINDOW = 600.0
+SNAPSHOT_MAX_AGE = 60.0
+#: From a cached expected state (control plane unreachable at start) only bring workloads back.
+RESTORE_KINDS = frozenset({ChangeKind.START, ChangeKind.DEPLOY})
+
+
+class StateSource(Protocol):
+    """Where the expected state comes from: the control plane or a local file."""
+
+    def fetch(self) -> ExpectedState:
+        """The current expected state; raises on any failure (nothing acts on a failed fetch)."""
+
+
+class Reporter(Protocol):
+    def trigger(self, include_resources: bool = False) -> None: ...
+
+
+def decrypt_env(container: ExpectedContainer, encryption_key: str) -> dict[str, str]:
+    """Plaintext env for `podman run`; raises a message naming the deployment and variable."""
+    if container.env and not encryption_key:
+        raise crypto.SecretError(
+            f"deployment {container.deployment_id} has secrets but this server has no encryption key"
+        )
+    env = {}
+    for key, blob in container.env.items():
+        try:
+            env[key] = crypto.decrypt_secret(encryption_key, blob)
+        except crypto.SecretError as exc:
+            raise crypto.SecretError(f"deployment {container.deployment_id}: env {key}: {exc}") from exc
+    return env
+
+
+@dataclass
+class Backoff:
+    """Per-change retry pacing, so a crash-looping container is not restarted every tick."""
+
+    clock: Callable[[], float] = time.monotonic
+    attempts: dict[str, list[float]] = field(default_factory=dict)
+
+    def ready(self, key: str) -> bool:
+        recent = self._recent(key)
+        if not recent:
+            return True
+        delay = min(BACKOFF_BASE * 2 ** (len(recent) - 1), BACKOFF_MAX)
+        return self.clock() - recent[-1] >= delay
+
+    def record(self, key: str) -> None:
+        self._recent(key).append(self.clock())
+
+    def clear(self, key: str) -> None:
+        self.attempts.pop(key, None)
+
+    def _recent(self, key: str) -> list[float]:
+        now = self.clock()
+        recent = [t for t in self.attempts.get(key, []) if now - t < BACKOFF_WINDOW]
+        self.attempts[key] = recent
+        return recent
+
+
+def change_key(change: Change) -> str:
+    if change.expected is not None:
+        return f"{change.kind.value}:{change.expected.deployment_id}"
+    if change.container is not None:
+        return f"{change.kind.value}:{change.container.id}"
+    return change.kind.value
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: Settings,
+        podman: Podman,
+        source: StateSource,
+        syncs: Sequence[ConfigSync],
+        encryption_key: str,
+        reporter: Reporter,
+        host_lock: threading.Lock,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.podman = podman
+        self.source = source
+        self.syncs = {sync.name: sync for sync in syncs}
+        self.encryption_key = encryption_key
+        self.reporter = reporter
+        self.host_lock = host_lock
+        self.clock = clock
+        self.state = IDLE
+        self.backoff = Backoff(clock)
+        self._empty_polls = 0
+        self._pulled: set[str] = set()
+        self.last_plan: list[Change] = []
+
+    # --- observation ------------------------------------------------------------------------
+
+    def observe(self, expected: ExpectedState) -> tuple[list[ContainerInfo], list[str]]:
+        containers = self.podman.list_containers()
+        drifted = []
+        for name, sync in self.syncs.items():
+            try:
+                if sync.actual_hash() != sync.expected_hash(expected):
+                    drifted.append(name)
+            except Exception as exc:  # noqa: BLE001 - any failure to read back counts as drift
+                log.warning("%s: cannot read the live configuration (%s); treating it as drift", name, exc)
+                drifted.append(name)
+        return containers, drifted
+
+    def compute_plan(self, expected: ExpectedState) -> list[Change]:
+        containers, drifted = self.observe(expected)
+        changes = plan(expected, containers, drifted)
+        return self._guard_empty(expected, containers, changes)
+
+    def _guard_empty(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
+        """An expected state that suddenly lists nothing must be confirmed by a second poll."""
+        ours = [c for c in containers if c.deployment_id]
+        if expected.containers or not ours:
+            self._empty_polls = 0
+            return changes
+        self._empty_polls += 1
+        if self._empty_polls >= 2:
+            return changes
+        log.warning(
+            "expected state lists no containers while %d of ours exist; waiting for the next poll to confirm before removing any",
+            len(ours),
+        )
+        return [c for c in changes if c.kind not in REMOVALS]
+
+    # --- the state machine -----------------------------------------------------------------
+
+    def tick(self, stop: threading.Event | None = None) -> None:
+        """One IDLE tick; on drift, the whole PROCESSING pass, back to back."""
+        try:
+            expected = self.source.fetch()
+        except Exception as exc:  # noqa: BLE001 - a failed poll never changes anything
+            log.error("expected state unavailable, changing nothing: %s", exc)
+            return
+        try:
+            changes = self.compute_plan(expected)
+        except Exception as exc:  # noqa: BLE001
+            log.error("cannot read the actual state, changing nothing: %s", exc)
+            return
+        self.last_plan = changes
+        if not changes:
+            self.reporter.trigger(include_resources=True)
+            return
+        for change in changes:
+            log.info("drift: %s", change.describe())
+        self.process(expected, stop)
+
+    def process(
+        self,
+        snapshot: ExpectedState,
+        stop: threading.Event | None = None,
+        only: frozenset[ChangeKind] | None = None,
+    ) -> None:
+        """Apply the changes `snapshot` asks for; `only` limits the kinds (restoring from a cache)."""
+        self.state = PROCESSING
+        self.reporter.trigger()
+        started = self.clock()
+        snapshot_at = started
+        skipped: set[str] = set()
+        self._pulled = set()
+        try:
+            while stop is None or not stop.is_set():
+                if self.clock() - started > self.settings.processing_timeout:
+                    log.warning("processing took longer than %.0fs; back to IDLE", self.settings.processing_timeout)
+                    return
+                if self.clock() - snapshot_at > SNAPSHOT_MAX_AGE:
+                    try:
+                        snapshot = self.source.fetch()
+                        snapshot_at = self.clock()
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("could not refresh the expected state, continuing with the snapshot: %s", exc)
+                try:
+                    changes = self.compute_plan(snapshot)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("cannot read the actual state: %s; back to IDLE", exc)
+                    return
+                pending = [c for c in changes if change_key(c) not in skipped and (only is None or c.kind in only)]
+                if not pending:
+                    if not changes:
+                        log.info("converged")
+                    return
+                change = pending[0]
+                key = change_key(change)
+                if not self.backoff.ready(key):
+                    log.info("waiting before retrying: %s", change.describe())
+                    skipped.add(key)
+                    continue
+                self.backoff.record(key)
+                try:
+                    self.apply(change, snapshot)
+                except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
+                    log.error("failed: %s: %s", change.describe(), exc)
+                    skipped.add(key)
+                else:
+                    log.info("applied: %s", change.describe())
+                    if change.kind in REMOVALS or change.kind in CONFIG_KINDS.values():
+                        self.backoff.clear(key)
+                    # Applied once in this pass; if it shows up again it failed to stick.
+                    skipped.add(key)
+                self.reporter.trigger()
+        finally:
+            self.state = IDLE
+
+    # --- applying one change -----------------------------------------------------------------
+
+    def apply(self, change: Change, snapshot: ExpectedState) -> None:
+        with self.host_lock:
+            if change.kind in REMOVALS:
+                assert change.container is not None
+                if change.container.running:
+                    self.podman.stop_and_remove(change.container.id)
+                else:
+                    self.podman.force_remove(change.container.id)
+            elif change.kind is ChangeKind.START:
+                assert change.container is not None and change.expected is not None
+                try:
+                    self.podman.start(change.container.id)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("start of %s failed (%s); re-creating it", change.container.name, exc)
+                    self._deploy(change.expected, replace=change.container)
+            elif change.kind is ChangeKind.DEPLOY:
+                assert change.expected is not None
+                self._deploy(change.expected)
+            elif change.kind is ChangeKind.REDEPLOY:
+                assert change.expected is not None
+                self._deploy(change.expected, replace=change.container)
+            else:
+                section = next(name for name, kind in CONFIG_KINDS.items() if kind is change.kind)
+                self.syncs[section].apply(snapshot)
+
+    def _deploy(self, spec: ExpectedContainer, replace: ContainerInfo | None = None) -> None:
+        env = decrypt_env(spec, self.encryption_key)
+        self._pull(spec.image)
+        if replace is not None:
+            self.podman.stop_and_remove(replace.id)
+        self.podman.run_container(spec, env, self.settings.volumes_dir)
+
+    def _pull(self, image: str) -> None:
+        if image in self._pulled or not needs_pull(image, self.podman):
+            return
+        try:
+            self.podman.pull(image)
+        except Exception as exc:  # noqa: BLE001
+            if not self.podman.image_exists(image):
+                raise
+            log.warning("pull of %s failed (%s); using the local copy", image, exc)
+        self._pulled.add(image)
+
+    def run(self, stop: threading.Event, on_tick: Callable[[], None] | None = None) -> None:
+        while not stop.is_set():
+            started = self.clock()
+            self.tick(stop)
+            if on_tick is not None:
+                on_tick()
+            stop.wait(max(0.0, self.settings.tick_interval - (self.clock() - started)))
+
+
+def needs_pull(image: str, podman: Podman) -> bool:
+    """Pull unless the local copy is pinned (a digest or a tag other than `latest`) or the
+    image is local-only (`localhost/…`): re-pulling a pinned image only costs time, but a
+    `latest` tag may have moved since the last pull."""
+    reference = canonical_image(image)
+    if reference.startswith("localhost/"):
+        return False
+    pinned = "@" in reference or not reference.endswith(":latest")
+    return not (pinned and podman.image_exists(image))
+
+
+class FileSource:
+    """Standalone mode: the expected state is a local TOML or JSON file, re-read every tick."""
+
+    def __init__(self, path: Path, subnet: Any) -> None:
+        self.path = path
+        self.subnet = subnet
+
+    def fetch(self) -> ExpectedState:
+        return parse_expected_state(load_state_file(self.path), self.subnet)
+
+
+def load_state_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read state file {path}: {exc.strerror}") from exc
+    if path.suffix == ".toml":
+        from agent.settings import tomllib
+
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"state file {path} is not valid TOML: {exc}") from exc
+    else:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"state file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"state file {path} must hold an object/table at the top level")
+    return data
+
+
+class ControlPlaneSource:
+    """Polls GET expected-state; keeps the last good answer on disk for restarts without a CP."""
+
+    def __init__(self, client: Any, subnet: Any, cache_path: Path | None) -> None:
+        self.client = client
+        self.subnet = subnet
+        self.cache_path = cache_path
+
+    def fetch(self) -> ExpectedState:
+        data = self.client.expected_state()
+        state = parse_expected_state(data, self.subnet)
+        if self.cache_path is not None:
+            try:
+                atomic_write(self.cache_path, json.dumps(data), 0o600)
+            except OSError as exc:
+                log.warning("cannot cache the expected state in %s: %s", self.cache_path, exc)
+        return state
+
+    def cached(self) -> ExpectedState | None:
+        if self.cache_path is None or not self.cache_path.exists():
+            return None
+        try:
+            return parse_expected_state(json.loads(self.cache_path.read_text(encoding="utf-8")), self.subnet)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the cached expected state %s: %s", self.cache_path, exc)
+            return None
+
+
+def summarize(changes: Sequence[Change]) -> Mapping[str, int]:
+    counts: dict[str, int] = {}
+    for change in changes:
+        counts[change.kind.value] = counts.get(change.kind.value, 0) + 1
+    return counts
