@@ -95,6 +95,9 @@ class WorkQueue:
         self._volume_cleanup_grace = volume_cleanup_grace
         self._path = settings.data_dir / DONE_FILE
         self._poll_lock = threading.Lock()
+        # Guards the record below; held only briefly and never while waiting for host_lock,
+        # so the reconciler may call stopped_deployments() while it holds host_lock.
+        self._record_lock = threading.Lock()
         # id -> {"status", "error", "at"}; loaded lazily so construction never touches disk.
         self._done: dict[str, dict[str, Any]] | None = None
         self._stopped: dict[str, float] = {}
@@ -129,7 +132,7 @@ class WorkQueue:
     def stopped_deployments(self) -> frozenset[str]:
         """Deployment ids a `stop` item removed. The CP keeps listing them (status `unknown`,
         PROTOCOL.md §17 item 27); the reconciler should not re-create them."""
-        with self._poll_lock:
+        with self._record_lock:
             self._load()
             return frozenset(self._stopped)
 
@@ -417,22 +420,27 @@ class WorkQueue:
         self._stopped = dict(stopped[-MAX_REMEMBERED:])
 
     def _remembered(self, item_id: str) -> Outcome | None:
-        self._load()
-        assert self._done is not None
-        entry = self._done.get(item_id)
+        with self._record_lock:
+            self._load()
+            assert self._done is not None
+            entry = self._done.get(item_id)
         if entry is None:
             return None
         return Outcome(entry["status"], entry["error"])
 
     def _remember(self, item_id: str, outcome: Outcome) -> None:
-        self._load()
-        assert self._done is not None
-        self._done[item_id] = {"status": outcome.status, "error": outcome.error, "at": self._clock()}
-        self._save()
+        with self._record_lock:
+            self._load()
+            assert self._done is not None
+            self._done[item_id] = {"status": outcome.status, "error": outcome.error, "at": self._clock()}
+            self._save()
 
     def _note_stopped(self, deployment_id: str) -> None:
-        self._load()
-        self._stopped[deployment_id] = self._clock()
+        # Called with host_lock held (lock order: host_lock, then _record_lock); saved with
+        # the item's outcome right after.
+        with self._record_lock:
+            self._load()
+            self._stopped[deployment_id] = self._clock()
 
     def _save(self) -> None:
         self._prune()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -690,3 +691,27 @@ def test_run_polls_until_stopped_and_survives_errors(h: Harness) -> None:
     assert not thread.is_alive()
     assert polls >= 3
     assert h.outcome("w1") == ("completed", "")
+
+
+def test_stopped_deployments_does_not_wait_for_a_blocked_item(h: Harness) -> None:
+    """The reconciler may ask for stopped deployments while it holds host_lock; an item
+    waiting for that lock must not block the question (no lock-order deadlock)."""
+    h.podman.add("c1", ours())
+    h.client.items = [item("w1", "stop", {"deploymentId": DEP, "containerId": "c1"})]
+    with h.lock:
+        worker = threading.Thread(target=h.queue.poll_once)
+        worker.start()
+        for _ in range(500):  # until the item has been fetched and waits for host_lock
+            if h.client.gets:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)
+        answer: list[frozenset[str]] = []
+        asker = threading.Thread(target=lambda: answer.append(h.queue.stopped_deployments()))
+        asker.start()
+        asker.join(timeout=5)
+        assert answer == [frozenset()]
+        assert h.client.completed == []
+    worker.join(timeout=5)
+    assert h.outcome("w1") == ("completed", "")
+    assert h.queue.stopped_deployments() == frozenset({DEP})
