@@ -43,6 +43,9 @@ STOPPED_REMEMBER_SECONDS = 90 * 24 * 3600
 #: CP queues it together with the deletion the reconciler carries out) before it fails.
 VOLUME_CLEANUP_GRACE = 600.0
 
+#: While the same fetch error persists it is logged again only this often (seconds).
+FETCH_ERROR_REPEAT = 60.0
+
 COMPLETED = "completed"
 FAILED = "failed"
 
@@ -103,6 +106,8 @@ class WorkQueue:
         self._stopped: dict[str, float] = {}
         # cleanup_volumes item id -> monotonic time it was first deferred.
         self._deferred_since: dict[str, float] = {}
+        # The last fetch error and when it was logged: an outage is logged once a minute, not every 5 s.
+        self._fetch_error: tuple[str, float] | None = None
 
     # --- public -------------------------------------------------------------------------------
 
@@ -121,13 +126,30 @@ class WorkQueue:
             try:
                 items = self.client.work_items()
             except ApiError as exc:
-                log.warning("work queue: cannot fetch pending items: %s", exc)
+                self._log_fetch_error(str(exc))
                 return
+            if self._fetch_error is not None:
+                log.info("work queue: fetching pending items works again")
+                self._fetch_error = None
             for index, raw in enumerate(items):
                 try:
                     self._handle(raw, index)
                 except Exception:  # noqa: BLE001 - isolate items from each other
                     log.exception("work queue: item #%d failed unexpectedly", index)
+            # Items the CP no longer lists (deleted by an aborted rollout) stop waiting.
+            listed = {raw.get("id") for raw in items if isinstance(raw, Mapping)}
+            for item_id in list(self._deferred_since):
+                if item_id not in listed:
+                    del self._deferred_since[item_id]
+
+    def _log_fetch_error(self, message: str) -> None:
+        now = self._monotonic()
+        previous = self._fetch_error
+        if previous is None or previous[0] != message or now - previous[1] >= FETCH_ERROR_REPEAT:
+            log.warning("work queue: cannot fetch pending items: %s", message)
+            self._fetch_error = (message, now)
+        else:
+            log.debug("work queue: cannot fetch pending items: %s", message)
 
     def stopped_deployments(self) -> frozenset[str]:
         """Deployment ids a `stop` item removed. The CP keeps listing them (status `unknown`,

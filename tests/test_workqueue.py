@@ -715,3 +715,39 @@ def test_stopped_deployments_does_not_wait_for_a_blocked_item(h: Harness) -> Non
     worker.join(timeout=5)
     assert h.outcome("w1") == ("completed", "")
     assert h.queue.stopped_deployments() == frozenset({DEP})
+
+
+def test_repeated_fetch_error_is_not_logged_every_poll(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    h = Harness(tmp_path, monotonic=lambda: now[0])
+    h.client.get_error = Unavailable("cannot reach the control plane at http://cp: refused")
+    with caplog.at_level(logging.INFO, logger="agent.workqueue"):
+        for _ in range(5):
+            h.queue.poll_once()
+            now[0] += 5
+        assert caplog.text.count("refused") == 1
+        now[0] += 60
+        h.queue.poll_once()
+        assert caplog.text.count("refused") == 2
+        h.client.get_error = Rejected("answered 401: Invalid signature", 401)
+        h.queue.poll_once()
+        assert "Invalid signature" in caplog.text
+        h.client.get_error = None
+        h.queue.poll_once()
+        assert "works again" in caplog.text
+
+
+def test_deferred_cleanup_forgotten_when_the_item_disappears(tmp_path: Path) -> None:
+    now = [0.0]
+    h = Harness(tmp_path, monotonic=lambda: now[0], volume_cleanup_grace=60.0)
+    mine, _, _ = make_volumes(h)
+    h.podman.add("c1", ours())
+    h.client.items = [item("w1", "cleanup_volumes", {"serviceId": SVC})]
+    h.queue.poll_once()
+    h.client.items = []  # deleted on the CP (abortRollout deletes pending items)
+    now[0] += 100
+    h.queue.poll_once()
+    # Re-queued later under the same id: it gets a fresh grace period, not an instant failure.
+    h.client.items = [item("w1", "cleanup_volumes", {"serviceId": SVC})]
+    h.queue.poll_once()
+    assert h.client.completed == [] and (mine / "file").exists()
