@@ -1,0 +1,99 @@
+"""In-memory stand-ins for the Podman adapter and the reporter, for loop unit tests.
+
+They behave like the real adapter at its interface (containers appear, change state and
+vanish) and can inject failures, so the state machine can be tested without subprocesses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import replace
+
+from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo, canonical_image
+from agent.host.podman import PodmanError
+
+
+class FakePodman:
+    def __init__(self) -> None:
+        self.containers: dict[str, ContainerInfo] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[str, Exception] = {}
+        self.run_delay = 0.0
+        self._ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def add(self, deployment_id: str, state: str = "running", image: str = "localhost/app:v1", service: str = "svc") -> ContainerInfo:
+        labels = {LABEL_SERVICE_ID: service}
+        if deployment_id:
+            labels[LABEL_DEPLOYMENT_ID] = deployment_id
+        cid = f"{next(self._ids):064x}"
+        info = ContainerInfo(cid, f"c-{deployment_id or cid[-6:]}", canonical_image(image), state, labels, int(time.time()))
+        self.containers[cid] = info
+        return info
+
+    def _maybe_fail(self, op: str, ref: str) -> None:
+        self.calls.append((op, ref))
+        error = self.fail.get(op)
+        if error is not None:
+            raise error
+
+    def list_containers(self) -> list[ContainerInfo]:
+        self._maybe_fail("list", "")
+        return list(self.containers.values())
+
+    def health(self, ids):
+        return {i: "none" for i in ids}
+
+    def pull(self, image: str) -> None:
+        self._maybe_fail("pull", image)
+
+    def image_exists(self, image: str) -> bool:
+        return True
+
+    def run_container(self, spec, env, volumes_dir) -> str:
+        self._maybe_fail("run", spec.name)
+        if self.run_delay:
+            time.sleep(self.run_delay)
+        for cid, info in list(self.containers.items()):
+            if info.name == spec.name:
+                del self.containers[cid]
+        cid = f"{next(self._ids):064x}"
+        labels = {LABEL_SERVICE_ID: spec.service_id, LABEL_SERVICE_NAME: spec.service_name, LABEL_DEPLOYMENT_ID: spec.deployment_id}
+        self.containers[cid] = ContainerInfo(cid, spec.name, canonical_image(spec.image), "running", labels)
+        self.last_env = dict(env)
+        return cid
+
+    def start(self, ref: str) -> None:
+        self._maybe_fail("start", ref)
+        self.containers[ref] = replace(self.containers[ref], state="running")
+
+    def stop_and_remove(self, ref: str) -> None:
+        self._maybe_fail("stop", ref)
+        self.containers.pop(ref, None)
+
+    def force_remove(self, ref: str) -> None:
+        self._maybe_fail("rm", ref)
+        self.containers.pop(ref, None)
+
+
+class RecordingReporter:
+    def __init__(self) -> None:
+        self.triggers: list[bool] = []
+
+    def trigger(self, include_resources: bool = False) -> None:
+        self.triggers.append(include_resources)
+
+
+class ListSource:
+    """Returns the queued states (or raises queued exceptions) in order, then repeats the last."""
+
+    def __init__(self, *items) -> None:
+        self.items = list(items)
+
+    def fetch(self):
+        item = self.items.pop(0) if len(self.items) > 1 else self.items[0]
+        if isinstance(item, Exception):
+            raise item
+        return item

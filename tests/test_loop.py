@@ -1,0 +1,238 @@
+"""The state machine against an in-memory Podman: order, back-to-back steps, failures
+skipped with backoff, and the safety rules (garbled polls and sudden emptiness)."""
+
+import threading
+
+import pytest
+
+from agent import crypto
+from agent.api import BadResponse, Unavailable
+from agent.loop import IDLE, RESTORE_KINDS, Reconciler, decrypt_env
+from agent.model import ExpectedContainer, ExpectedState, ModelError
+from agent.settings import Settings
+from tests.fakes import FakePodman, ListSource, RecordingReporter
+
+KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+
+def spec(dep, image="localhost/app:v1", env=None):
+    return ExpectedContainer(dep, "svc", "Svc", f"c-{dep}", image, "", env=env or {})
+
+
+def make(source, podman=None, syncs=(), key=KEY):
+    settings = Settings.load({"data_dir": "/nonexistent-test-dir"}, environ={})
+    podman = podman or FakePodman()
+    reporter = RecordingReporter()
+    return Reconciler(settings, podman, source, list(syncs), key, reporter, threading.Lock()), podman, reporter
+
+
+def test_twenty_changes_converge_in_one_tick():
+    state = ExpectedState(containers=tuple(spec(f"d{i}") for i in range(20)))
+    reconciler, podman, reporter = make(ListSource(state))
+    reconciler.tick()
+    assert sorted(c.deployment_id for c in podman.containers.values()) == sorted(f"d{i}" for i in range(20))
+    assert reconciler.state == IDLE
+    # A report after entering PROCESSING and after each of the 20 steps.
+    assert len(reporter.triggers) == 21
+    reconciler.tick()
+    assert reporter.triggers[-1] is True  # no drift: report with resources
+
+
+def test_order_orphans_first_then_starts_deploys_redeploys():
+    podman = FakePodman()
+    podman.add("", "running")
+    podman.add("old")
+    exited = podman.add("b", "exited")
+    podman.add("c", image="localhost/app:v0")
+    state = ExpectedState(containers=(spec("a"), spec("b"), spec("c")))
+    reconciler, podman, _ = make(ListSource(state), podman)
+    reconciler.tick()
+    ops = [op for op, _ in podman.calls if op != "list"]
+    # localhost/ images are never pulled (there is no registry behind them).
+    assert ops == ["stop", "stop", "start", "run", "stop", "run"]
+    assert podman.containers[exited.id].state == "running"
+    assert {c.deployment_id for c in podman.containers.values()} == {"a", "b", "c"}
+
+
+def test_failing_change_does_not_block_the_others_and_backs_off():
+    podman = FakePodman()
+    state = ExpectedState(containers=(spec("bad", image="localhost/bad:v1"), spec("good")))
+    original = podman.run_container
+
+    def run_container(s, env, volumes_dir):
+        if s.deployment_id == "bad":
+            podman.calls.append(("run", s.name))
+            raise RuntimeError("image is broken")
+        return original(s, env, volumes_dir)
+
+    podman.run_container = run_container
+    reconciler, podman, _ = make(ListSource(state), podman)
+    reconciler.tick()
+    assert {c.deployment_id for c in podman.containers.values()} == {"good"}
+    attempts = sum(1 for op, name in podman.calls if op == "run" and name == "c-bad")
+    reconciler.tick()  # within the backoff window: not retried at once
+    assert sum(1 for op, name in podman.calls if op == "run" and name == "c-bad") == attempts == 1
+
+
+@pytest.mark.parametrize("error", [Unavailable("down"), BadResponse("garbage"), ModelError("not an object")])
+def test_failed_or_garbled_poll_changes_nothing(error):
+    podman = FakePodman()
+    podman.add("a")
+    reconciler, podman, reporter = make(ListSource(error), podman)
+    reconciler.tick()
+    assert len(podman.containers) == 1
+    assert [op for op, _ in podman.calls] == []
+
+
+def test_sudden_empty_state_needs_two_polls():
+    podman = FakePodman()
+    podman.add("a")
+    podman.add("b")
+    reconciler, podman, _ = make(ListSource(ExpectedState()), podman)
+    reconciler.tick()
+    assert len(podman.containers) == 2
+    reconciler.tick()
+    assert len(podman.containers) == 0
+
+
+def test_empty_poll_counter_resets_when_state_returns():
+    podman = FakePodman()
+    podman.add("a")
+    source = ListSource(ExpectedState(), ExpectedState(containers=(spec("a"),)), ExpectedState())
+    reconciler, podman, _ = make(source, podman)
+    for _ in range(3):
+        reconciler.tick()
+    assert len(podman.containers) == 1
+
+
+def test_protected_deployment_survives():
+    podman = FakePodman()
+    podman.add("broken-entry")
+    state = ExpectedState(containers=(spec("x"),), protected_deployments=frozenset({"broken-entry"}))
+    reconciler, podman, _ = make(ListSource(state), podman)
+    reconciler.tick()
+    assert {c.deployment_id for c in podman.containers.values()} == {"broken-entry", "x"}
+
+
+def test_secrets_are_decrypted_for_the_container():
+    blob = crypto.encrypt_secret(KEY, "hello-from-lab")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a", env={"GREETING": blob}),))))
+    reconciler.tick()
+    assert podman.last_env == {"GREETING": "hello-from-lab"}
+
+
+def test_undecryptable_secret_fails_that_deployment_only():
+    state = ExpectedState(containers=(spec("a", env={"X": "AAAA"}), spec("b")))
+    reconciler, podman, _ = make(ListSource(state))
+    reconciler.tick()
+    assert {c.deployment_id for c in podman.containers.values()} == {"b"}
+    with pytest.raises(crypto.SecretError, match="deployment a: env X"):
+        decrypt_env(spec("a", env={"X": "AAAA"}), KEY)
+    with pytest.raises(crypto.SecretError, match="no encryption key"):
+        decrypt_env(spec("a", env={"X": "AAAA"}), "")
+
+
+def test_restore_mode_never_removes():
+    podman = FakePodman()
+    podman.add("stale")
+    reconciler, podman, _ = make(ListSource(ExpectedState()), podman)
+    reconciler.process(ExpectedState(containers=(spec("a"),)), only=RESTORE_KINDS)
+    assert {c.deployment_id for c in podman.containers.values()} == {"stale", "a"}
+
+
+def test_processing_cap_stops_the_pass():
+    clock = [0.0]
+    state = ExpectedState(containers=tuple(spec(f"d{i}") for i in range(5)))
+    reconciler, podman, _ = make(ListSource(state))
+    reconciler.clock = lambda: clock[0]
+    original = podman.run_container
+
+    def slow(s, env, volumes_dir):
+        clock[0] += 120
+        return original(s, env, volumes_dir)
+
+    podman.run_container = slow
+    reconciler.process(state)
+    assert len(podman.containers) == 3  # 0, 120, 240 s: the fourth would start after 300 s
+
+
+class FakeSync:
+    name = "dns"
+
+    def __init__(self):
+        self.applied = []
+        self.live = "old"
+
+    def prepare(self):
+        pass
+
+    def expected_hash(self, state):
+        return "new"
+
+    def actual_hash(self):
+        if self.live is None:
+            raise OSError("cannot read")
+        return self.live
+
+    def apply(self, state):
+        self.applied.append(state)
+        self.live = "new"
+
+
+def test_config_drift_applies_after_containers():
+    sync = FakeSync()
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a"),))), syncs=[sync])
+    reconciler.tick()
+    assert len(sync.applied) == 1 and len(podman.containers) == 1
+    reconciler.tick()
+    assert len(sync.applied) == 1
+
+
+def test_unreadable_config_counts_as_drift():
+    sync = FakeSync()
+    sync.live = None
+    reconciler, _, _ = make(ListSource(ExpectedState()), syncs=[sync])
+    reconciler.tick()
+    assert len(sync.applied) == 1
+
+
+def test_podman_failure_while_observing_changes_nothing():
+    podman = FakePodman()
+    podman.fail["list"] = RuntimeError("podman hung")
+    reconciler, podman, reporter = make(ListSource(ExpectedState(containers=(spec("a"),))), podman)
+    reconciler.tick()
+    assert podman.containers == {}
+
+
+class ImagesPodman(FakePodman):
+    def __init__(self, local):
+        super().__init__()
+        self.local = local
+
+    def image_exists(self, image):
+        return image in self.local
+
+
+@pytest.mark.parametrize(
+    ("image", "local", "pulled"),
+    [
+        ("docker.io/library/nginx:latest", {"docker.io/library/nginx:latest"}, True),
+        ("nginx", set(), True),
+        ("registry.internal:5000/p/s:abc123", {"registry.internal:5000/p/s:abc123"}, False),
+        ("registry.internal:5000/p/s:abc123", set(), True),
+        ("localhost/app:v1", set(), False),
+    ],
+)
+def test_pull_policy(image, local, pulled):
+    podman = ImagesPodman(local)
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a", image=image),))), podman)
+    reconciler.tick()
+    assert (("pull", image) in podman.calls) is pulled
+
+
+def test_failed_pull_uses_local_copy_or_fails():
+    podman = ImagesPodman({"docker.io/library/nginx:latest"})
+    podman.fail["pull"] = RuntimeError("registry down")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a", image="docker.io/library/nginx:latest"), spec("b", image="docker.io/library/redis:latest")))), podman)
+    reconciler.tick()
+    assert {c.deployment_id for c in podman.containers.values()} == {"a"}

@@ -1,0 +1,136 @@
+"""Expected-state parsing: every hostile or malformed value is rejected with a message
+naming the deployment and field, and the rest of the document still applies."""
+
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.model import ModelError, parse_expected_state
+
+SUBNET = ipaddress.IPv4Network("10.200.1.0/24")
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "control-plane"
+
+
+def container(**overrides):
+    base = {
+        "deploymentId": "44444444-4444-4444-8444-444444444444",
+        "serviceId": "22222222-2222-4222-8222-222222222222",
+        "serviceName": "Web App",
+        "name": "22222222-2222-4222-8222-222222222222-44444444",
+        "image": "docker.io/library/nginx:alpine",
+        "ipAddress": "10.200.1.2",
+        "ports": [{"containerPort": 80, "hostPort": 30000}],
+        "env": {},
+        "healthCheck": None,
+        "volumes": [{"name": "data", "hostPath": "/etc", "containerPath": "/data"}],
+    }
+    base.update(overrides)
+    return base
+
+
+def test_valid_container_parses_and_host_path_is_ours():
+    state = parse_expected_state({"containers": [container()]}, SUBNET)
+    assert not state.problems
+    item = state.containers[0]
+    assert item.ip_address == "10.200.1.2"
+    # hostPath from the wire ("/etc") is ignored: the agent decides where volumes live.
+    assert item.volume_host_path(Path("/data/volumes"), item.volumes[0]) == Path(
+        "/data/volumes/22222222-2222-4222-8222-222222222222/data"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"image": "--privileged"}, "image"),
+        ({"image": "nginx latest"}, "image"),
+        ({"image": "nginx\n--privileged"}, "image"),
+        ({"name": "web\nx"}, "container name"),
+        ({"name": "-rm"}, "container name"),
+        ({"serviceName": "Web\nApp"}, "serviceName"),
+        ({"env": {"A=B": "x"}}, "environment variable name"),
+        ({"env": {"A": 5}}, "value must be a string"),
+        ({"ipAddress": "10.200.2.5"}, "outside"),
+        ({"ipAddress": "10.200.1.1"}, "gateway"),
+        ({"ipAddress": "not-an-ip"}, "IPv4"),
+        ({"volumes": [{"name": "../etc", "containerPath": "/data"}]}, "volume name"),
+        ({"volumes": [{"name": "a/b", "containerPath": "/data"}]}, "volume name"),
+        ({"volumes": [{"name": "data", "containerPath": "/data:/etc"}]}, "containerPath"),
+        ({"volumes": [{"name": "data", "containerPath": "relative"}]}, "containerPath"),
+        ({"serviceId": "../../etc"}, "serviceId"),
+        ({"serviceId": ""}, "serviceId"),
+        ({"deploymentId": 7}, "deploymentId"),
+        ({"ports": [{"containerPort": 0, "hostPort": 30000}]}, "containerPort"),
+        ({"ports": "80"}, "ports"),
+        ({"healthCheck": {"cmd": "true", "interval": -1}}, "interval"),
+        ({"healthCheck": {"cmd": "true", "retries": "3"}}, "retries"),
+    ],
+)
+def test_hostile_values_are_rejected_and_named(overrides, field):
+    good = container(deploymentId="55555555-5555-4555-8555-555555555555", name="good", ipAddress="10.200.1.3")
+    state = parse_expected_state({"containers": [container(**overrides), good]}, SUBNET)
+    assert [c.name for c in state.containers] == ["good"]
+    assert len(state.problems) == 1 and field in state.problems[0]
+    if "deploymentId" not in overrides:
+        # A bad entry protects its deployment's container from being treated as an orphan.
+        assert state.protected_deployments == {"44444444-4444-4444-8444-444444444444"}
+
+
+@pytest.mark.parametrize("document", [[], "x", None, 3, {"containers": {}}, {"dns": []}, {"wireguard": {"peers": 1}}])
+def test_garbled_documents_raise(document):
+    with pytest.raises(ModelError):
+        parse_expected_state(document, SUBNET)
+
+
+def test_nulls_and_missing_sections_are_empty():
+    state = parse_expected_state({"containers": None, "dns": None}, SUBNET)
+    assert state.containers == () and state.dns_records == () and state.caddy_routes == ()
+
+
+def test_duplicate_deployment_and_ip_are_rejected():
+    doc = {"containers": [container(), container(name="other"), container(deploymentId="d2", name="n2")]}
+    state = parse_expected_state(doc, SUBNET)
+    assert len(state.containers) == 1
+    assert any("listed twice" in p for p in state.problems)
+    assert any("also given" in p for p in state.problems)
+
+
+def test_health_check_defaults_and_empty_cmd():
+    state = parse_expected_state({"containers": [container(healthCheck={"cmd": "curl -f http://localhost/"})]}, SUBNET)
+    check = state.containers[0].health_check
+    assert check is not None and (check.interval, check.timeout, check.retries, check.start_period) == (10, 5, 3, 30)
+    state = parse_expected_state({"containers": [container(healthCheck={"cmd": ""})]}, SUBNET)
+    assert state.containers[0].health_check is None
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"dns": {"records": [{"name": "a.internal\naddress=/x/1.2.3.4", "ips": ["10.0.0.1"]}]}},
+        {"dns": {"records": [{"name": "a/b.internal", "ips": ["10.0.0.1"]}]}},
+        {"dns": {"records": [{"name": "a.internal", "ips": ["10.0.0.300"]}]}},
+        {"caddy": {"routes": [{"id": "x", "domain": "bad domain", "upstreams": ["10.0.0.1:80"], "serviceId": "s"}]}},
+        {"caddy": {"routes": [{"id": "x", "domain": "a.example.com", "upstreams": ["10.0.0.1"], "serviceId": "s"}]}},
+        {"wireguard": {"peers": [{"publicKey": "short", "allowedIps": "10.100.2.0/24"}]}},
+        {"wireguard": {"peers": [{"publicKey": "A" * 43 + "=", "allowedIps": "10.100.2.0/24, 10.200.2.0/24"}]}},
+        {"wireguard": {"peers": [{"publicKey": "A" * 43 + "=", "allowedIps": "10.100.2.0/24", "endpoint": "x y:1"}]}},
+    ],
+)
+def test_hostile_network_entries_are_skipped(section):
+    state = parse_expected_state(section, SUBNET)
+    assert len(state.problems) == 1
+    assert not state.dns_records and not state.caddy_routes and not state.wireguard_peers
+
+
+def test_every_fixture_expected_state_parses():
+    names = sorted(FIXTURES.glob("*expected-state*.response.json"))
+    assert len(names) == 6
+    for path in names:
+        data = json.loads(path.read_text())
+        if "error" in data:
+            continue
+        subnet = ipaddress.IPv4Network("10.200.2.0/24" if "-b" in path.name else "10.200.1.0/24")
+        state = parse_expected_state(data, subnet)
+        assert not state.problems, (path.name, state.problems)

@@ -1,0 +1,74 @@
+"""Settings precedence (flags > environment > TOML > defaults) and clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from agent.settings import DEFAULT_DATA_DIR, Settings, SettingsError
+
+
+def test_defaults_match_the_original_flags():
+    s = Settings.load({}, environ={})
+    assert s.url == "" and s.token == "" and s.logs_endpoint == ""
+    assert s.data_dir == DEFAULT_DATA_DIR == Path("/var/lib/techulus-agent")
+    assert s.tick_interval == 10 and s.processing_timeout == 300
+
+
+def test_precedence(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('url = "https://toml.example"\ndata-dir = "/toml"\nlogs_endpoint = "http://toml:9428"\nstop_timeout = 3\n')
+    environ = {"TECHULUS_AGENT_DATA_DIR": "/env", "TECHULUS_AGENT_LOGS_ENDPOINT": "http://env:9428"}
+    s = Settings.load({"logs_endpoint": "http://flag:9428", "url": None}, environ=environ, config_file=config)
+    assert s.url == "https://toml.example"
+    assert s.data_dir == Path("/env")
+    assert s.logs_endpoint == "http://flag:9428"
+    assert s.stop_timeout == 3
+
+
+def test_agent_table_and_lists(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\ninsecure_registries = ["registry.internal:5000"]\nmanage_caddy = false\n')
+    s = Settings.load({}, environ={}, config_file=config)
+    assert s.insecure_registries == ("registry.internal:5000",)
+    assert not s.manage_caddy
+    assert s.is_insecure_registry("registry.internal:5000/p/s:abc")
+    assert not s.is_insecure_registry("docker.io/library/nginx")
+
+
+def test_environment_lists_and_buildkit_host():
+    s = Settings.load({}, environ={"TECHULUS_AGENT_INSECURE_REGISTRIES": "a:5000, b:5000", "BUILDKIT_HOST": "unix:///x"})
+    assert s.insecure_registries == ("a:5000", "b:5000")
+    assert s.buildkit_host == "unix:///x"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("nonsense = 1\n", "unknown setting"),
+        ("stop_timeout = 'ten'\n", "stop_timeout"),
+        ("manage_dns = 'maybe'\n", "manage_dns"),
+        ("url = 'ftp://x'\n", "--url must start"),
+        ("heartbeat_interval = 40\n", "heartbeat_interval"),
+        ("url = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files(tmp_path, content, message):
+    config = tmp_path / "agent.toml"
+    config.write_text(content)
+    with pytest.raises(SettingsError, match=message):
+        Settings.load({}, environ={}, config_file=config)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        Settings.load({}, environ={}, config_file=tmp_path / "nope.toml")
+
+
+def test_token_sources(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("  abc123\n")
+    assert Settings.load({"token_file": str(token_file)}, environ={}).resolved_token() == "abc123"
+    assert Settings.load({}, environ={"TECHULUS_AGENT_TOKEN": "fromenv"}).resolved_token() == "fromenv"
+    assert "fromenv" not in repr(Settings.load({}, environ={"TECHULUS_AGENT_TOKEN": "fromenv"}))
+    with pytest.raises(SettingsError, match="token_file"):
+        Settings.load({"token_file": str(tmp_path / "missing")}, environ={}).resolved_token()
