@@ -12,7 +12,6 @@ import time
 from dataclasses import replace
 
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo, canonical_image
-from agent.host.podman import PodmanError
 
 
 class FakePodman:
