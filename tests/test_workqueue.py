@@ -751,3 +751,49 @@ def test_deferred_cleanup_forgotten_when_the_item_disappears(tmp_path: Path) -> 
     h.client.items = [item("w1", "cleanup_volumes", {"serviceId": SVC})]
     h.queue.poll_once()
     assert h.client.completed == [] and (mine / "file").exists()
+
+
+# --- against the fake control plane (real signed client, real HTTP) ----------------------------
+
+
+def test_end_to_end_with_the_fake_control_plane(tmp_path: Path) -> None:
+    from agent import crypto
+    from agent.api import ControlPlane, Signer
+    from tests.fakecp import FakeControlPlane
+
+    key = crypto.new_signing_key()
+    with FakeControlPlane() as cp:
+        server = cp.add_server(crypto.public_key_b64(key))
+        lost_once = [True]
+
+        class LosingClient(ControlPlane):
+            """Drops the connection of the first acknowledgement, as a network blip would."""
+
+            def complete_work(self, item_id: str, status: str, error: str = "") -> None:
+                if lost_once[0]:
+                    lost_once[0] = False
+                    cp.close_next(1, path="/api/v1/agent/work-queue")
+                super().complete_work(item_id, status, error)
+
+        client = LosingClient(cp.url, Signer(server.id, key), retries=0, read_timeout=5)
+        h = Harness(tmp_path)
+        h.podman.add("c1", ours())
+        queue = WorkQueue(client, h.podman, h.settings, h.lock, None)  # type: ignore[arg-type]
+        restart = cp.add_work_item(server.id, "restart", {"deploymentId": DEP, "containerId": "c1"})
+        wireguard = cp.add_work_item(server.id, "update_wireguard", {"peers": []})
+        garbage = cp.add_work_item(server.id, "stop", "{not json")
+        unknown = cp.add_work_item(server.id, "sync_caddy", {})
+
+        queue.poll_once()  # the restart's acknowledgement is lost
+        queue.poll_once()  # re-delivered: acknowledged from the record, not restarted again
+        queue.poll_once()  # nothing pending any more
+
+        assert h.podman.calls == [("restart", "c1")]
+        statuses = {item.id: item.status for item in cp.work_items(server.id)}
+        assert statuses == {restart: "completed", wireguard: "completed", garbage: "failed", unknown: "failed"}
+        by_id = {c.id: c for c in cp.completions}
+        assert by_id[restart].error is None  # `error` omitted when empty
+        assert "not JSON" in by_id[garbage].error and "sync_caddy" in by_id[unknown].error
+        assert len(cp.requests_to("/api/v1/agent/work-queue", "GET")) == 3
+        assert lost_once == [False] and [c.id for c in cp.completions].count(restart) == 1
+        assert len(cp.requests_to("/api/v1/agent/work-queue", "POST")) == 5  # one of them dropped
