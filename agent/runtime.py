@@ -222,7 +222,15 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
 
 def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
-    install_signal_handlers(stop)
+    previous = install_signal_handlers(stop)
+    try:
+        return _run(settings, stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(settings: Settings, stop: threading.Event) -> int:
     public_ip = ""
     if not settings.standalone:
         public_ip = settings.public_ip or status.detect_public_ip(settings.public_ip_url)
@@ -267,16 +275,19 @@ def restore_from_cache(components: Components, stop: threading.Event) -> None:
     components.reconciler.process(cached, stop, only=RESTORE_KINDS)
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
+def install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
+    """SIGTERM/SIGINT end the loop after the current step; returns the handlers replaced."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
 
     def handler(signum: int, _frame: Any) -> None:
         log.info("received %s; finishing the current step and stopping", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, handler)
+    return previous
 
 
 def _guarded(name: str, task: Callable[[threading.Event], None], stop: threading.Event) -> Callable[[], None]:

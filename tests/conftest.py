@@ -3,7 +3,13 @@ register with `fp` fails the test. Tests marked `real` use the real tools instea
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Never let a test (or an agent process a test starts) ask a public service for our IP:
+# test traffic stays on this machine.
+os.environ["TECHULUS_AGENT_PUBLIC_IP"] = "203.0.113.7"
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,75 @@
+"""The command line: usage errors are one clear line and a non-zero exit, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from agent import __version__, cli
+
+
+@pytest.fixture
+def run_cli(capsys, caplog):
+    """Runs the CLI in-process; returns (exit code, everything it printed or logged)."""
+
+    def runner(*argv):
+        caplog.clear()
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err + caplog.text
+
+    return runner
+
+
+def test_missing_url_is_a_usage_error(run_cli, tmp_path):
+    code, output = run_cli("--data-dir", str(tmp_path))
+    assert code == 2 and "--url is required" in output and "Traceback" not in output
+
+
+def test_unknown_flag_and_command():
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--bogus"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["launch"])
+    assert exc.value.code == 2
+
+
+def test_bad_url_and_config(run_cli, tmp_path):
+    code, output = run_cli("--url", "cp.example.com")
+    assert code == 2 and "must start with http" in output
+    bad = tmp_path / "agent.toml"
+    bad.write_text("tick_interval = 'soon'\n")
+    code, output = run_cli("--config", str(bad), "--url", "http://127.0.0.1:9")
+    assert code == 2 and "tick_interval" in output
+
+
+def test_standalone_needs_a_file(run_cli):
+    code, output = run_cli("standalone")
+    assert code == 2 and "state file" in output
+
+
+def test_standalone_with_missing_or_garbled_file(run_cli, tmp_path):
+    code, output = run_cli("plan", "--state", str(tmp_path / "missing.toml"), "--data-dir", str(tmp_path))
+    assert code == 1 and "cannot read state file" in output
+    garbled = tmp_path / "state.json"
+    garbled.write_text("{not json")
+    code, output = run_cli("plan", "--state", str(garbled), "--data-dir", str(tmp_path))
+    assert code == 1 and "not valid JSON" in output
+
+
+def test_plan_refuses_to_register(run_cli, tmp_path):
+    code, output = run_cli("plan", "--url", "http://127.0.0.1:9", "--data-dir", str(tmp_path))
+    assert code == 1 and "not registered" in output
+
+
+def test_unregistered_run_without_token_says_how(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("TECHULUS_AGENT_PUBLIC_IP", "203.0.113.9")
+    code, output = run_cli("--url", "http://127.0.0.1:9", "--data-dir", str(tmp_path))
+    assert code == 1 and "--token" in output and "Traceback" not in output
+
+
+@pytest.mark.real
+def test_version_as_a_process():
+    out = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True, text=True, check=True).stdout
+    assert __version__ in out
