@@ -43,6 +43,8 @@ STOPPED_REMEMBER_SECONDS = 90 * 24 * 3600
 #: CP queues it together with the deletion the reconciler carries out) before it fails.
 VOLUME_CLEANUP_GRACE = 600.0
 
+#: Longer error texts (podman output, container logs) are cut before they are stored and sent.
+MAX_ERROR_CHARS = 1000
 #: While the same fetch error persists it is logged again only this often (seconds).
 FETCH_ERROR_REPEAT = 60.0
 
@@ -189,7 +191,11 @@ class WorkQueue:
             log.exception("work queue: item %s (%s) raised", item_id, _show(item_type))
             outcome = Outcome.fail(f"agent error while handling {_show(item_type)}: {exc}")
         self._deferred_since.pop(item_id, None)
-        if outcome.status == COMPLETED:
+        if len(outcome.error) > MAX_ERROR_CHARS:
+            # Keep work-done.json and the request small; the full text goes to the log here.
+            log.warning("work queue: item %s (%s) failed: %s", item_id, _show(item_type), outcome.error)
+            outcome = Outcome(outcome.status, outcome.error[: MAX_ERROR_CHARS - 3] + "...", outcome.changed)
+        elif outcome.status == COMPLETED:
             log.info("work queue: item %s (%s) completed", item_id, _show(item_type))
         else:
             log.warning("work queue: item %s (%s) failed: %s", item_id, _show(item_type), outcome.error)

@@ -797,3 +797,16 @@ def test_end_to_end_with_the_fake_control_plane(tmp_path: Path) -> None:
         assert len(cp.requests_to("/api/v1/agent/work-queue", "GET")) == 3
         assert lost_once == [False] and [c.id for c in cp.completions].count(restart) == 1
         assert len(cp.requests_to("/api/v1/agent/work-queue", "POST")) == 5  # one of them dropped
+
+
+def test_long_error_is_cut_before_it_is_stored_and_sent(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    h.podman.add("c1", ours())
+    h.podman.fail["restart"] = PodmanError("did not stay running; last log lines:\n" + "x" * 5000 + "END")
+    h.client.items = [item("w1", "restart", {"deploymentId": DEP, "containerId": "c1"})]
+    with caplog.at_level(logging.WARNING):
+        h.queue.poll_once()
+    status, error = h.outcome("w1")
+    assert status == "failed" and len(error) <= 1000 and error.endswith("...")
+    assert "END" in caplog.text
+    stored = json.loads((h.settings.data_dir / DONE_FILE).read_text())["items"]["w1"]["error"]
+    assert stored == error
