@@ -10,6 +10,7 @@ Heartbeat thread, so a long step never starves them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -127,6 +128,9 @@ class Reconciler:
         self._empty_polls = 0
         self._pulled: set[str] = set()
         self.last_plan: list[Change] = []
+        # Deployments a user stopped through a `stop` work item. The control plane keeps
+        # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
+        self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
 
     # --- observation ------------------------------------------------------------------------
 
@@ -143,9 +147,21 @@ class Reconciler:
         return containers, drifted
 
     def compute_plan(self, expected: ExpectedState) -> list[Change]:
+        expected = self._without_stopped(expected)
         containers, drifted = self.observe(expected)
         changes = plan(expected, containers, drifted)
         return self._guard_empty(expected, containers, changes)
+
+    def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
+        stopped = self.stopped_deployments()
+        if not stopped or not any(c.deployment_id in stopped for c in expected.containers):
+            return expected
+        kept = tuple(c for c in expected.containers if c.deployment_id not in stopped)
+        ignored = stopped & {c.deployment_id for c in expected.containers}
+        log.info("not re-creating %d deployment(s) stopped by a work item: %s", len(ignored), ", ".join(sorted(ignored)))
+        return dataclasses.replace(
+            expected, containers=kept, protected_deployments=expected.protected_deployments | ignored
+        )
 
     def _guard_empty(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
         """An expected state that suddenly lists nothing must be confirmed by a second poll."""

@@ -206,6 +206,7 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
             getattr(wireguard, "apply_peers", None),
             on_change=components.heartbeat.trigger,
         )
+        components.reconciler.stopped_deployments = queue.stopped_deployments
         tasks.append(("workqueue", queue.run))
         from agent.builds import BuildWorker
 

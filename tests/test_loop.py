@@ -236,3 +236,11 @@ def test_failed_pull_uses_local_copy_or_fails():
     reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a", image="docker.io/library/nginx:latest"), spec("b", image="docker.io/library/redis:latest")))), podman)
     reconciler.tick()
     assert {c.deployment_id for c in podman.containers.values()} == {"a"}
+
+
+def test_deployment_stopped_by_a_work_item_is_not_recreated():
+    podman = FakePodman()
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("stopped"), spec("a")))), podman)
+    reconciler.stopped_deployments = lambda: frozenset({"stopped"})
+    reconciler.tick()
+    assert {c.deployment_id for c in podman.containers.values()} == {"a"}

@@ -99,6 +99,8 @@ def podman_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class TestNetwork:
+    __test__ = False  # not a test class, despite the name
+
     name: str
     subnet_id: int
     scope_label: str
