@@ -1,0 +1,502 @@
+"""The WireGuard full mesh (PROTOCOL.md §9.9): wg0.conf for reboots, the live interface for drift.
+
+Differences from the original agent, on purpose (§17 items 11, 12, 20):
+* peers change with `wg syncconf` plus a route diff, so existing tunnels keep running;
+* the interface is brought up at agent start when it is missing or down (after a reboot),
+  with the same wireguard-go fallback as wg-quick when the kernel has no WireGuard module;
+* drift is computed from the live interface (`wg show <if> dump`, link state, address,
+  routes), with endpoints and the literal AllowedIPs strings taken from the file;
+* MTU 1420 is set; IP forwarding and the FORWARD rule towards the containers are checked
+  and reported (the agent adds no firewall rules);
+* every peer is validated (key, CIDRs inside the mesh ranges and outside this server's own
+  subnets, no overlap, endpoint) before anything is touched.
+
+The wg0.conf written here stays wg-quick compatible so `wg-quick@wg0` can bring the mesh up
+at boot even before the agent runs. The private key only ever travels through stdin.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import validate
+from agent.drift import wireguard_hash
+from agent.fsutil import atomic_write, ensure_dir
+from agent.host.run import CommandError, CommandNotFound, Result, run
+from agent.identity import Identity
+from agent.model import ExpectedState, WireGuardPeer
+from agent.settings import Settings
+from agent.validate import InvalidValue
+
+log = logging.getLogger(__name__)
+
+PERSISTENT_KEEPALIVE = 25
+DEFAULT_ALLOWED_NETWORKS = ("10.100.0.0/16", "10.200.0.0/16")
+_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+class WireGuardError(RuntimeError):
+    """The interface could not be read or brought to the expected state."""
+
+
+@dataclass(frozen=True)
+class LivePeer:
+    public_key: str
+    endpoint: str  # "" when the interface knows no endpoint for the peer
+    allowed_ips: tuple[str, ...]
+    keepalive: int
+
+
+@dataclass(frozen=True)
+class LiveInterface:
+    public_key: str
+    listen_port: int
+    peers: tuple[LivePeer, ...]
+
+
+# --- pure parts: rendering and parsing ------------------------------------------------------
+
+
+def render_quick_conf(private_key: str, address: str, port: int, mtu: int, peers: Sequence[WireGuardPeer]) -> str:
+    """wg0.conf as wg-quick reads it: §9.9.1 plus `MTU` (upstream fix 10277d7)."""
+    lines = [
+        "[Interface]",
+        f"PrivateKey = {private_key}",
+        f"Address = {address}/32",
+        f"ListenPort = {port}",
+        f"MTU = {mtu}",
+    ]
+    return "\n".join(lines) + "\n" + _render_peers(peers)
+
+
+def render_wg_conf(private_key: str, port: int, peers: Sequence[WireGuardPeer]) -> str:
+    """The same content in `wg setconf/syncconf` syntax (no wg-quick-only keys)."""
+    return f"[Interface]\nPrivateKey = {private_key}\nListenPort = {port}\n" + _render_peers(peers)
+
+
+def _render_peers(peers: Sequence[WireGuardPeer]) -> str:
+    blocks = []
+    for peer in peers:
+        lines = ["", "[Peer]", f"PublicKey = {peer.public_key}", f"AllowedIPs = {peer.allowed_ips}"]
+        if peer.endpoint:
+            lines.append(f"Endpoint = {peer.endpoint}")
+        lines.append(f"PersistentKeepalive = {PERSISTENT_KEEPALIVE}")
+        blocks.append("\n".join(lines) + "\n")
+    return "".join(blocks)
+
+
+def parse_conf_peers(text: str) -> list[WireGuardPeer]:
+    """Peers of a wg0.conf (§9.9.3), tolerant of spacing and key case like wg-quick itself."""
+    peers: list[WireGuardPeer] = []
+    current: dict[str, str] | None = None
+
+    def flush() -> None:
+        if current is not None and current.get("publickey"):
+            peers.append(WireGuardPeer(current["publickey"], current.get("allowedips", ""), current.get("endpoint", "")))
+
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            flush()
+            current = {} if line.lower() == "[peer]" else None
+            continue
+        if current is None or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().lower()
+        value = value.strip()
+        if key == "allowedips" and "allowedips" in current:
+            # wg-quick accepts the key repeated; the values add up.
+            value = current["allowedips"] + "," + value
+        current[key] = value.replace(" ", "") if key == "allowedips" else value
+    flush()
+    return peers
+
+
+def parse_dump(text: str) -> LiveInterface:
+    """`wg show <if> dump`: one interface line, then one tab-separated line per peer."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise WireGuardError("`wg show dump` printed nothing")
+    head = lines[0].split("\t")
+    if len(head) < 3:
+        raise WireGuardError(f"unexpected interface line in `wg show dump`: {lines[0][:200]!r}")
+    try:
+        listen_port = int(head[2])
+    except ValueError:
+        listen_port = 0
+    peers = []
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) < 8:
+            raise WireGuardError(f"unexpected peer line in `wg show dump`: {line[:200]!r}")
+        endpoint = "" if fields[2] == "(none)" else fields[2]
+        allowed = () if fields[3] in ("(none)", "") else tuple(fields[3].split(","))
+        keepalive = 0 if fields[7] in ("off", "") else int(fields[7]) if fields[7].isdigit() else 0
+        peers.append(LivePeer(fields[0], endpoint, allowed, keepalive))
+    return LiveInterface(head[1], listen_port, tuple(peers))
+
+
+def _networks(allowed_ips: Iterable[str]) -> frozenset[str]:
+    result = set()
+    for cidr in allowed_ips:
+        cidr = cidr.strip()
+        if cidr:
+            result.add(str(ipaddress.ip_network(cidr, strict=False)))
+    return frozenset(result)
+
+
+def combine_live_and_file(live: LiveInterface, file_peers: Sequence[WireGuardPeer]) -> list[WireGuardPeer]:
+    """What the interface really does, spelt like the expected state so the hashes compare.
+
+    Keys and AllowedIPs come from the live interface. Where they agree with the file, the
+    file's literal AllowedIPs string is used (the hash compares strings, and the kernel
+    reorders and normalises CIDRs). Endpoints come from the file because a live endpoint
+    roams (NAT, a peer that connected to us); a peer with no live endpoint at all while
+    the file has one counts as not configured.
+    """
+    by_key = {peer.public_key: peer for peer in file_peers}
+    combined = []
+    for peer in live.peers:
+        wanted = by_key.get(peer.public_key)
+        allowed = ",".join(peer.allowed_ips)
+        endpoint = peer.endpoint
+        if wanted is not None:
+            try:
+                same = _networks(peer.allowed_ips) == _networks(wanted.allowed_ips.split(","))
+            except ValueError:
+                same = False
+            if same:
+                allowed = wanted.allowed_ips
+            endpoint = wanted.endpoint if peer.endpoint else ""
+        combined.append(WireGuardPeer(peer.public_key, allowed, endpoint))
+    return combined
+
+
+def parse_forward_rules(iptables_s: str, interface: str, subnet: str) -> str | None:
+    """Problem text when `iptables -S FORWARD` output would drop peer traffic to the containers."""
+    policy = "ACCEPT"
+    accepted = False
+    for line in iptables_s.splitlines():
+        parts = line.split()
+        if parts[:2] == ["-P", "FORWARD"] and len(parts) >= 3:
+            policy = parts[2]
+        elif parts[:2] == ["-A", "FORWARD"] and "-j" in parts and parts[parts.index("-j") + 1 : parts.index("-j") + 2] == ["ACCEPT"]:
+            in_if = parts[parts.index("-i") + 1] if "-i" in parts and parts.index("-i") + 1 < len(parts) else ""
+            dest = parts[parts.index("-d") + 1] if "-d" in parts and parts.index("-d") + 1 < len(parts) else ""
+            if in_if == interface and dest in ("", subnet) and "-s" not in parts and "-p" not in parts:
+                accepted = True
+    if policy == "ACCEPT" or accepted:
+        return None
+    return (
+        f"the FORWARD chain policy is {policy} and no rule accepts {interface} -> {subnet}: other servers cannot "
+        f"reach this server's containers (fix: iptables -I FORWARD -i {interface} -d {subnet} -j ACCEPT)"
+    )
+
+
+def validate_peers(
+    peers: Sequence[WireGuardPeer],
+    own_public_key: str,
+    own_networks: Sequence[str],
+    allowed_networks: Sequence[str] = DEFAULT_ALLOWED_NETWORKS,
+) -> list[str]:
+    """Every problem with the peer list (empty when it is safe to apply).
+
+    Beyond the per-field checks, a peer's AllowedIPs must lie inside the mesh ranges and
+    outside this server's own subnets: `0.0.0.0/0` or our own 10.200.X.0/24 would send this
+    server's traffic (or its containers') into someone else's tunnel.
+    """
+    problems: list[str] = []
+    mesh = [ipaddress.ip_network(n) for n in allowed_networks]
+    own = [ipaddress.ip_network(n) for n in own_networks]
+    seen_keys: set[str] = set()
+    claimed: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+    for index, peer in enumerate(peers):
+        label = f"wireguard peer #{index}"
+        key = peer.public_key
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            problems.append(f"{label}: publicKey is not a 44-character base64 WireGuard key: {str(key)[:60]!r}")
+            continue
+        try:
+            validate.wireguard_key(key)
+        except InvalidValue as exc:
+            problems.append(f"{label}: {exc}")
+            continue
+        label = f"wireguard peer {key}"
+        if key == own_public_key:
+            problems.append(f"{label}: is this server's own key")
+        if key in seen_keys:
+            problems.append(f"{label}: listed twice")
+        seen_keys.add(key)
+        try:
+            validate.cidr_list(peer.allowed_ips)
+        except InvalidValue as exc:
+            problems.append(f"{label}: {exc}")
+            continue
+        for part in peer.allowed_ips.split(","):
+            network = ipaddress.ip_network(part, strict=False)
+            if not any(network.version == m.version and network.subnet_of(m) for m in mesh):  # type: ignore[arg-type]
+                problems.append(f"{label}: allowedIps {part} is outside the mesh ranges {', '.join(allowed_networks)}")
+                continue
+            for mine in own:
+                if network.overlaps(mine):
+                    problems.append(f"{label}: allowedIps {part} overlaps this server's own {mine}")
+            for other, owner in claimed:
+                if network.overlaps(other):
+                    problems.append(f"{label}: allowedIps {part} overlaps {other} of peer {owner}")
+            claimed.append((network, key))
+        if peer.endpoint:
+            try:
+                validate.host_port(peer.endpoint, "endpoint")
+            except InvalidValue as exc:
+                problems.append(f"{label}: {exc}")
+    return problems
+
+
+# --- the adapter -------------------------------------------------------------------------------
+
+
+class WireGuardSync:
+    """ConfigSync for the mesh; also applies `update_wireguard` work items (`apply_peers`)."""
+
+    name = "wireguard"
+
+    def __init__(self, settings: Settings, identity: Identity) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.interface = settings.wireguard_interface
+        if not _IFNAME.fullmatch(self.interface) or self.interface in (".", ".."):
+            raise WireGuardError(f"wireguard_interface {self.interface!r} is not a valid interface name")
+        self.address = str(validate.ipv4(identity.config.wireguard_ip, "wireguardIp in config.json"))
+        subnet_id = identity.config.subnet_id
+        self.own_networks = (f"10.100.{subnet_id}.0/24", identity.config.container_subnet)
+        self.allowed_networks: tuple[str, ...] = tuple(
+            getattr(settings, "wireguard_allowed_networks", DEFAULT_ALLOWED_NETWORKS) or DEFAULT_ALLOWED_NETWORKS
+        )
+        # Tests (and unusual hosts) run the mesh inside a network namespace.
+        netns = getattr(settings, "wireguard_netns", "") or ""
+        self._prefix: tuple[str, ...] = ("ip", "netns", "exec", netns) if netns else ()
+        self.timeout = float(getattr(settings, "wireguard_timeout", 30.0))
+        self.userspace = (
+            os.environ.get("WG_QUICK_USERSPACE_IMPLEMENTATION") or getattr(settings, "wireguard_go", "") or "wireguard-go"
+        )
+
+    @property
+    def conf_path(self) -> Path:
+        return Path(self.settings.wireguard_config_dir) / f"{self.interface}.conf"
+
+    # ConfigSync ---------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Bring the interface up with the peers of the file when it is missing or down.
+
+        Runs at agent start, so a reboot without `wg-quick@wg0` heals before the first poll.
+        A file with peers that no longer validate is not applied; the first reconcile will.
+        """
+        peers = self.file_peers(missing_ok=True)
+        if self.validate(peers):
+            log.warning("%s holds peers that do not validate; bringing %s up without them", self.conf_path, self.interface)
+            peers = []
+        self._write_file(peers)
+        self._bring_up(peers)
+        for problem in self.forwarding_problems():
+            log.warning("wireguard: %s", problem)
+
+    def expected_hash(self, state: ExpectedState) -> str:
+        return wireguard_hash(state.wireguard_peers)
+
+    def actual_hash(self) -> str:
+        return wireguard_hash(self.actual_peers())
+
+    def apply(self, state: ExpectedState) -> None:
+        self.apply_peers(state.wireguard_peers)
+
+    def apply_peers(self, peers: Sequence[WireGuardPeer]) -> None:
+        """Validate, write the file, sync the live interface without a reload, verify."""
+        peers = list(peers)
+        problems = self.validate(peers)
+        if problems:
+            raise WireGuardError("refusing to apply WireGuard peers (nothing was changed): " + "; ".join(problems))
+        self._write_file(peers)
+        self._bring_up(peers)
+        expected = wireguard_hash(peers)
+        actual = self.actual_hash()
+        if actual != expected:
+            raise WireGuardError(
+                f"{self.interface} does not match the expected peers after applying them "
+                f"(live: {self.actual_peers()!r})"
+            )
+        log.info("wireguard: %s has %d peers", self.interface, len(peers))
+
+    # Reading the live state -------------------------------------------------------------------
+
+    def validate(self, peers: Sequence[WireGuardPeer]) -> list[str]:
+        return validate_peers(peers, self.identity.wireguard_public_key, self.own_networks, self.allowed_networks)
+
+    def file_peers(self, missing_ok: bool = False) -> list[WireGuardPeer]:
+        try:
+            text = self.conf_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if missing_ok:
+                return []
+            raise WireGuardError(f"{self.conf_path} is missing") from None
+        except OSError as exc:
+            raise WireGuardError(f"cannot read {self.conf_path}: {exc.strerror}") from exc
+        return parse_conf_peers(text)
+
+    def actual_peers(self) -> list[WireGuardPeer]:
+        """The peers as the live interface applies them; raises when the interface is not usable."""
+        link = self._link()
+        if link is None:
+            raise WireGuardError(f"{self.interface} does not exist (not brought up since boot?)")
+        flags = link.get("flags") or []
+        if "UP" not in flags:
+            raise WireGuardError(f"{self.interface} is down")
+        if link.get("mtu") != self.settings.wireguard_mtu:
+            raise WireGuardError(f"{self.interface} has MTU {link.get('mtu')}, not {self.settings.wireguard_mtu}")
+        addresses = {a.get("local") for a in link.get("addr_info") or [] if a.get("family") == "inet"}
+        if self.address not in addresses:
+            raise WireGuardError(f"{self.interface} does not have its address {self.address}")
+        live = parse_dump(self._run(["wg", "show", self.interface, "dump"]).stdout)
+        if live.public_key != self.identity.wireguard_public_key:
+            raise WireGuardError(f"{self.interface} runs with another private key than {self.settings.data_dir}/wireguard.key")
+        if live.listen_port != self.settings.wireguard_port:
+            raise WireGuardError(f"{self.interface} listens on port {live.listen_port}, not {self.settings.wireguard_port}")
+        missing_routes = self._wanted_routes([WireGuardPeer(p.public_key, ",".join(p.allowed_ips)) for p in live.peers]) - self._routes()
+        if missing_routes:
+            raise WireGuardError(f"{self.interface} lacks routes for {', '.join(sorted(missing_routes))}")
+        return combine_live_and_file(live, self.file_peers())
+
+    def forwarding_problems(self) -> list[str]:
+        """What would keep other servers from reaching this server's containers (reported, not fixed)."""
+        problems = []
+        try:
+            forward = self._run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+            if forward != "1":
+                problems.append("net.ipv4.ip_forward is not 1: traffic from the mesh cannot reach the containers")
+        except CommandError as exc:
+            problems.append(f"cannot read net.ipv4.ip_forward: {exc}")
+        try:
+            rules = self._run(["iptables", "-S", "FORWARD"]).stdout
+            problem = parse_forward_rules(rules, self.interface, self.identity.config.container_subnet)
+            if problem:
+                problems.append(problem)
+        except CommandNotFound:
+            log.debug("iptables is not installed; FORWARD rule not checked")
+        except CommandError as exc:
+            problems.append(f"cannot read the FORWARD chain: {exc}")
+        return problems
+
+    # Changing the live state ------------------------------------------------------------------
+
+    def _write_file(self, peers: Sequence[WireGuardPeer]) -> None:
+        text = render_quick_conf(
+            self.identity.wireguard_private_key, self.address, self.settings.wireguard_port,
+            self.settings.wireguard_mtu, peers,
+        )
+        ensure_dir(self.conf_path.parent, 0o700)
+        try:
+            if self.conf_path.read_text(encoding="utf-8") == text and (self.conf_path.stat().st_mode & 0o777) == 0o600:
+                return
+        except OSError:
+            pass
+        atomic_write(self.conf_path, text, 0o600)
+
+    def _bring_up(self, peers: Sequence[WireGuardPeer]) -> None:
+        link = self._link()
+        if link is None:
+            self._create()
+            link = self._link()
+            if link is None:
+                raise WireGuardError(f"{self.interface} did not appear after creating it")
+        key = self.identity.wireguard_private_key
+        conf = render_wg_conf(key, self.settings.wireguard_port, peers)
+        # /dev/stdin keeps the private key out of argv and off the disk a second time.
+        self._run(["wg", "syncconf", self.interface, "/dev/stdin"], input=conf, secrets=(key,))
+        for info in link.get("addr_info") or []:
+            if info.get("family") == "inet" and info.get("local") != self.address:
+                self._run(["ip", "-4", "address", "del", f"{info.get('local')}/{info.get('prefixlen')}", "dev", self.interface])
+        self._run(["ip", "-4", "address", "replace", f"{self.address}/32", "dev", self.interface])
+        self._run(["ip", "link", "set", "dev", self.interface, "mtu", str(self.settings.wireguard_mtu), "up"])
+        self._sync_routes(peers)
+
+    def _create(self) -> None:
+        try:
+            self._run(["ip", "link", "add", "dev", self.interface, "type", "wireguard"])
+            log.info("wireguard: created %s (kernel module)", self.interface)
+            return
+        except CommandError as exc:
+            # Same fallback as wg-quick: no kernel module -> the userspace implementation.
+            log.info("wireguard: kernel WireGuard unavailable (%s); starting %s", exc.stderr.strip()[:200], self.userspace)
+        self._run([self.userspace, self.interface])
+        deadline = time.monotonic() + 5
+        while self._link() is None:
+            if time.monotonic() > deadline:
+                raise WireGuardError(f"{self.userspace} did not create {self.interface}")
+            time.sleep(0.05)
+        log.info("wireguard: created %s with %s", self.interface, self.userspace)
+
+    def _wanted_routes(self, peers: Sequence[WireGuardPeer]) -> set[str]:
+        wanted = set()
+        for peer in peers:
+            for network in _networks(peer.allowed_ips.split(",")):
+                if ipaddress.ip_network(network).version == 4:
+                    wanted.add(network)
+        return wanted
+
+    def _routes(self) -> set[str]:
+        text = self._run(["ip", "-j", "-4", "route", "show", "dev", self.interface]).stdout
+        routes = set()
+        for route in _json_list(text, "ip route"):
+            if route.get("protocol") == "kernel" or route.get("table") not in (None, "main"):
+                continue
+            dst = route.get("dst", "")
+            if dst and dst != "default":
+                try:
+                    routes.add(str(ipaddress.ip_network(dst, strict=False)))
+                except ValueError:
+                    continue
+        return routes
+
+    def _sync_routes(self, peers: Sequence[WireGuardPeer]) -> None:
+        """Routes for every peer CIDR via the interface; one `ip -batch` for the whole diff."""
+        wanted = self._wanted_routes(peers)
+        present = self._routes()
+        commands = [f"route replace {net} dev {self.interface}" for net in sorted(wanted - present)]
+        commands += [f"route del {net} dev {self.interface}" for net in sorted(present - wanted)]
+        if commands:
+            self._run(["ip", "-batch", "-"], input="\n".join(commands) + "\n")
+
+    def _link(self) -> dict[str, Any] | None:
+        result = self._run(["ip", "-j", "address", "show", "dev", self.interface], check=False)
+        if result.returncode != 0:
+            if "does not exist" in result.stderr or "Cannot find device" in result.stderr:
+                return None
+            raise WireGuardError(f"cannot read {self.interface}: {result.stderr.strip()[:300]}")
+        links = _json_list(result.stdout, "ip address")
+        return links[0] if links else None
+
+    def _run(self, argv: Sequence[str], *, input: str | None = None, secrets: Sequence[str] = (), check: bool = True) -> Result:
+        return run([*self._prefix, *argv], timeout=self.timeout, input=input, secrets=secrets, check=check)
+
+
+def _json_list(text: str, what: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError as exc:
+        raise WireGuardError(f"`{what}` did not print JSON: {exc}") from exc
+    if not isinstance(value, list):
+        raise WireGuardError(f"`{what}` printed {type(value).__name__}, expected a list")
+    return [item for item in value if isinstance(item, dict)]
