@@ -1,0 +1,637 @@
+"""Unit tests of the Podman adapter: the exact argv of every operation (pytest-subprocess),
+parsing from stdout only, not-found handling, refusal of foreign containers, and the
+secrets path (env file 0600, deleted, never in argv)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME
+from agent.host.podman import (
+    DEFAULT_CAPS,
+    Podman,
+    PodmanCommandError,
+    PodmanError,
+    PodmanNotInstalled,
+    PodmanOptions,
+    parse_ps,
+    stable_mac,
+)
+from agent.host.run import CommandError
+from agent.model import ExpectedContainer, HealthCheck, PortMapping, Volume
+
+CID = "a" * 64
+CID2 = "b" * 64
+NAME = "svc1-dep00001"
+SCOPE = "techulus.test.scope=unit"
+IMAGE = "docker.io/library/nginx:1.27"
+WARNING = 'time="2026-01-01T00:00:00Z" level=warning msg="something odd"\n'
+NO_SUCH = "Error: inspecting object: no such container x\n"
+
+
+def ours(deployment: str = "dep00001-0000", scope: str = SCOPE, **extra: str) -> dict[str, str]:
+    labels = {LABEL_SERVICE_ID: "svc1", LABEL_SERVICE_NAME: "web", LABEL_DEPLOYMENT_ID: deployment}
+    if scope:
+        key, _, value = scope.partition("=")
+        labels[key] = value
+    labels.update(extra)
+    return labels
+
+
+def inspect_json(
+    cid: str = CID,
+    labels: dict[str, str] | None = None,
+    running: bool = True,
+    status: str = "running",
+    restarts: int = 0,
+    started: str = "2026-01-01T00:00:00Z",
+    ip: str = "",
+    name: str = NAME,
+) -> str:
+    networks = {"techulus": {"IPAddress": ip}} if ip else {}
+    return json.dumps([
+        {
+            "Id": cid,
+            "Name": name,
+            "RestartCount": restarts,
+            "State": {"Status": status, "Running": running, "StartedAt": started, "ExitCode": 0},
+            "Config": {"Labels": labels if labels is not None else ours()},
+            "NetworkSettings": {"Networks": networks},
+        }
+    ])
+
+
+def opts(tmp_path: Path, **kw: Any) -> PodmanOptions:
+    base: dict[str, Any] = {"scope_label": SCOPE, "run_dir": tmp_path / "run", "stop_timeout": 3, "settle_time": 0.01}
+    base.update(kw)
+    return PodmanOptions(**base)
+
+
+@pytest.fixture
+def podman(tmp_path: Path) -> Podman:
+    return Podman(opts(tmp_path), sleep=lambda _s: None)
+
+
+def spec(**kw: Any) -> ExpectedContainer:
+    base: dict[str, Any] = {
+        "deployment_id": "dep00001-0000",
+        "service_id": "svc1",
+        "service_name": "My API",
+        "name": NAME,
+        "image": "nginx:1.27",
+        "ip_address": "10.200.3.2",
+    }
+    base.update(kw)
+    return ExpectedContainer(**base)
+
+
+INSPECT = ["podman", "container", "inspect", "--format", "json"]
+
+
+def register_inspect(fp: Any, ref: str, stdout: str = "", missing: bool = False, occurrences: int = 1) -> None:
+    if missing:
+        fp.register([*INSPECT, ref], stdout="[]\n", stderr=NO_SUCH, returncode=125, occurrences=occurrences)
+    else:
+        fp.register([*INSPECT, ref], stdout=stdout, stderr=WARNING, occurrences=occurrences)
+
+
+def run_argvs(fp: Any) -> list[list[str]]:
+    return [list(call) for call in fp.calls if list(call)[:2] == ["podman", "run"]]
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"insecure_registries": ("http://reg:5000",)},
+        {"insecure_registries": ("reg/path",)},
+        {"scope_label": "novalue"},
+        {"network": "-bad"},
+        {"dns_servers": ("not-an-ip",)},
+        {"publish_address": "0.0.0.0; rm"},
+        {"restart_policy": "sometimes"},
+        {"pull_timeout": 0},
+    ],
+)
+def test_bad_options_are_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises(PodmanError):
+        PodmanOptions(**kw)
+
+
+# --- listing --------------------------------------------------------------------------------
+
+
+def test_list_reads_stdout_only_and_filters_labels(fp: Any, podman: Podman) -> None:
+    ps = [
+        {"Id": CID, "Names": [NAME], "Image": IMAGE, "State": "running", "Created": 5, "Labels": ours()},
+        # Foreign or out-of-scope entries podman should not have returned are dropped anyway.
+        {"Id": CID2, "Names": ["db"], "Image": IMAGE, "State": "running", "Labels": {"x": "y"}},
+        {"Id": "c" * 64, "Names": ["other"], "Image": IMAGE, "State": "exited", "Labels": ours(scope="techulus.test.scope=else")},
+    ]
+    fp.register(
+        ["podman", "ps", "--all", "--filter", f"label={LABEL_SERVICE_ID}", "--filter", f"label={SCOPE}", "--format", "json"],
+        stdout=json.dumps(ps),
+        stderr=WARNING * 3,
+    )
+    containers = podman.list_containers()
+    assert [c.id for c in containers] == [CID]
+    c = containers[0]
+    assert (c.name, c.image, c.state, c.created, c.deployment_id) == (NAME, IMAGE, "running", 5, "dep00001-0000")
+
+
+def test_list_without_scope_label(fp: Any, tmp_path: Path) -> None:
+    fp.register(["podman", "ps", "--all", "--filter", f"label={LABEL_SERVICE_ID}", "--format", "json"], stdout="[]")
+    assert Podman(opts(tmp_path, scope_label="")).list_containers() == []
+
+
+def test_parse_ps_tolerates_odd_entries() -> None:
+    stdout = json.dumps([
+        {"Id": "abc", "Names": None, "Labels": None, "State": "Exited", "Created": "yesterday"},
+        {"Id": 7},
+        "junk",
+        {"Names": ["noid"]},
+        {"Id": "short", "Names": [3], "Labels": {LABEL_DEPLOYMENT_ID: "x", "n": None}, "Created": True},
+    ])
+    parsed = parse_ps(stdout)
+    assert [(c.id, c.name, c.state, c.created) for c in parsed] == [("abc", "", "exited", 0), ("short", "", "unknown", 0)]
+    assert parsed[1].labels == {LABEL_DEPLOYMENT_ID: "x"}
+    assert parsed[1].short_id == "short"  # short ids never crash (§17.17)
+    assert parse_ps("") == [] and parse_ps("null") == []
+
+
+@pytest.mark.parametrize("stdout", ["{not json", '{"Id": "x"}', WARNING])
+def test_parse_ps_rejects_garbage(stdout: str) -> None:
+    with pytest.raises(PodmanError):
+        parse_ps(stdout)
+
+
+def test_list_failure_raises_podman_and_command_error(fp: Any, podman: Podman) -> None:
+    fp.register(["podman", "ps", fp.any()], returncode=125, stderr="Error: database is locked\n")
+    with pytest.raises(PodmanError) as info:
+        podman.list_containers()
+    assert isinstance(info.value, CommandError)
+    assert "database is locked" in str(info.value)
+
+
+def test_podman_missing_gives_a_clear_error(fp: Any, tmp_path: Path) -> None:
+    # The real Popen gets to try a binary that does not exist: nothing can start.
+    fp.allow_unregistered(True)
+    with pytest.raises(PodmanNotInstalled, match="podman is not installed or not on PATH") as info:
+        Podman(opts(tmp_path, binary=str(tmp_path / "no-podman-here"))).list_containers()
+    assert isinstance(info.value, PodmanError) and isinstance(info.value, CommandError)
+
+
+# --- inspect / health -----------------------------------------------------------------------
+
+
+def test_inspect_found_missing_and_failing(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, inspect_json())
+    register_inspect(fp, "gone", missing=True)
+    fp.register([*INSPECT, "broken"], returncode=125, stderr="Error: permission denied\n")
+    assert podman.inspect(CID)["Id"] == CID  # type: ignore[index]
+    assert podman.inspect("gone") is None
+    with pytest.raises(PodmanError, match="permission denied"):
+        podman.inspect("broken")
+
+
+@pytest.mark.parametrize("ref", ["-rf", "a b", "", "x;y", "../x", "--privileged"])
+def test_bad_refs_never_reach_podman(fp: Any, podman: Podman, ref: str) -> None:
+    for call in (podman.inspect, podman.stop_and_remove, podman.force_remove, podman.start, podman.restart):
+        with pytest.raises(PodmanError, match="not a container name or id"):
+            call(ref)
+    assert fp.call_count(["podman", fp.any()]) == 0
+
+
+def test_is_managed_and_is_running(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, "mine", inspect_json(running=False, status="exited"))
+    register_inspect(fp, "foreign", inspect_json(labels={"maintainer": "x"}))
+    register_inspect(fp, "otherscope", inspect_json(labels=ours(scope="techulus.test.scope=else")))
+    register_inspect(fp, "gone", missing=True)
+    register_inspect(fp, "mine", inspect_json(running=False, status="exited"))
+    assert podman.is_managed("mine")
+    assert not podman.is_managed("foreign")
+    assert not podman.is_managed("otherscope")
+    assert not podman.is_managed("gone")
+    assert not podman.is_running("mine")
+
+
+def test_health_is_one_batched_call(fp: Any, podman: Podman) -> None:
+    third = "c" * 64
+    fp.register(
+        ["podman", "container", "inspect", "--format", "{{.Id}} {{.Name}} {{.State.Status}} {{.State.Health.Status}}",
+         CID, CID2, third, "named", "vanished"],
+        stdout=f"{CID} n1 running healthy\n{CID2} n2 running \n{third} n3 exited unhealthy\n{'d' * 64} named running starting\n",
+        stderr="Error: inspecting object: no such container vanished\n" + WARNING,
+        returncode=125,
+    )
+    health = podman.health([CID, CID2, third, "named", "vanished"])
+    assert health == {CID: "healthy", CID2: "none", third: "none", "named": "starting", "vanished": "none"}
+    assert podman.health([]) == {}
+
+
+def test_logs_tail(fp: Any, podman: Podman) -> None:
+    fp.register(["podman", "logs", "--tail", "50", CID], stdout="out\n", stderr="err\n")
+    assert podman.logs_tail(CID) == "out\nerr"
+
+
+# --- network --------------------------------------------------------------------------------
+
+NET_INSPECT = ["podman", "network", "inspect", "--", "techulus"]
+NET_JSON = json.dumps([{"name": "techulus", "subnets": [{"subnet": "10.200.3.0/24", "gateway": "10.200.3.1"}]}])
+
+
+def test_ensure_network_creates_once(fp: Any, podman: Podman) -> None:
+    fp.register(NET_INSPECT, returncode=125, stderr="Error: unable to find network with name or ID techulus: network not found\n")
+    fp.register(["podman", "network", "create", "--driver", "bridge", "--subnet=10.200.3.0/24", "--gateway=10.200.3.1",
+                 "--disable-dns", "--", "techulus"], stdout="techulus\n")
+    fp.register(NET_INSPECT, stdout=NET_JSON)
+    assert podman.ensure_network("10.200.3.0/24", "10.200.3.1")
+    assert podman.ensure_network("10.200.3.0/24", "10.200.3.1")
+    assert fp.call_count(["podman", "network", "create", fp.any()]) == 1
+
+
+def test_ensure_network_lost_race_counts_as_success(fp: Any, podman: Podman) -> None:
+    fp.register(NET_INSPECT, returncode=125, stderr="Error: network not found\n")
+    fp.register(["podman", "network", "create", fp.any()], returncode=125,
+                stderr="Error: network name techulus already used: network already exists\n")
+    fp.register(NET_INSPECT, stdout=NET_JSON)
+    assert podman.ensure_network("10.200.3.0/24", "10.200.3.1")
+
+
+def test_ensure_network_warns_on_subnet_mismatch(fp: Any, podman: Podman, caplog: pytest.LogCaptureFixture) -> None:
+    fp.register(NET_INSPECT, stdout=NET_JSON, stderr=WARNING)
+    with caplog.at_level(logging.WARNING):
+        assert not podman.ensure_network("10.200.9.0/24", "10.200.9.1")
+    assert "10.200.3.0/24" in caplog.text and "expected 10.200.9.0/24" in caplog.text
+    assert fp.call_count(["podman", "network", "create", fp.any()]) == 0
+
+
+def test_ensure_network_other_inspect_failure_creates_nothing(fp: Any, podman: Podman) -> None:
+    fp.register(NET_INSPECT, returncode=125, stderr="Error: cannot open database: permission denied\n")
+    with pytest.raises(PodmanError, match="permission denied"):
+        podman.ensure_network("10.200.3.0/24", "10.200.3.1")
+
+
+@pytest.mark.parametrize("subnet,gateway", [("10.200.3.0/33", "10.200.3.1"), ("10.200.3.0/24", "10.200.4.1"), ("x", "y")])
+def test_ensure_network_bad_input(fp: Any, podman: Podman, subnet: str, gateway: str) -> None:
+    with pytest.raises(PodmanError):
+        podman.ensure_network(subnet, gateway)
+
+
+# --- pull -----------------------------------------------------------------------------------
+
+
+def test_pull_verifies_tls_except_for_listed_registries(fp: Any, tmp_path: Path) -> None:
+    podman = Podman(opts(tmp_path, insecure_registries=("registry.local:5000",)))
+    fp.register(["podman", "pull", "--quiet", "--", "docker.io/library/nginx:latest"], stdout="sha\n")
+    fp.register(["podman", "pull", "--quiet", "--tls-verify=false", "--", "registry.local:5000/app:v1"], stdout="sha\n")
+    fp.register(["podman", "pull", "--quiet", "--", "registry.local:5001/app:latest"], stdout="sha\n")
+    podman.pull("nginx")
+    podman.pull("registry.local:5000/app:v1")
+    podman.pull("registry.local:5001/app")
+
+
+def test_pull_timeout_is_passed_and_reported(fp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.host.podman as module
+    from agent.host.run import CommandTimeout
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(argv: list[str], **kw: Any) -> Any:
+        seen.update(kw)
+        raise CommandTimeout(tuple(argv), None, reason="timed out after 7s and was killed")
+
+    monkeypatch.setattr(module, "run", fake_run)
+    with pytest.raises(PodmanError, match="longer than 7s"):
+        Podman(opts(tmp_path, pull_timeout=7)).pull("nginx")
+    assert seen["timeout"] == 7
+
+
+@pytest.mark.parametrize("image", ["--privileged", "", "a b"])
+def test_pull_bad_image(fp: Any, podman: Podman, image: str) -> None:
+    with pytest.raises(PodmanError):
+        podman.pull(image)
+
+
+def test_image_exists(fp: Any, podman: Podman) -> None:
+    fp.register(["podman", "image", "exists", "--", "docker.io/library/nginx:1.27"], returncode=0)
+    fp.register(["podman", "image", "exists", "--", "docker.io/library/nginx:2"], returncode=1)
+    assert podman.image_exists("nginx:1.27")
+    assert not podman.image_exists("nginx:2")
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+def expected_run_argv(spec_: ExpectedContainer, volumes_dir: Path, env_file: str | None, **opt: Any) -> list[str]:
+    argv = ["podman", "run", "--detach", f"--name={spec_.name}", "--restart=always", "--pull=never",
+            "--security-opt=no-new-privileges", "--cap-drop=ALL"]
+    argv += [f"--cap-add={c}" for c in DEFAULT_CAPS]
+    argv += ["--log-driver=k8s-file", "--log-opt=max-size=10mb"]
+    argv += [f"--label={LABEL_SERVICE_ID}=svc1", f"--label={LABEL_SERVICE_NAME}={spec_.service_name}",
+             f"--label={LABEL_DEPLOYMENT_ID}={spec_.deployment_id}", f"--label={SCOPE}"]
+    if spec_.ip_address:
+        argv += ["--network=techulus", f"--ip={spec_.ip_address}", f"--mac-address={stable_mac(spec_.ip_address)}"]
+        argv += [f"--dns={d}" for d in opt.get("dns", ())]
+    else:
+        argv += [f"--publish={opt.get('bind', '127.0.0.1')}:{p.host_port}:{p.container_port}" for p in spec_.ports]
+    if spec_.health_check:
+        hc = spec_.health_check
+        argv += [f"--health-cmd={hc.cmd}", f"--health-interval={hc.interval}s", f"--health-timeout={hc.timeout}s",
+                 f"--health-retries={hc.retries}", f"--health-start-period={hc.start_period}s"]
+    argv += [f"--volume={volumes_dir / 'svc1' / v.name}:{v.container_path}" for v in spec_.volumes]
+    if env_file:
+        argv.append(f"--env-file={env_file}")
+    return [*argv, "--", "docker.io/library/nginx:1.27"]
+
+
+def register_deploy_prelude(fp: Any, image_present: bool = True) -> None:
+    register_inspect(fp, NAME, missing=True)
+    fp.register(["podman", "image", "exists", "--", "docker.io/library/nginx:1.27"], returncode=0 if image_present else 1)
+
+
+def register_verify(fp: Any, cid: str = CID, **kw: Any) -> None:
+    register_inspect(fp, cid, inspect_json(cid, **kw), occurrences=2)
+
+
+def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -> None:
+    podman = Podman(opts(tmp_path, dns_servers=("10.200.3.1",)), sleep=lambda _s: None)
+    volumes_dir = tmp_path / "volumes"
+    s = spec(
+        health_check=HealthCheck("curl -f http://localhost/ || exit 1", 10, 5, 3, 30),
+        volumes=(Volume("data", "/data"), Volume("cache", "/var/cache/app")),
+    )
+    env = {"DATABASE_URL": "postgres://u:hunter2-secret@db/x", "EMPTY": "", "SPACED": "  a b  "}
+    seen: dict[str, Any] = {}
+
+    def capture(process: Any) -> None:
+        argv = [str(a) for a in process.args]
+        env_file = Path(next(a for a in argv if a.startswith("--env-file=")).split("=", 1)[1])
+        seen["argv"] = argv
+        seen["file"] = env_file
+        seen["mode"] = stat.S_IMODE(env_file.stat().st_mode)
+        seen["dir_mode"] = stat.S_IMODE(env_file.parent.stat().st_mode)
+        seen["run_dir_mode"] = stat.S_IMODE(env_file.parent.parent.stat().st_mode)
+        seen["content"] = env_file.read_text()
+
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n", stderr=WARNING + "level=error msg=systemd\n", callback=capture)
+    register_verify(fp)
+    assert podman.run_container(s, env, volumes_dir) == CID
+
+    assert seen["argv"] == expected_run_argv(s, volumes_dir, str(seen["file"]), dns=("10.200.3.1",))
+    assert not any("hunter2" in a for a in seen["argv"])
+    assert seen["mode"] == 0o600 and seen["dir_mode"] == 0o700 and seen["run_dir_mode"] == 0o700
+    assert seen["content"] == "DATABASE_URL=postgres://u:hunter2-secret@db/x\nEMPTY=\nSPACED=  a b  \n"
+    assert not seen["file"].exists() and not seen["file"].parent.exists()
+    for name in ("data", "cache"):
+        path = volumes_dir / "svc1" / name
+        assert path.is_dir() and stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def test_run_without_ip_publishes_on_the_private_address_only(fp: Any, tmp_path: Path) -> None:
+    s = spec(ip_address="", ports=(PortMapping(80, 30000), PortMapping(443, 30001)))
+    for bind in ("127.0.0.1", "10.100.0.5"):
+        podman = Podman(opts(tmp_path, publish_address="" if bind == "127.0.0.1" else bind), sleep=lambda _s: None)
+        register_deploy_prelude(fp)
+        fp.register(expected_run_argv(s, tmp_path, None, bind=bind), stdout=CID + "\n")
+        register_verify(fp)
+        podman.run_container(s, {}, tmp_path)
+    assert not any("--publish=:" in a or "0.0.0.0" in a for argv in run_argvs(fp) for a in argv)
+
+
+def test_run_pulls_a_missing_image_first(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_deploy_prelude(fp, image_present=False)
+    fp.register(["podman", "pull", "--quiet", "--", "docker.io/library/nginx:1.27"], stdout="sha\n")
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count(["podman", "pull", fp.any()]) == 1
+
+
+def test_run_container_id_from_stdout_only(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], stdout=f"noise\n{CID}\n", stderr=f"{CID2}\nError: warning\n")
+    register_verify(fp)
+    assert podman.run_container(spec(), {"K": "value"}, tmp_path) == CID
+
+
+def test_run_container_id_masked_by_a_secret_falls_back_to_inspect(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], stdout=f"{CID}\n")  # masked by run(): the secret is "aaaaaaaa"
+    register_inspect(fp, NAME, inspect_json())
+    register_verify(fp)
+    assert podman.run_container(spec(), {"K": "aaaaaaaa"}, tmp_path) == CID
+    assert fp.call_count([*INSPECT, NAME]) == 2
+
+
+def test_run_refuses_a_foreign_container_with_our_name(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_inspect(fp, NAME, inspect_json(labels={"maintainer": "someone"}))
+    with pytest.raises(PodmanError, match="does not manage"):
+        podman.run_container(spec(), {"K": "secret-value"}, tmp_path)
+    assert run_argvs(fp) == []
+    assert fp.call_count(["podman", "rm", fp.any()]) == 0
+    assert not list((tmp_path / "run").glob("env-*")) if (tmp_path / "run").exists() else True
+
+
+def test_run_replaces_a_leftover_of_ours(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_inspect(fp, NAME, inspect_json(CID2, running=False, status="created"))
+    fp.register(["podman", "rm", "--force", "--time", "3", NAME], stdout=NAME + "\n")
+    register_inspect(fp, NAME, missing=True)
+    fp.register(["podman", "image", "exists", fp.any()])
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    assert podman.run_container(spec(), {}, tmp_path) == CID
+
+
+@pytest.mark.parametrize(
+    "env,match",
+    [({"K": "a\nb"}, "line break"), ({"K": "a\rb"}, "line break"), ({"BAD-KEY": "v"}, "not valid"),
+     ({"K": "x" * 70000}, "env-file limit")],
+)
+def test_run_bad_env_runs_nothing(fp: Any, podman: Podman, tmp_path: Path, env: dict[str, str], match: str) -> None:
+    register_deploy_prelude(fp)
+    with pytest.raises(PodmanError, match=match):
+        podman.run_container(spec(), env, tmp_path)
+    assert run_argvs(fp) == []
+    assert not list((tmp_path / "run").glob("env-*"))
+
+
+def test_volume_outside_volumes_dir_is_refused(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    (tmp_path / "volumes" / "svc1").mkdir(parents=True)
+    (tmp_path / "volumes" / "svc1" / "data").symlink_to("/etc")
+    register_deploy_prelude(fp)
+    with pytest.raises(PodmanError, match="outside|symlink"):
+        podman.run_container(spec(volumes=(Volume("data", "/data"),)), {}, tmp_path / "volumes")
+    assert run_argvs(fp) == []
+
+
+def test_stale_env_files_are_removed(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    stale = tmp_path / "run" / "env-old"
+    stale.mkdir(parents=True)
+    (stale / "env").write_text("K=secret\n")
+    os.utime(stale, (1, 1))
+    fresh = tmp_path / "run" / "env-new"
+    fresh.mkdir()
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(spec(), {}, tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_run_that_crashes_is_stopped_and_reported(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_inspect(fp, CID, inspect_json(running=True, restarts=0))
+    register_inspect(fp, CID, inspect_json(running=True, restarts=3, started="2026-01-01T00:00:01Z"))
+    fp.register(["podman", "logs", "--tail", "50", CID], stderr="panic: no DATABASE_URL\n")
+    fp.register(["podman", "stop", "--time", "0", CID], stdout=CID)
+    with pytest.raises(PodmanError, match="(?s)did not stay running.*no DATABASE_URL"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count(["podman", "stop", "--time", "0", CID]) == 1
+
+
+def test_run_exited_at_once_fails_fast(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_inspect(fp, CID, inspect_json(running=False, status="exited"))
+    fp.register(["podman", "logs", fp.any()], stdout="boom\n")
+    fp.register(["podman", "stop", fp.any()])
+    with pytest.raises(PodmanError, match="boom"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count([*INSPECT, CID]) == 1
+
+
+def test_run_failure_removes_the_created_leftover(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], returncode=126, stderr="Error: crun: executable file not found\n")
+    register_inspect(fp, NAME, inspect_json(running=False, status="created"))
+    fp.register(["podman", "rm", "--force", "--time", "0", NAME])
+    register_inspect(fp, NAME, missing=True)
+    with pytest.raises(PodmanError, match="executable file not found"):
+        podman.run_container(spec(), {}, tmp_path)
+
+
+IPAM = "Error: IPAM error: requested ip address 10.200.3.2 is already allocated to container ID {}\n"
+
+
+def register_ipam_failure(fp: Any, holder: str) -> None:
+    register_deploy_prelude(fp)
+    fp.register(["podman", "run", fp.any()], returncode=126, stderr=IPAM.format(holder))
+    register_inspect(fp, NAME, inspect_json(running=False, status="created"))
+    fp.register(["podman", "rm", "--force", "--time", "0", NAME])
+    register_inspect(fp, NAME, missing=True)
+
+
+def test_ipam_conflict_with_a_stale_container_of_ours_recovers(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_ipam_failure(fp, CID2)
+    register_inspect(fp, CID2, inspect_json(CID2, ours(deployment="old-deployment"), running=False, status="paused"))
+    fp.register(["podman", "rm", "--force", "--time", "0", CID2])
+    register_inspect(fp, CID2, missing=True)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    assert podman.run_container(spec(), {}, tmp_path) == CID
+    assert len(run_argvs(fp)) == 2
+
+
+def test_ipam_conflict_with_a_foreign_holder_fails_clearly(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_ipam_failure(fp, CID2)
+    register_inspect(fp, CID2, inspect_json(CID2, {"maintainer": "x"}, name="their-db"))
+    with pytest.raises(PodmanError, match="held by container their-db, which the agent does not manage"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count(["podman", "rm", "--force", "--time", "0", CID2]) == 0
+
+
+def test_ipam_conflict_with_a_running_container_of_another_deployment(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_ipam_failure(fp, CID2)
+    register_inspect(fp, CID2, inspect_json(CID2, ours(deployment="other"), name="svc1-other"))
+    with pytest.raises(PodmanError, match="held by running container svc1-other of deployment other"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count(["podman", "rm", "--force", "--time", "0", CID2]) == 0
+
+
+# --- start / restart / stop / remove --------------------------------------------------------
+
+
+def test_start_and_restart(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=2))
+    fp.register(["podman", "start", CID], stdout=CID)
+    register_inspect(fp, CID, inspect_json(restarts=2), occurrences=2)
+    podman.start(CID)
+    register_inspect(fp, CID, inspect_json(restarts=2))
+    fp.register(["podman", "restart", "--time", "3", CID], stdout=CID)
+    register_inspect(fp, CID, inspect_json(restarts=2), occurrences=2)
+    podman.restart(CID)
+
+
+def test_start_missing_or_foreign_is_an_error(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, "gone", missing=True, occurrences=2)
+    register_inspect(fp, "db", inspect_json(labels={}), occurrences=4)
+    with pytest.raises(PodmanError, match="does not exist"):
+        podman.start("gone")
+    with pytest.raises(PodmanError, match="does not exist"):
+        podman.restart("gone")
+    for call in (podman.start, podman.restart, podman.stop_and_remove, podman.force_remove):
+        with pytest.raises(PodmanError, match="not managed"):
+            call("db")
+    assert fp.call_count(["podman", fp.any()]) == 6
+
+
+def test_stop_and_remove(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, inspect_json())
+    fp.register(["podman", "stop", "--time", "3", CID], stdout=CID, stderr=WARNING)
+    fp.register(["podman", "rm", "--force", "--time", "0", CID], stdout=CID)
+    register_inspect(fp, CID, missing=True)
+    podman.stop_and_remove(CID)
+
+
+def test_stop_and_remove_of_a_missing_container_is_success(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, missing=True)
+    podman.stop_and_remove(CID)
+    register_inspect(fp, CID, inspect_json())
+    fp.register(["podman", "stop", fp.any()], returncode=125,
+                stderr=f'Error: no container with name or ID "{CID}" found: no such container\n')
+    podman.stop_and_remove(CID)
+
+
+def test_force_remove_retries_then_fails(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, inspect_json(running=False, status="exited"))
+    fp.register(["podman", "rm", "--force", "--time", "3", CID], returncode=125,
+                stderr="Error: container is being removed\n", occurrences=3)
+    register_inspect(fp, CID, inspect_json(running=False, status="removing"), occurrences=3)
+    with pytest.raises(PodmanError, match="still exists after podman rm.*being removed"):
+        podman.force_remove(CID)
+
+
+def test_force_remove_missing_is_success(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, missing=True)
+    podman.force_remove(CID)
+    assert fp.call_count(["podman", "rm", fp.any()]) == 0
+
+
+def test_prune_images_removes_unused_old_images(fp: Any, podman: Podman) -> None:
+    fp.register(["podman", "image", "prune", "--all", "--force", "--filter=until=168h"], stdout="")
+    podman.prune_images()
+
+
+def test_podman_command_error_is_both_kinds() -> None:
+    error = PodmanCommandError(CommandError(("podman", "ps"), 125, "", "Error: no such container x"))
+    assert isinstance(error, PodmanError) and isinstance(error, CommandError)
+    assert error.not_found and not error.timed_out
+    assert "exited with 125" in str(error)
+
+
+def test_stable_mac() -> None:
+    assert stable_mac("10.200.3.2") == "02:42:0a:c8:03:02"
+    with pytest.raises(ValueError):
+        stable_mac("10.200.3")
