@@ -1,0 +1,742 @@
+#!/usr/bin/env bash
+# install.sh: turns a fresh Ubuntu 22.04/24.04 or Debian 12 server into a Techulus Cloud worker.
+#
+#   curl -fsSL https://<control-plane>/install.sh | sudo bash -s -- --url https://<control-plane> --token <token>
+#
+# It installs WireGuard, Podman, dnsmasq, git, Caddy (built with xcaddy and the Cloudflare DNS
+# module), BuildKit's buildctl plus a podman-run `buildkit` daemon on 127.0.0.1:1234, Railpack
+# and the agent (a shiv zipapp), writes the systemd units, enables IP forwarding, starts
+# everything and finishes with `techulus-agent doctor`. Run it again at any time: a second
+# run changes nothing and says so; a run with a new agent binary upgrades it in place
+# (atomic replace, agent restart without touching containers, old extraction dirs pruned).
+#
+# Where the templates come from (the single source is the repo's installer/ directory):
+#   * from a checkout, `./install.sh` reads installer/<name> beside it;
+#   * `build.sh` writes bin/install.sh, this same script with every template embedded as a
+#     quoted heredoc in embedded_template(), so that the curl-piped copy needs nothing else.
+#   A template found on disk wins over an embedded one (TECHULUS_TEMPLATE_DIR moves it).
+#   Embedding (not fetching) keeps one download, one thing to checksum and no second URL.
+#
+# Order of work, so that a failure never leaves a half-installed server:
+#   1. check the arguments and the OS, then 2. download and verify everything into a cache
+#   dir (nothing on the system changes before all checksums match), then 3. apply, one
+#   idempotent step at a time. Each file is replaced atomically, and only when it differs.
+#   A failed step says what failed and where the log is; re-running resumes.
+#
+# Every download has a URL and a checksum that can be overridden (flags or TECHULUS_* env,
+# see --help). The token reaches the agent through /etc/techulus-agent/agent.env (0600),
+# never its command line; prefer TECHULUS_AGENT_TOKEN=… or --token-file over --token.
+set -Eeuo pipefail
+shopt -u patsub_replacement 2>/dev/null || true
+umask 022
+
+# ----------------------------------------------------------------------------------------
+# Pinned versions and defaults (every one overridable by the environment).
+GO_VERSION=${TECHULUS_GO_VERSION:-1.22.5}
+XCADDY_VERSION=${TECHULUS_XCADDY_VERSION:-0.4.2}
+CADDY_VERSION=${TECHULUS_CADDY_VERSION:-v2.8.4}
+BUILDKIT_VERSION=${TECHULUS_BUILDKIT_VERSION:-v0.15.2}
+RAILPACK_VERSION=${TECHULUS_RAILPACK_VERSION:-0.2.2}
+BUILDKIT_IMAGE=${TECHULUS_BUILDKIT_IMAGE:-docker.io/moby/buildkit:$BUILDKIT_VERSION}
+
+OS_RELEASE=${TECHULUS_OS_RELEASE:-/etc/os-release}
+LOG_FILE=${TECHULUS_INSTALL_LOG:-/var/log/techulus-agent-install.log}
+CACHE_DIR=${TECHULUS_INSTALL_CACHE:-/var/cache/techulus-agent-install}
+
+# Where things go on the server.
+CONF_DIR=/etc/techulus-agent
+DATA_DIR=/var/lib/techulus-agent
+LIB_DIR=/usr/local/lib/techulus-agent
+SHIV_ROOT_DIR=$DATA_DIR/shiv
+AGENT_PYZ=$LIB_DIR/agent.pyz
+UNIT_DIR=/etc/systemd/system
+
+APT_PACKAGES=(wireguard-tools podman dnsmasq git curl ca-certificates python3 iproute2 iptables tar)
+
+# ----------------------------------------------------------------------------------------
+# Output: one line per step on the terminal, everything else in the log file.
+STEP_NO=0
+STEP_TOTAL=0
+CURRENT_STEP="starting"
+CHANGED=0
+declare -a CHANGES=()
+
+say() { printf '%s\n' "$*"; }
+log() {
+  if [ -n "${LOG_READY:-}" ]; then printf '%s %s\n' "$(date -u +%FT%TZ)" "$*" >>"$LOG_FILE"; fi
+}
+die() {
+  printf 'install.sh: error: %s\n' "$1" >&2
+  [ $# -gt 1 ] && printf '  %s\n' "${@:2}" >&2
+  log "ERROR: $*"
+  exit 1
+}
+usage_error() {
+  printf 'install.sh: %s\n' "$1" >&2
+  printf "Run 'install.sh --help' for the options.\n" >&2
+  exit 2
+}
+step() {
+  STEP_NO=$((STEP_NO + 1))
+  CURRENT_STEP=$1
+  printf '[%d/%d] %s ... ' "$STEP_NO" "$STEP_TOTAL" "$1"
+  log "=== step $STEP_NO/$STEP_TOTAL: $1"
+}
+step_done() { printf '%s\n' "${1:-ok}"; log "--- ${1:-ok}"; }
+changed() { CHANGED=1; CHANGES+=("$1"); log "changed: $1"; }
+run() {  # run CMD...: output to the log; on failure the caller's trap reports it.
+  log "+ $*"
+  "$@" >>"$LOG_FILE" 2>&1
+}
+on_error() {
+  local code=$?
+  trap - ERR
+  printf 'FAILED\n' >&2
+  printf '\ninstall.sh: step "%s" failed (exit %s).\n' "$CURRENT_STEP" "$code" >&2
+  if [ -n "${LOG_READY:-}" ]; then
+    printf 'Last lines of %s:\n' "$LOG_FILE" >&2
+    tail -n 15 "$LOG_FILE" | sed 's/^/  | /' >&2
+  fi
+  printf 'Fix the cause and run the same command again: finished steps are skipped.\n' >&2
+  exit "$code"
+}
+
+usage() {
+  cat <<'EOF'
+Usage: install.sh --url URL [options]
+
+Required:
+  --url URL               control plane base URL (https://…)
+Registration (first install only; else the server is already registered):
+  --token TOKEN           one-time registration token (visible in `ps`; prefer the next two)
+  --token-file FILE       read the token from FILE      (or env TECHULUS_AGENT_TOKEN)
+Options:
+  --logs-endpoint URL     VictoriaLogs base URL for container and Caddy logs
+  --registry HOST:PORT    insecure (plain HTTP) registry that BuildKit pushes to
+  --cf-api-token TOKEN    Cloudflare API token for Caddy's DNS challenge (or env CF_API_TOKEN)
+  --agent-binary FILE|URL the agent zipapp (default: <url>/agent/agent-linux-<arch>)
+  --agent-sha256 HEX      its SHA-256 (default: from SHA256SUMS next to the URL)
+  --agent-env KEY=VALUE   extra agent setting (TECHULUS_AGENT_*), repeatable
+  --skip-build-tools      no BuildKit, buildctl, Railpack (server never builds images)
+  --skip-caddy            no Caddy (server never serves public traffic)
+  --download-only         download and verify everything into the cache, change nothing
+  --render-only DIR       write the rendered config files under DIR, change nothing
+  -h, --help              this text
+Downloads (URL and SHA-256 of each can be overridden in the environment):
+  TECHULUS_GO_URL / _SHA256, TECHULUS_XCADDY_URL / _SHA256, TECHULUS_BUILDKIT_URL / _SHA256,
+  TECHULUS_RAILPACK_URL / _SHA256. Without a _SHA256 the checksum comes from the project's
+  published checksum file (TECHULUS_<NAME>_SHA256_URL).
+Other environment: TECHULUS_INSTALL_LOG (log file), TECHULUS_INSTALL_CACHE (download cache),
+  TECHULUS_OS_RELEASE (os-release file), TECHULUS_BUILDKIT_IMAGE, TECHULUS_TEMPLATE_DIR.
+EOF
+}
+
+# ----------------------------------------------------------------------------------------
+# Arguments.
+URL=""
+TOKEN=${TECHULUS_AGENT_TOKEN:-}
+TOKEN_FILE=""
+LOGS_ENDPOINT=""
+REGISTRY=""
+CF_API_TOKEN=${CF_API_TOKEN:-}
+AGENT_BINARY=""
+AGENT_SHA256=""
+SKIP_BUILD=0
+SKIP_CADDY=0
+DOWNLOAD_ONLY=0
+RENDER_DIR=""
+declare -a AGENT_ENV=()
+
+need_value() {
+  if [ $# -lt 2 ] || [ -z "$2" ]; then usage_error "$1 needs a value"; fi
+}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --url) need_value "$@"; URL=$2; shift 2 ;;
+    --token) need_value "$@"; TOKEN=$2; shift 2 ;;
+    --token-file) need_value "$@"; TOKEN_FILE=$2; shift 2 ;;
+    --logs-endpoint) need_value "$@"; LOGS_ENDPOINT=$2; shift 2 ;;
+    --registry) need_value "$@"; REGISTRY=$2; shift 2 ;;
+    --cf-api-token) need_value "$@"; CF_API_TOKEN=$2; shift 2 ;;
+    --agent-binary) need_value "$@"; AGENT_BINARY=$2; shift 2 ;;
+    --agent-sha256) need_value "$@"; AGENT_SHA256=$2; shift 2 ;;
+    --agent-env) need_value "$@"; AGENT_ENV+=("$2"); shift 2 ;;
+    --skip-build-tools) SKIP_BUILD=1; shift ;;
+    --skip-caddy) SKIP_CADDY=1; shift ;;
+    --download-only) DOWNLOAD_ONLY=1; shift ;;
+    --render-only) need_value "$@"; RENDER_DIR=$2; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    --*=*) usage_error "write '${1%%=*} ${1#*=}' (with a space), not '$1'" ;;
+    *) usage_error "unknown option '$1'" ;;
+  esac
+done
+
+# Values end up in env files and config lines: allow only what those formats carry safely.
+SAFE_URL_RE='^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/%+-]*)?$'
+SAFE_TOKEN_RE='^[A-Za-z0-9._~+/=-]{8,512}$'
+[ -n "$URL" ] || usage_error "--url is required (the control plane's base URL, e.g. --url https://cp.example.com)"
+[[ $URL =~ $SAFE_URL_RE ]] || usage_error "--url '$URL' is not an http(s) URL without query or spaces"
+URL=${URL%/}
+if [ -n "$LOGS_ENDPOINT" ]; then
+  [[ $LOGS_ENDPOINT =~ $SAFE_URL_RE ]] || usage_error "--logs-endpoint '$LOGS_ENDPOINT' is not an http(s) URL"
+  LOGS_ENDPOINT=${LOGS_ENDPOINT%/}
+fi
+if [ -n "$TOKEN_FILE" ]; then
+  [ -r "$TOKEN_FILE" ] || usage_error "--token-file $TOKEN_FILE cannot be read"
+  TOKEN=$(tr -d ' \t\r\n' <"$TOKEN_FILE")
+fi
+if [ -n "$TOKEN" ] && ! [[ $TOKEN =~ $SAFE_TOKEN_RE ]]; then
+  usage_error "the registration token has unexpected characters (expected letters, digits, ._~+/=-)"
+fi
+if [ -n "$CF_API_TOKEN" ] && ! [[ $CF_API_TOKEN =~ $SAFE_TOKEN_RE ]]; then
+  usage_error "the Cloudflare API token has unexpected characters"
+fi
+if [ -n "$REGISTRY" ] && ! [[ $REGISTRY =~ ^[A-Za-z0-9.-]+:[0-9]{1,5}$ ]]; then
+  usage_error "--registry '$REGISTRY' must look like HOST:PORT (e.g. 10.100.1.1:5000)"
+fi
+if [ -n "$AGENT_SHA256" ] && ! [[ $AGENT_SHA256 =~ ^[0-9a-fA-F]{64}$ ]]; then
+  usage_error "--agent-sha256 must be 64 hex digits"
+fi
+for pair in "${AGENT_ENV[@]+"${AGENT_ENV[@]}"}"; do
+  [[ $pair =~ ^TECHULUS_AGENT_[A-Z0-9_]+=[A-Za-z0-9._~:/@%+,=-]*$ ]] ||
+    usage_error "--agent-env '$pair' must be TECHULUS_AGENT_NAME=value (value without spaces or quotes)"
+done
+if [ -n "$RENDER_DIR" ] && [ "$DOWNLOAD_ONLY" = 1 ]; then
+  usage_error "--render-only and --download-only exclude each other"
+fi
+
+# ----------------------------------------------------------------------------------------
+# Templates: installer/<name> on disk, else the copy build.sh embedded below.
+script_dir=""
+if [ -n "${BASH_SOURCE[0]:-}" ] && [ -f "${BASH_SOURCE[0]}" ]; then
+  script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+fi
+TEMPLATE_DIR=${TECHULUS_TEMPLATE_DIR:-${script_dir:+$script_dir/installer}}
+
+embedded_template() { return 1; }  # @@EMBEDDED_TEMPLATES@@ (build.sh replaces this line)
+
+template() {
+  if [ -n "$TEMPLATE_DIR" ] && [ -f "$TEMPLATE_DIR/$1" ]; then
+    cat "$TEMPLATE_DIR/$1"
+  else
+    embedded_template "$1" || die "template $1 is missing" \
+      "Run install.sh from a checkout (it reads installer/) or use bin/install.sh made by build.sh."
+  fi
+}
+
+declare -A VARS=()
+render() {  # render TEMPLATE -> stdout, @NAME@ replaced by ${VARS[NAME]}
+  local text key
+  text=$(template "$1"; printf x) || return 1
+  text=${text%x}
+  for key in "${!VARS[@]}"; do
+    text=${text//"@$key@"/"${VARS[$key]}"}
+  done
+  if [[ $text =~ @[A-Z][A-Z0-9_]*@ ]]; then
+    die "template $1 uses ${BASH_REMATCH[0]}, which install.sh does not define"
+  fi
+  printf '%s' "$text"
+}
+
+# ----------------------------------------------------------------------------------------
+# Platform.
+ARCH=""
+detect_arch() {
+  case "$(uname -m)" in
+    x86_64 | amd64) ARCH=amd64 ;;
+    aarch64 | arm64) ARCH=arm64 ;;
+    *) die "unsupported CPU architecture $(uname -m): only x86_64 (amd64) and aarch64 (arm64)" ;;
+  esac
+}
+
+check_os() {
+  [ -r "$OS_RELEASE" ] || die "cannot read $OS_RELEASE: is this a Linux with systemd?"
+  local id version
+  # shellcheck source=/dev/null
+  id=$(. "$OS_RELEASE" && printf '%s' "${ID:-}")
+  # shellcheck source=/dev/null
+  version=$(. "$OS_RELEASE" && printf '%s' "${VERSION_ID:-}")
+  case "$id:$version" in
+    ubuntu:22.04 | ubuntu:24.04 | debian:12) ;;
+    *) die "unsupported operating system '${id:-unknown} ${version:-?}'" \
+      "Supported: Ubuntu 22.04, Ubuntu 24.04, Debian 12. Nothing was changed." ;;
+  esac
+}
+
+existing_value() {  # existing_value FILE KEY: the single-quoted value install.sh wrote, or ""
+  [ -r "$1" ] || return 0
+  sed -n "s/^$2='\\([^']*\\)'\$/\\1/p" "$1" | head -n 1
+}
+
+set_vars() {
+  VARS[URL]=$URL
+  # A re-run without --token/--cf-api-token keeps the values already installed, so that it
+  # changes nothing (and restarts nothing).
+  [ -n "$TOKEN" ] || TOKEN=$(existing_value "$CONF_DIR/agent.env" TECHULUS_AGENT_TOKEN)
+  [ -n "$CF_API_TOKEN" ] || CF_API_TOKEN=$(existing_value "$CONF_DIR/caddy.env" CF_API_TOKEN)
+  VARS[TOKEN]=$TOKEN
+  VARS[LOGS_ENDPOINT]=$LOGS_ENDPOINT
+  VARS[CF_API_TOKEN]=$CF_API_TOKEN
+  VARS[REGISTRY]=$REGISTRY
+  VARS[REGISTRY_SECTION]="# No insecure registry given (install.sh --registry HOST:PORT adds one)."
+  if [ -n "$REGISTRY" ]; then
+    VARS[REGISTRY_SECTION]="# Builds push here over plain HTTP (install.sh --registry)."$'\n'"[registry.\"$REGISTRY\"]"$'\n'"  http = true"$'\n'"  insecure = true"
+  fi
+  VARS[LIB_DIR]=$LIB_DIR
+  VARS[DATA_DIR]=$DATA_DIR
+  VARS[CONF_DIR]=$CONF_DIR
+  VARS[SHIV_ROOT]=$SHIV_ROOT_DIR
+  VARS[AGENT_PYZ]=$AGENT_PYZ
+  VARS[BUILDKIT_IMAGE]=$BUILDKIT_IMAGE
+  local extra="" pair
+  for pair in "${AGENT_ENV[@]+"${AGENT_ENV[@]}"}"; do
+    extra+="${pair%%=*}='${pair#*=}'"$'\n'
+  done
+  VARS[AGENT_EXTRA_ENV]=$extra
+}
+
+# The rendered files: "template destination mode" (mode 600 for anything with a secret).
+declare -a FILES=()
+plan_files() {
+  FILES=(
+    "techulus-agent.service $UNIT_DIR/techulus-agent.service 644"
+    "agent.env $CONF_DIR/agent.env 600"
+    "techulus-agent $LIB_DIR/techulus-agent 755"
+    "99-techulus-forwarding.conf /etc/sysctl.d/99-techulus-forwarding.conf 644"
+  )
+  if [ "$SKIP_CADDY" = 0 ]; then
+    FILES+=(
+      "caddy.service $UNIT_DIR/caddy.service 644"
+      "caddy.env $CONF_DIR/caddy.env 600"
+      "Caddyfile /etc/caddy/Caddyfile 644"
+    )
+  fi
+  if [ "$SKIP_BUILD" = 0 ]; then
+    FILES+=(
+      "buildkit.service $UNIT_DIR/buildkit.service 644"
+      "buildkitd.toml /etc/buildkit/buildkitd.toml 644"
+    )
+  fi
+}
+
+# ----------------------------------------------------------------------------------------
+# Downloads: URL + checksum each, into $CACHE_DIR, verified before anything is installed.
+declare -A DL_URL=() DL_SHA=() DL_SHA_URL=() DL_FILE=()
+
+plan_downloads() {
+  local go_name="go$GO_VERSION.linux-$ARCH.tar.gz"
+  local xc_name="xcaddy_${XCADDY_VERSION}_linux_$ARCH.tar.gz"
+  local bk_name="buildkit-$BUILDKIT_VERSION.linux-$ARCH.tar.gz"
+  local rp_arch=x86_64
+  [ "$ARCH" = arm64 ] && rp_arch=aarch64
+  local rp_name="railpack-v$RAILPACK_VERSION-$rp_arch-unknown-linux-musl.tar.gz"
+  if [ "$SKIP_CADDY" = 0 ]; then
+    add_download go "$go_name" "${TECHULUS_GO_URL:-https://go.dev/dl/$go_name}" \
+      "${TECHULUS_GO_SHA256:-}" "${TECHULUS_GO_SHA256_URL:-https://go.dev/dl/$go_name.sha256}"
+    add_download xcaddy "$xc_name" \
+      "${TECHULUS_XCADDY_URL:-https://github.com/caddyserver/xcaddy/releases/download/v$XCADDY_VERSION/$xc_name}" \
+      "${TECHULUS_XCADDY_SHA256:-}" \
+      "${TECHULUS_XCADDY_SHA256_URL:-https://github.com/caddyserver/xcaddy/releases/download/v$XCADDY_VERSION/xcaddy_${XCADDY_VERSION}_checksums.txt}"
+  fi
+  if [ "$SKIP_BUILD" = 0 ]; then
+    add_download buildkit "$bk_name" \
+      "${TECHULUS_BUILDKIT_URL:-https://github.com/moby/buildkit/releases/download/$BUILDKIT_VERSION/$bk_name}" \
+      "${TECHULUS_BUILDKIT_SHA256:-}" \
+      "${TECHULUS_BUILDKIT_SHA256_URL:-https://github.com/moby/buildkit/releases/download/$BUILDKIT_VERSION/$bk_name.sha256}"
+    add_download railpack "$rp_name" \
+      "${TECHULUS_RAILPACK_URL:-https://github.com/railwayapp/railpack/releases/download/v$RAILPACK_VERSION/$rp_name}" \
+      "${TECHULUS_RAILPACK_SHA256:-}" \
+      "${TECHULUS_RAILPACK_SHA256_URL:-https://github.com/railwayapp/railpack/releases/download/v$RAILPACK_VERSION/checksums.txt}"
+  fi
+  # The agent: a local file, or a URL (default: the control plane's /agent/ directory).
+  local agent_url=${AGENT_BINARY:-$URL/agent/agent-linux-$ARCH}
+  if [[ $agent_url =~ ^https?:// ]]; then
+    add_download agent "agent-linux-$ARCH" "$agent_url" "$AGENT_SHA256" "${agent_url%/*}/SHA256SUMS"
+  else
+    [ -f "$agent_url" ] || die "--agent-binary $agent_url: no such file"
+    DL_FILE[agent]=$agent_url
+    DL_SHA[agent]=$AGENT_SHA256
+  fi
+}
+
+add_download() {  # add_download KEY FILENAME URL SHA256 SHA256_URL
+  [[ $3 =~ ^(https?|file):// ]] || die "download URL for $1 '$3' must be http(s):// or file://"
+  if [ -n "$4" ] && ! [[ $4 =~ ^[0-9a-fA-F]{64}$ ]]; then
+    die "the SHA-256 given for $1 is not 64 hex digits"
+  fi
+  DL_URL[$1]=$3
+  DL_SHA[$1]=${4,,}
+  DL_SHA_URL[$1]=$5
+  DL_FILE[$1]=$CACHE_DIR/$2
+}
+
+fetch() {  # fetch URL DEST: curl with retries and timeouts, into a temp name then renamed.
+  local tmp="$2.part"
+  if ! curl -fsSL --retry 3 --retry-delay 2 --connect-timeout 15 --max-time 900 -o "$tmp" "$1" >>"$LOG_FILE" 2>&1; then
+    rm -f "$tmp"
+    return 1
+  fi
+  mv -f "$tmp" "$2"
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+expected_sha() {  # the checksum for KEY: given, or looked up in its checksum file
+  local key=$1 name sums
+  if [ -n "${DL_SHA[$key]}" ]; then
+    printf '%s' "${DL_SHA[$key]}"
+    return
+  fi
+  name=$(basename "${DL_FILE[$key]}")
+  sums=$CACHE_DIR/$name.sha256sums
+  fetch "${DL_SHA_URL[$key]}" "$sums" ||
+    die "cannot download the checksum file for $key from ${DL_SHA_URL[$key]}" \
+      "Check the network, or pass the checksum with TECHULUS_${key^^}_SHA256 (or --agent-sha256 for the agent)."
+  # Formats: "HEX  NAME" lines (sha256sum, goreleaser) or a bare "HEX" (go.dev).
+  local hex
+  hex=$(awk -v n="$name" '($2 == n || $2 == "*" n) {print $1; exit}' "$sums")
+  if [ -z "$hex" ] && [ "$(wc -w <"$sums")" = 1 ]; then
+    hex=$(tr -d ' \n' <"$sums")
+  fi
+  [[ ${hex,,} =~ ^[0-9a-f]{64}$ ]] || die "the checksum file ${DL_SHA_URL[$key]} has no entry for $name"
+  printf '%s' "${hex,,}"
+}
+
+download_all() {
+  mkdir -p "$CACHE_DIR"
+  chmod 700 "$CACHE_DIR"
+  local key want got fetched=0
+  for key in "${!DL_FILE[@]}"; do
+    if [ -z "${DL_URL[$key]:-}" ]; then  # a local file: verify when a checksum was given
+      if [ -n "${DL_SHA[$key]}" ] && [ "$(sha256_of "${DL_FILE[$key]}")" != "${DL_SHA[$key]}" ]; then
+        die "checksum mismatch for ${DL_FILE[$key]}: expected ${DL_SHA[$key]}, got $(sha256_of "${DL_FILE[$key]}")" \
+          "Nothing was installed. Check the file or the --agent-sha256 value."
+      fi
+      continue
+    fi
+    want=$(expected_sha "$key")
+    if [ -f "${DL_FILE[$key]}" ] && [ "$(sha256_of "${DL_FILE[$key]}")" = "$want" ]; then
+      continue  # cached from an earlier run
+    fi
+    fetch "${DL_URL[$key]}" "${DL_FILE[$key]}" ||
+      die "cannot download $key from ${DL_URL[$key]}" \
+        "Nothing was installed. Check the URL and the network (details in $LOG_FILE), then run the same command again."
+    got=$(sha256_of "${DL_FILE[$key]}")
+    if [ "$got" != "$want" ]; then
+      rm -f "${DL_FILE[$key]}"
+      die "checksum mismatch for $key (${DL_URL[$key]}): expected $want, got $got" \
+        "The download was deleted and nothing was installed. If the URL is right, the file was corrupted or tampered with."
+    fi
+    fetched=$((fetched + 1))
+  done
+  DOWNLOADED=$fetched
+}
+
+# ----------------------------------------------------------------------------------------
+# Idempotent file installation.
+install_content() {  # install_content DEST MODE < content; atomic, only when different
+  local dest=$1 mode=$2 tmp
+  mkdir -p "$(dirname "$dest")"
+  tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
+  if ! { cat >"$tmp" && chmod "$mode" "$tmp"; }; then die "cannot write $tmp"; fi
+  if [ -f "$dest" ] && cmp -s "$tmp" "$dest" && [ "$(stat -c %a "$dest")" = "$mode" ]; then
+    rm -f "$tmp"
+    return 1
+  fi
+  mv -f "$tmp" "$dest" || die "cannot replace $dest"
+  changed "$dest"
+  return 0
+}
+
+put() {  # put TEMPLATE DEST MODE: render, then install_content; 0 = changed, 1 = unchanged
+  local tmp rc=0
+  tmp=$(mktemp)
+  if ! render "$1" >"$tmp"; then
+    rm -f "$tmp"
+    exit 1
+  fi
+  install_content "$2" "$3" <"$tmp" || rc=$?
+  rm -f "$tmp"
+  return "$rc"
+}
+
+install_binary() {  # install_binary SRC DEST: atomic, only when different
+  local src=$1 dest=$2
+  if [ -f "$dest" ] && cmp -s "$src" "$dest"; then
+    return 1
+  fi
+  install_content "$dest" 755 <"$src"
+}
+
+# ----------------------------------------------------------------------------------------
+# The steps.
+CHANGED_UNITS=""
+
+do_packages() {
+  local missing=() pkg
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" = 0 ]; then
+    step_done "already installed"
+    return
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  run apt-get update -q
+  run apt-get install -y -q --no-install-recommends "${missing[@]}"
+  changed "packages: ${missing[*]}"
+  step_done "installed ${missing[*]}"
+}
+
+do_forwarding() {
+  local conf=/etc/sysctl.d/99-techulus-forwarding.conf
+  put 99-techulus-forwarding.conf "$conf" 644 || true
+  if [ "$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null)" != 1 ]; then
+    run sysctl -p "$conf" || die "cannot enable IP forwarding (sysctl -p $conf failed)" \
+      "Containers would not be reachable over WireGuard. See $LOG_FILE."
+    step_done "enabled"
+  else
+    step_done "on"
+  fi
+}
+
+caddy_is_current() {
+  [ -x /usr/local/bin/caddy ] || return 1
+  /usr/local/bin/caddy version 2>/dev/null | grep -q "^$CADDY_VERSION" || return 1
+  /usr/local/bin/caddy list-modules 2>/dev/null | grep -q '^dns.providers.cloudflare' || return 1
+}
+
+do_caddy_build() {
+  if caddy_is_current; then
+    step_done "caddy $CADDY_VERSION with the Cloudflare module present"
+    return
+  fi
+  local work
+  work=$(mktemp -d "$CACHE_DIR/caddy-build.XXXXXX")
+  run tar -C "$work" -xzf "${DL_FILE[go]}"
+  run tar -C "$work" -xzf "${DL_FILE[xcaddy]}" xcaddy
+  # xcaddy needs `go` on PATH; everything it writes stays in the work dir.
+  run env PATH="$work/go/bin:$PATH" GOPATH="$work/gopath" GOCACHE="$work/gocache" GOFLAGS=-modcacherw \
+    "$work/xcaddy" build "$CADDY_VERSION" --with github.com/caddy-dns/cloudflare --output "$work/caddy"
+  "$work/caddy" list-modules 2>>"$LOG_FILE" | grep -q '^dns.providers.cloudflare' ||
+    die "the Caddy built by xcaddy lacks dns.providers.cloudflare"
+  install_binary "$work/caddy" /usr/local/bin/caddy || true
+  rm -rf "$work"
+  step_done "built caddy $CADDY_VERSION"
+}
+
+do_caddy_config() {
+  if ! getent passwd caddy >/dev/null; then
+    run useradd --system --home-dir /var/lib/caddy --create-home --shell /usr/sbin/nologin caddy
+    changed "user caddy"
+  fi
+  install -d -o caddy -g caddy -m 755 /var/log/caddy /var/lib/caddy
+  local n=0
+  put Caddyfile /etc/caddy/Caddyfile 644 && n=1
+  put caddy.env "$CONF_DIR/caddy.env" 600 && n=1
+  put caddy.service "$UNIT_DIR/caddy.service" 644 && n=1
+  [ "$n" = 1 ] && CHANGED_UNITS+=" caddy"
+  [ -n "$CF_API_TOKEN" ] || say "(warning: no --cf-api-token: Caddy cannot get certificates until $CONF_DIR/caddy.env has CF_API_TOKEN)"
+  step_done "$([ "$n" = 1 ] && echo written || echo unchanged)"
+}
+
+do_build_tools() {
+  local work n=0
+  work=$(mktemp -d "$CACHE_DIR/tools.XXXXXX")
+  run tar -C "$work" -xzf "${DL_FILE[buildkit]}" bin/buildctl
+  install_binary "$work/bin/buildctl" /usr/local/bin/buildctl && n=1
+  run tar -C "$work" -xzf "${DL_FILE[railpack]}"
+  local railpack
+  railpack=$(find "$work" -type f -name railpack | head -n 1)
+  [ -n "$railpack" ] || die "the Railpack archive ${DL_FILE[railpack]} holds no 'railpack' binary"
+  install_binary "$railpack" /usr/local/bin/railpack && n=1
+  rm -rf "$work"
+  put buildkitd.toml /etc/buildkit/buildkitd.toml 644 && { n=1; CHANGED_UNITS+=" buildkit"; }
+  put buildkit.service "$UNIT_DIR/buildkit.service" 644 && { n=1; CHANGED_UNITS+=" buildkit"; }
+  step_done "$([ "$n" = 1 ] && echo installed || echo unchanged)"
+}
+
+current_build_id() {  # the shiv build id of a zipapp (names its extraction dir)
+  python3 - "$1" <<'PY'
+import json, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as archive:
+    print(json.loads(archive.read("environment.json"))["build_id"])
+PY
+}
+
+do_agent() {
+  local src=${DL_FILE[agent]} n=0 build_id
+  python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' ||
+    die "the agent needs Python 3.10 or newer at /usr/bin/python3"
+  build_id=$(current_build_id "$src" 2>>"$LOG_FILE") || die "$src is not an agent zipapp (no shiv environment.json)"
+  install -d -m 700 "$DATA_DIR"
+  install -d -m 755 "$LIB_DIR" "$CONF_DIR"
+  if [ -f "$AGENT_PYZ" ] && cmp -s "$src" "$AGENT_PYZ"; then
+    :
+  else
+    # Stage the new file under the final name in a sibling dir: shiv names its extraction
+    # dir after the file name, so running the staged copy pre-extracts exactly the dir the
+    # unit will use (first start is fast), and proves the file runs on this Python before
+    # it replaces the old one. Then one rename on the same filesystem: atomic.
+    local staging=$LIB_DIR/.staging
+    rm -rf "$staging"
+    install -d -m 700 "$staging"
+    install -m 755 "$src" "$staging/agent.pyz"
+    if ! run env SHIV_ROOT="$SHIV_ROOT_DIR" /usr/bin/python3 "$staging/agent.pyz" --version; then
+      rm -rf "$staging"
+      die "the agent binary $src does not start on $(python3 --version 2>&1)" "The installed agent was left as it was."
+    fi
+    mv -f "$staging/agent.pyz" "$AGENT_PYZ"
+    rm -rf "$staging"
+    changed "$AGENT_PYZ"
+    n=1
+  fi
+  put techulus-agent "$LIB_DIR/techulus-agent" 755 && n=1
+  ln -sfn "$LIB_DIR/techulus-agent" /usr/local/bin/techulus-agent
+  put agent.env "$CONF_DIR/agent.env" 600 && n=1
+  put techulus-agent.service "$UNIT_DIR/techulus-agent.service" 644 && n=1
+  [ "$n" = 1 ] && CHANGED_UNITS+=" techulus-agent"
+  AGENT_BUILD_ID=$build_id
+  step_done "$([ "$n" = 1 ] && echo "installed $("$LIB_DIR/techulus-agent" --version 2>/dev/null)" || echo unchanged)"
+}
+
+ensure_service() {  # ensure_service NAME: enabled, running; restarted only when its files changed
+  local name=$1
+  if ! systemctl is-enabled --quiet "$name" 2>/dev/null; then
+    run systemctl enable "$name"
+    changed "enabled $name"
+  fi
+  if [[ " $CHANGED_UNITS " == *" $name "* ]]; then
+    # Agent: KillMode=process in its unit, so this restart leaves every container running.
+    run systemctl restart "$name"
+    changed "restarted $name"
+  elif ! systemctl is-active --quiet "$name"; then
+    run systemctl start "$name"
+    changed "started $name"
+  fi
+}
+
+do_services() {
+  if [[ -n ${CHANGED_UNITS// /} ]]; then
+    run systemctl daemon-reload
+  fi
+  local services=(dnsmasq)
+  [ "$SKIP_BUILD" = 0 ] && services+=(buildkit)
+  [ "$SKIP_CADDY" = 0 ] && services+=(caddy)
+  services+=(techulus-agent)
+  local name
+  for name in "${services[@]}"; do
+    ensure_service "$name"
+  done
+  # The agent reports READY only after registration: wait for that (Type=notify).
+  local i
+  for i in $(seq 1 60); do
+    systemctl is-active --quiet techulus-agent && break
+    [ "$i" = 60 ] && die "the agent did not become active" "See: journalctl -u techulus-agent -n 50"
+    sleep 1
+  done
+  step_done "${services[*]} running"
+}
+
+do_prune() {
+  # Extraction dirs of earlier agent builds (shiv names them <file>_<build id>).
+  local dir removed=0
+  for dir in "$SHIV_ROOT_DIR"/*_*; do
+    [ -d "$dir" ] || continue
+    case "$dir" in
+      *"_$AGENT_BUILD_ID") continue ;;
+    esac
+    rm -rf -- "$dir" "$(dirname "$dir")/.$(basename "$dir")_lock"
+    removed=$((removed + 1))
+  done
+  if [ "$removed" -gt 0 ]; then
+    changed "pruned $removed old agent extraction dir(s)"
+    step_done "removed $removed old extraction dir(s)"
+  else
+    step_done "nothing to prune"
+  fi
+}
+
+# ----------------------------------------------------------------------------------------
+main() {
+  detect_arch
+  set_vars
+  plan_files
+  if [ -n "$RENDER_DIR" ]; then
+    local spec name dest mode
+    for spec in "${FILES[@]}"; do
+      read -r name dest mode <<<"$spec"
+      mkdir -p "$RENDER_DIR$(dirname "$dest")"
+      render "$name" >"$RENDER_DIR$dest"
+      chmod "$mode" "$RENDER_DIR$dest"
+    done
+    say "rendered ${#FILES[@]} files under $RENDER_DIR"
+    return 0
+  fi
+
+  check_os
+  [ "$(id -u)" = 0 ] || die "install.sh must run as root (curl … | sudo bash -s -- …)"
+  mkdir -p "$(dirname "$LOG_FILE")"
+  : >>"$LOG_FILE"
+  chmod 600 "$LOG_FILE"
+  LOG_READY=1
+  log "install.sh started: url=$URL arch=$ARCH skip_build=$SKIP_BUILD skip_caddy=$SKIP_CADDY"
+  trap on_error ERR
+  for tool in curl sha256sum tar python3; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      [ "$tool" = curl ] && die "curl is missing: apt-get install -y curl ca-certificates, then run again"
+      [ "$tool" = python3 ] && die "python3 is missing: apt-get install -y python3, then run again"
+      die "$tool is missing"
+    fi
+  done
+
+  STEP_TOTAL=1
+  [ "$DOWNLOAD_ONLY" = 0 ] && STEP_TOTAL=$((6 + (1 - SKIP_CADDY) * 2 + (1 - SKIP_BUILD)))
+  say "Techulus Cloud worker setup (log: $LOG_FILE)"
+  step "Downloading and verifying"
+  plan_downloads
+  DOWNLOADED=0
+  download_all
+  step_done "$([ "$DOWNLOADED" -gt 0 ] && echo "$DOWNLOADED fetched" || echo "all cached")"
+  if [ "$DOWNLOAD_ONLY" = 1 ]; then
+    say "Downloads verified in $CACHE_DIR; nothing else was changed."
+    return 0
+  fi
+  [ -d /run/systemd/system ] || die "systemd is not running here: the worker needs systemd as PID 1"
+
+  step "Installing packages (${APT_PACKAGES[*]})"
+  do_packages
+  step "Enabling IP forwarding"
+  do_forwarding
+  if [ "$SKIP_CADDY" = 0 ]; then
+    step "Building Caddy with the Cloudflare DNS module"
+    do_caddy_build
+    step "Configuring Caddy"
+    do_caddy_config
+  fi
+  if [ "$SKIP_BUILD" = 0 ]; then
+    step "Installing BuildKit (buildctl, daemon unit) and Railpack"
+    do_build_tools
+  fi
+  step "Installing the agent"
+  do_agent
+  step "Starting services"
+  do_services
+  step "Pruning old agent versions"
+  do_prune
+  step "Checking the server (techulus-agent doctor)"
+  step_done
+  local status=0
+  "$LIB_DIR/techulus-agent" doctor 2>&1 | tee -a "$LOG_FILE" || status=${PIPESTATUS[0]}
+  if [ "$CHANGED" = 0 ]; then
+    say "Nothing changed: this server was already set up."
+  else
+    say "Done: ${#CHANGES[@]} change(s); details in $LOG_FILE."
+  fi
+  if [ "$status" != 0 ]; then
+    say "install.sh: the agent is installed, but doctor found problems (above); fix them and run doctor again: techulus-agent doctor" >&2
+    return "$status"
+  fi
+}
+
+main
