@@ -1,0 +1,407 @@
+"""`*.internal` DNS for the host and its containers (PROTOCOL.md §9.7), served by dnsmasq.
+
+Differences from the original agent, on purpose (§17 items 20, 22):
+* records live in a hosts file inside a dnsmasq `hostsdir`, which dnsmasq re-reads by
+  inotify: applying records never restarts dnsmasq;
+* our settings are a drop-in in `dnsmasq_conf_dir`; `/etc/dnsmasq.conf` is left alone;
+* dnsmasq listens on 127.0.0.1 and on the container gateway 10.200.X.1 (`bind-dynamic`, so it
+  starts before the bridge exists), and containers get the gateway as resolver;
+* `local=/internal/`: unknown `*.internal` names get NXDOMAIN and are never forwarded (no
+  wildcard answer); other names go to real upstream servers, never to a loopback stub,
+  so systemd-resolved (which sends `~internal` to dnsmasq) and dnsmasq cannot loop;
+* duplicate names are merged on both sides of the hash; names must end in `.internal`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from agent import validate
+from agent.drift import dns_hash, merge_dns_records
+from agent.fsutil import atomic_write, ensure_dir
+from agent.host.run import CommandError, run
+from agent.identity import Identity
+from agent.model import DnsRecord, ExpectedState
+from agent.settings import Settings
+from agent.validate import InvalidValue
+
+log = logging.getLogger(__name__)
+
+DROP_IN_NAME = "techulus.conf"
+HOSTS_FILE_NAME = "records"
+RESOLVED_DROP_IN_NAME = "techulus-internal.conf"
+DEFAULT_RESOLV_FILES = (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf"))
+HEADER = "# Written by techulus-agent; changes are overwritten.\n"
+
+TYPE_A = 1
+TYPE_AAAA = 28
+
+
+class DnsError(RuntimeError):
+    """dnsmasq could not be configured, or does not serve what we wrote."""
+
+
+# --- pure parts --------------------------------------------------------------------------------
+
+
+def validate_records(records: Sequence[DnsRecord], domain: str = "internal") -> list[str]:
+    """Every problem with the records (empty when they are safe to write into a hosts file)."""
+    problems = []
+    suffix = "." + domain
+    for index, record in enumerate(records):
+        try:
+            name = validate.hostname(record.name, "dns name")
+        except InvalidValue as exc:
+            problems.append(f"dns record #{index}: {exc}")
+            continue
+        if name != record.name:
+            problems.append(f"dns record #{index}: name {record.name!r} must be lower case without a trailing dot")
+        elif not name.endswith(suffix) or name == suffix[1:]:
+            problems.append(f"dns record {name}: only names under .{domain} are served here")
+        if not record.ips:
+            problems.append(f"dns record {name}: has no ips")
+        for ip in record.ips:
+            try:
+                if validate.ip_address(ip, f"dns record {name} ip") != ip:
+                    problems.append(f"dns record {name}: ip {ip!r} is not in canonical form")
+            except InvalidValue as exc:
+                problems.append(str(exc))
+    return problems
+
+
+def render_hosts(records: Iterable[DnsRecord]) -> str:
+    lines = [f"{ip} {record.name}" for record in records for ip in record.ips]
+    return HEADER + "".join(line + "\n" for line in lines)
+
+
+def parse_hosts(text: str) -> list[DnsRecord]:
+    """What dnsmasq serves from a hosts file, grouped by name (first-seen order)."""
+    grouped: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        fields = raw.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            ip = str(ipaddress.ip_address(fields[0]))
+        except ValueError:
+            continue
+        for name in fields[1:]:
+            ips = grouped.setdefault(name.lower(), [])
+            if ip not in ips:
+                ips.append(ip)
+    return [DnsRecord(name, tuple(ips)) for name, ips in grouped.items()]
+
+
+def render_dnsmasq_conf(
+    port: int, listen: Sequence[str], hosts_dir: Path, upstreams: Sequence[str], domain: str = "internal"
+) -> str:
+    lines = [
+        HEADER.rstrip("\n"),
+        f"port={port}",
+        f"listen-address={','.join(listen)}",
+        # bind-dynamic: start even before the container bridge (10.200.X.1) exists.
+        "bind-dynamic",
+        "no-resolv",
+        "domain-needed",
+        f"local=/{domain}/",
+        f"hostsdir={hosts_dir}",
+    ]
+    lines += [f"server={server}" for server in upstreams]
+    return "\n".join(lines) + "\n"
+
+
+def render_resolved_conf(port: int, domain: str = "internal") -> str:
+    server = "127.0.0.1" if port == 53 else f"127.0.0.1:{port}"
+    return f"{HEADER}[Resolve]\nDNS={server}\nDomains=~{domain}\n"
+
+
+def upstream_servers(resolv_files: Sequence[Path], exclude: Iterable[str]) -> list[str]:
+    """Real upstream resolvers: the first resolv file listing a non-loopback nameserver.
+
+    Loopback entries (systemd-resolved's 127.0.0.53 stub, our own 127.0.0.1) are skipped:
+    forwarding there is exactly the loop that §17 item 22 describes.
+    """
+    excluded = set(exclude)
+    for path in resolv_files:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError:
+            continue
+        found = []
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                try:
+                    address = ipaddress.ip_address(fields[1].split("%", 1)[0])
+                except ValueError:
+                    continue
+                if address.is_loopback or str(address) in excluded or str(address) in found:
+                    continue
+                found.append(str(address))
+        if found:
+            return found
+    return []
+
+
+def check_upstream(value: str) -> str:
+    """`ip` or `ip#port`, as dnsmasq's server= takes it."""
+    address, _, port = value.partition("#")
+    validate.ip_address(address, "dns upstream server")
+    if port:
+        validate.port(int(port) if port.isdigit() else -1, "dns upstream server port")
+    return value
+
+
+# --- a minimal DNS client for verification -----------------------------------------------------
+
+
+def build_query(name: str, qtype: int, query_id: int) -> bytes:
+    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+    qname = b"".join(bytes([len(label)]) + label.encode("ascii") for label in name.rstrip(".").split(".")) + b"\0"
+    return header + qname + struct.pack("!HH", qtype, 1)
+
+
+def _skip_name(packet: bytes, offset: int) -> int:
+    while True:
+        if offset >= len(packet):
+            raise ValueError("truncated name")
+        length = packet[offset]
+        if length & 0xC0 == 0xC0:
+            return offset + 2
+        if length == 0:
+            return offset + 1
+        offset += 1 + length
+
+
+def parse_answer(packet: bytes, query_id: int, qtype: int) -> tuple[int, list[str]]:
+    """(rcode, addresses of type `qtype`) of a DNS response."""
+    if len(packet) < 12:
+        raise ValueError("short DNS response")
+    rid, flags, qdcount, ancount, _, _ = struct.unpack("!HHHHHH", packet[:12])
+    if rid != query_id:
+        raise ValueError("response to another query")
+    offset = 12
+    for _ in range(qdcount):
+        offset = _skip_name(packet, offset) + 4
+    addresses = []
+    for _ in range(ancount):
+        offset = _skip_name(packet, offset)
+        rtype, _, _, length = struct.unpack("!HHIH", packet[offset : offset + 10])
+        offset += 10
+        data = packet[offset : offset + length]
+        offset += length
+        if rtype == qtype == TYPE_A and length == 4:
+            addresses.append(str(ipaddress.IPv4Address(data)))
+        elif rtype == qtype == TYPE_AAAA and length == 16:
+            addresses.append(str(ipaddress.IPv6Address(data)))
+    return flags & 0x000F, addresses
+
+
+def lookup(server: str, port: int, name: str, timeout: float = 2.0) -> list[str]:
+    """All A and AAAA addresses `server` answers for `name` (sorted)."""
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    found: list[str] = []
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((server, port))
+        for qtype in (TYPE_A, TYPE_AAAA):
+            query_id = secrets.randbelow(65536)
+            sock.send(build_query(name, qtype, query_id))
+            deadline = time.monotonic() + timeout
+            while True:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                packet = sock.recv(4096)
+                try:
+                    _, addresses = parse_answer(packet, query_id, qtype)
+                except ValueError:
+                    if time.monotonic() > deadline:
+                        raise
+                    continue
+                found += addresses
+                break
+    return sorted(found)
+
+
+# --- the adapter -------------------------------------------------------------------------------
+
+
+def container_dns_servers(settings: Settings, identity: Identity) -> tuple[str, ...]:
+    """Resolvers for `podman run --dns`: the gateway where our dnsmasq listens, when DNS is ours.
+
+    A container's resolv.conf cannot name a port, so a dnsmasq moved off port 53 cannot serve
+    containers; then they keep podman's default resolvers (and a warning is logged).
+    """
+    configured = getattr(settings, "container_dns", "") or ""
+    if configured:
+        return tuple(validate.ip_address(part.strip(), "container_dns") for part in configured.split(",") if part.strip())
+    if not settings.manage_dns:
+        return ()
+    if settings.dns_port != 53:
+        log.warning("dns_port is %d, not 53: containers cannot use the local resolver for *.internal", settings.dns_port)
+        return ()
+    return (identity.config.container_gateway,)
+
+
+class DnsSync:
+    """ConfigSync for `*.internal` records."""
+
+    name = "dns"
+
+    def __init__(self, settings: Settings, identity: Identity) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.domain: str = getattr(settings, "dns_domain", "internal") or "internal"
+        self.listen_host: str = validate.ip_address(getattr(settings, "dns_listen_host", "127.0.0.1") or "127.0.0.1", "dns_listen_host")
+        self.gateway = validate.ip_address(identity.config.container_gateway, "container gateway")
+        self.verify_timeout = float(getattr(settings, "dns_verify_timeout", 10.0))
+        self.restart_command: tuple[str, ...] = tuple(
+            getattr(settings, "dnsmasq_restart_command", ("systemctl", "restart", "dnsmasq"))
+        )
+        self.resolved_dir: Path | None = getattr(settings, "resolved_conf_dir", Path("/etc/systemd/resolved.conf.d"))
+        self.resolved_restart_command: tuple[str, ...] = tuple(
+            getattr(settings, "resolved_restart_command", ("systemctl", "try-restart", "systemd-resolved"))
+        )
+        self.resolv_files: tuple[Path, ...] = tuple(Path(p) for p in getattr(settings, "dns_resolv_files", DEFAULT_RESOLV_FILES))
+        self.explicit_upstreams: tuple[str, ...] = tuple(
+            check_upstream(s) for s in getattr(settings, "dns_upstream_servers", ()) or ()
+        )
+
+    @property
+    def conf_path(self) -> Path:
+        return Path(self.settings.dnsmasq_conf_dir) / DROP_IN_NAME
+
+    @property
+    def hosts_path(self) -> Path:
+        return Path(self.settings.dns_hosts_dir) / HOSTS_FILE_NAME
+
+    def listen_addresses(self) -> list[str]:
+        return list(dict.fromkeys([self.listen_host, self.gateway]))
+
+    def render_conf(self) -> str:
+        upstreams = list(self.explicit_upstreams) or upstream_servers(self.resolv_files, self.listen_addresses())
+        if not upstreams:
+            log.warning("dns: no upstream resolver found in %s: containers will not resolve public names",
+                        ", ".join(map(str, self.resolv_files)))
+        return render_dnsmasq_conf(self.settings.dns_port, self.listen_addresses(), Path(self.settings.dns_hosts_dir),
+                                   upstreams, self.domain)
+
+    # ConfigSync ---------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Write our drop-in (restarting dnsmasq only when it changed) and the resolved drop-in."""
+        ensure_dir(self.settings.dns_hosts_dir, 0o755)
+        if not self.hosts_path.exists():
+            atomic_write(self.hosts_path, render_hosts([]), 0o644)
+        self._ensure_conf()
+        self._ensure_resolved()
+
+    def expected_hash(self, state: ExpectedState) -> str:
+        return dns_hash(merge_dns_records(state.dns_records))
+
+    def actual_hash(self) -> str:
+        """What dnsmasq serves from our files; raises when our drop-in is missing or stale."""
+        try:
+            conf = self.conf_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DnsError(f"{self.conf_path} is missing: dnsmasq does not serve our records") from None
+        except OSError as exc:
+            raise DnsError(f"cannot read {self.conf_path}: {exc.strerror}") from exc
+        if conf != self.render_conf():
+            raise DnsError(f"{self.conf_path} differs from what it should be")
+        return dns_hash(self.served_records())
+
+    def served_records(self) -> list[DnsRecord]:
+        try:
+            text = self.hosts_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise DnsError(f"cannot read {self.hosts_path}: {exc.strerror}") from exc
+        return parse_hosts(text)
+
+    def apply(self, state: ExpectedState) -> None:
+        self.apply_records(state.dns_records)
+
+    def apply_records(self, records: Sequence[DnsRecord]) -> None:
+        problems = validate_records(records, self.domain)
+        if problems:
+            raise DnsError("refusing to write DNS records (nothing was changed): " + "; ".join(problems))
+        merged = merge_dns_records(records)
+        ensure_dir(self.settings.dns_hosts_dir, 0o755)
+        self._ensure_conf()
+        previous = {record.name for record in self.served_records()}
+        # The temp file starts with '.', which dnsmasq's inotify ignores; the rename is what it reads.
+        atomic_write(self.hosts_path, render_hosts(merged), 0o644)
+        self._verify(merged, previous - {record.name for record in merged})
+        log.info("dns: %d *.%s names served", len(merged), self.domain)
+
+    # Internals ----------------------------------------------------------------------------------
+
+    def _ensure_conf(self) -> None:
+        wanted = self.render_conf()
+        try:
+            current = self.conf_path.read_text(encoding="utf-8")
+        except OSError:
+            current = None
+        if current == wanted:
+            return
+        ensure_dir(self.conf_path.parent, 0o755)
+        atomic_write(self.conf_path, wanted, 0o644)
+        log.info("dns: wrote %s", self.conf_path)
+        if self.restart_command:
+            try:
+                run(self.restart_command, timeout=60)
+            except CommandError as exc:
+                raise DnsError(f"dnsmasq did not restart with the new {self.conf_path}: {exc}") from exc
+
+    def _ensure_resolved(self) -> None:
+        """Send `~internal` from systemd-resolved to dnsmasq (only where resolved is installed)."""
+        if self.resolved_dir is None or not Path(self.resolved_dir).parent.is_dir():
+            return
+        path = Path(self.resolved_dir) / RESOLVED_DROP_IN_NAME
+        wanted = render_resolved_conf(self.settings.dns_port, self.domain)
+        try:
+            if path.read_text(encoding="utf-8") == wanted:
+                return
+        except OSError:
+            pass
+        ensure_dir(path.parent, 0o755)
+        atomic_write(path, wanted, 0o644)
+        if self.resolved_restart_command:
+            try:
+                run(self.resolved_restart_command, timeout=60)
+            except CommandError as exc:
+                # The host then cannot resolve *.internal, containers still can: not fatal.
+                log.warning("dns: systemd-resolved did not restart: %s", exc)
+
+    def _verify(self, records: Sequence[DnsRecord], removed: Iterable[str]) -> None:
+        """Ask dnsmasq until every record answers exactly its ips and removed names answer nothing."""
+        wanted = {record.name: sorted(record.ips) for record in records}
+        wanted.update({name: [] for name in removed})
+        deadline = time.monotonic() + self.verify_timeout
+        pending = dict(wanted)
+        last_error = ""
+        while True:
+            for name, ips in list(pending.items()):
+                try:
+                    if lookup(self.listen_host, self.settings.dns_port, name, timeout=1.0) == ips:
+                        del pending[name]
+                except (OSError, ValueError) as exc:
+                    last_error = f" ({exc})"
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if pending:
+            names = ", ".join(sorted(pending)[:20])
+            raise DnsError(
+                f"dnsmasq at {self.listen_host}:{self.settings.dns_port} does not serve the new records for "
+                f"{names} after {self.verify_timeout:g}s{last_error}"
+            )
+

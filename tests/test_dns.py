@@ -1,0 +1,141 @@
+"""DNS unit tests: config rendering, hosts parsing, upstream choice, restarts (subprocess faked)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agent import crypto
+from agent.drift import dns_hash
+from agent.host.dns import (
+    TYPE_A,
+    TYPE_AAAA,
+    DnsSync,
+    build_query,
+    check_upstream,
+    parse_answer,
+    parse_hosts,
+    render_dnsmasq_conf,
+    render_hosts,
+    upstream_servers,
+    validate_records,
+)
+from agent.identity import AgentConfig, Identity
+from agent.model import DnsRecord, ExpectedState
+from agent.settings import Settings
+
+
+def make(tmp_path: Path, **extra: object) -> DnsSync:
+    settings = replace(Settings(), dnsmasq_conf_dir=tmp_path / "d", dns_hosts_dir=tmp_path / "h", data_dir=tmp_path)
+    values = {"resolved_conf_dir": tmp_path / "resolved.conf.d", "dns_resolv_files": (tmp_path / "resolv.conf",)}
+    values.update(extra)
+    for key, value in values.items():
+        object.__setattr__(settings, key, value)
+    identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 3, "10.100.3.1"))
+    return DnsSync(settings, identity)
+
+
+def test_conf_rendering() -> None:
+    text = render_dnsmasq_conf(53, ["127.0.0.1", "10.200.3.1"], Path("/etc/techulus/dns-hosts"), ["192.0.2.53", "192.0.2.54"])
+    lines = text.splitlines()
+    assert lines[1:] == [
+        "port=53",
+        "listen-address=127.0.0.1,10.200.3.1",
+        "bind-dynamic",
+        "no-resolv",
+        "domain-needed",
+        "local=/internal/",
+        "hostsdir=/etc/techulus/dns-hosts",
+        "server=192.0.2.53",
+        "server=192.0.2.54",
+    ]
+    assert "address=/internal/" not in text  # no wildcard answer for unknown names
+
+
+def test_hosts_round_trip_and_merge() -> None:
+    records = [DnsRecord("a.internal", ("10.200.1.2", "10.200.2.2")), DnsRecord("b.internal", ("fd00::1",))]
+    text = render_hosts(records)
+    assert text.splitlines()[1:] == ["10.200.1.2 a.internal", "10.200.2.2 a.internal", "fd00::1 b.internal"]
+    assert parse_hosts(text) == records
+    assert parse_hosts("10.0.0.1 x.internal\n10.0.0.1 x.internal\n# c\nbad line\n10.0.0.2 X.internal y.internal\n") == [
+        DnsRecord("x.internal", ("10.0.0.1", "10.0.0.2")), DnsRecord("y.internal", ("10.0.0.2",))
+    ]
+
+
+def test_duplicate_names_do_not_drift(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    dns = make(tmp_path, dnsmasq_restart_command=(), resolved_restart_command=(), dns_upstream_servers=("192.0.2.53",))
+    dns.prepare()
+    state = ExpectedState(dns_records=(DnsRecord("a.internal", ("10.200.1.2",)), DnsRecord("a.internal", ("10.200.2.2",))))
+    dns.hosts_path.write_text(render_hosts([DnsRecord("a.internal", ("10.200.1.2", "10.200.2.2"))]))
+    assert dns.actual_hash() == dns.expected_hash(state)
+    assert dns.expected_hash(state) != dns_hash(state.dns_records)  # the unmerged (upstream) hash would drift
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        (DnsRecord("a\n.internal", ("10.0.0.1",)), "not a valid host name"),
+        (DnsRecord("a/b.internal", ("10.0.0.1",)), "not a valid host name"),
+        (DnsRecord("A.internal", ("10.0.0.1",)), "lower case"),
+        (DnsRecord("example.com", ("10.0.0.1",)), "only names under .internal"),
+        (DnsRecord("internal", ("10.0.0.1",)), "only names under .internal"),
+        (DnsRecord("a.internal", ()), "has no ips"),
+        (DnsRecord("a.internal", ("10.0.0.1 b.internal",)), "not an IP address"),
+        (DnsRecord("a.internal", ("010.0.0.1",)), "not an IP address"),
+    ],
+)
+def test_bad_records(record: DnsRecord, problem: str) -> None:
+    problems = validate_records([record])
+    assert problems and problem in problems[0], problems
+
+
+def test_bad_records_touch_nothing(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    dns = make(tmp_path)
+    with pytest.raises(Exception, match="nothing was changed"):
+        dns.apply(ExpectedState(dns_records=(DnsRecord("evil.com", ("10.0.0.1",)),)))
+    assert not dns.conf_path.exists() and not dns.hosts_path.exists()
+
+
+def test_upstreams_skip_loopback_stubs(tmp_path: Path) -> None:
+    stub = tmp_path / "stub"
+    stub.write_text("nameserver 127.0.0.53\noptions edns0\n")
+    real = tmp_path / "real"
+    real.write_text("# resolved\nnameserver 127.0.0.1\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver 10.200.3.1\n")
+    assert upstream_servers([stub, real], ["10.200.3.1"]) == ["192.0.2.53", "fe80::1"]
+    assert upstream_servers([stub, tmp_path / "missing"], []) == []
+    assert check_upstream("127.0.0.1#5353") == "127.0.0.1#5353"
+    for bad in ("1.2.3.4#x", "nope", "1.2.3.4#70000", "1.2.3.4\nserver=9.9.9.9"):
+        with pytest.raises(ValueError):
+            check_upstream(bad)
+
+
+def test_restart_only_when_the_drop_in_changes(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "resolv.conf").write_text("nameserver 192.0.2.53\n")
+    dns = make(tmp_path)
+    fp.register(["systemctl", "restart", "dnsmasq"])
+    fp.register(["systemctl", "try-restart", "systemd-resolved"], returncode=1, stderr="not booted with systemd")
+    dns.prepare()
+    dns.prepare()
+    assert fp.call_count(["systemctl", "restart", "dnsmasq"]) == 1
+    assert "server=192.0.2.53" in dns.conf_path.read_text()
+    assert (tmp_path / "resolved.conf.d" / "techulus-internal.conf").read_text().endswith("DNS=127.0.0.1\nDomains=~internal\n")
+    # The upstream changed (DHCP): the drop-in is stale, which is drift, and apply restarts once.
+    (tmp_path / "resolv.conf").write_text("nameserver 192.0.2.99\n")
+    with pytest.raises(Exception, match="differs"):
+        dns.actual_hash()
+
+
+def test_dns_wire_format() -> None:
+    query = build_query("api.internal", TYPE_A, 0x1234)
+    assert query[:2] == b"\x12\x34" and b"\x03api\x08internal\x00" in query
+    answer = (
+        struct.pack("!HHHHHH", 0x1234, 0x8180, 1, 2, 0, 0) + query[12:]
+        + b"\xc0\x0c" + struct.pack("!HHIH", TYPE_A, 1, 0, 4) + bytes([10, 200, 1, 2])
+        + b"\xc0\x0c" + struct.pack("!HHIH", TYPE_AAAA, 1, 0, 16) + bytes(16)
+    )
+    assert parse_answer(answer, 0x1234, TYPE_A) == (0, ["10.200.1.2"])
+    with pytest.raises(ValueError):
+        parse_answer(answer, 0x9999, TYPE_A)
