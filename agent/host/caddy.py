@@ -1,0 +1,294 @@
+"""Public routes in Caddy through its admin API (PROTOCOL.md §9.8).
+
+Differences from the original agent, on purpose (§17 items 10, 20, 23):
+* the HTTPS server is found by its listen address (`caddy_https_listen`), not assumed `srv0`;
+* drift is read from Caddy every time (no cached "last applied" hash), so a Caddy restart
+  that dropped our routes is seen and healed on the next poll;
+* a JSON array is always sent (never `null`); a failed read never becomes "no routes",
+  which would delete routes we do not own;
+* routes we did not create are kept: ours carry an `@id` *and* the `vars` handler holding
+  `service_id` (what this agent and the original one write); anything else is foreign;
+* routes with no upstream are neither written nor hashed, so they cause no perpetual drift;
+* `log_append` is used when the Caddy build has it and left out when it does not;
+* every request has a timeout; domains, ids and upstreams are validated before anything
+  is sent, and a non-200 answer raises with Caddy's own error text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import urllib3
+
+from agent import validate
+from agent.drift import caddy_hash
+from agent.identity import Identity
+from agent.model import CaddyRoute, ExpectedState
+from agent.settings import Settings
+from agent.validate import InvalidValue
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024 * 1024
+
+
+class CaddyError(RuntimeError):
+    """The admin API is unreachable, refused a change, or does not show what we sent."""
+
+
+# --- pure parts --------------------------------------------------------------------------------
+
+
+def managed_routes(routes: Sequence[CaddyRoute]) -> list[CaddyRoute]:
+    """The routes we write: those with at least one upstream (§17 item 20)."""
+    return [route for route in routes if route.upstreams]
+
+
+def validate_routes(routes: Sequence[CaddyRoute]) -> list[str]:
+    problems = []
+    seen: dict[str, str] = {}
+    for index, route in enumerate(routes):
+        label = f"caddy route #{index}"
+        try:
+            domain = validate.hostname(route.domain, "domain", allow_wildcard=True)
+            label = f"caddy route {domain}"
+            if domain != route.domain:
+                problems.append(f"{label}: domain must be lower case without a trailing dot")
+        except InvalidValue as exc:
+            problems.append(f"{label}: {exc}")
+        try:
+            validate.free_text(route.id, "id")
+            if not route.id:
+                raise InvalidValue("id must not be empty")
+        except InvalidValue as exc:
+            problems.append(f"{label}: {exc}")
+        if route.id in seen:
+            problems.append(f"{label}: id {route.id!r} is also used by the route for {seen[route.id]}")
+        seen[route.id] = route.domain
+        if route.service_id:
+            try:
+                validate.identifier(route.service_id, "serviceId")
+            except InvalidValue as exc:
+                problems.append(f"{label}: {exc}")
+        for upstream in route.upstreams:
+            try:
+                validate.host_port(upstream, "upstream")
+            except InvalidValue as exc:
+                problems.append(f"{label}: {exc}")
+    return problems
+
+
+def render_route(route: CaddyRoute, log_append: bool) -> dict[str, Any]:
+    handlers: list[dict[str, Any]] = [{"handler": "vars", "service_id": route.service_id}]
+    if log_append:
+        handlers.append({"handler": "log_append", "key": "service_id", "value": "{http.vars.service_id}"})
+    handlers.append({"handler": "reverse_proxy", "upstreams": [{"dial": upstream} for upstream in route.upstreams]})
+    return {"@id": route.id, "match": [{"host": [route.domain]}], "handle": handlers}
+
+
+def is_ours(route: Any) -> bool:
+    """Written by this agent (or the original one): an `@id` and a `vars` handler with service_id."""
+    if not isinstance(route, dict) or not isinstance(route.get("@id"), str) or not route.get("@id"):
+        return False
+    handlers = route.get("handle")
+    if not isinstance(handlers, list):
+        return False
+    return any(isinstance(h, dict) and h.get("handler") == "vars" and "service_id" in h for h in handlers)
+
+
+def parse_route(route: dict[str, Any]) -> CaddyRoute:
+    """§9.8.4: one of our route objects back as a CaddyRoute."""
+    domain = ""
+    matchers = route.get("match")
+    if isinstance(matchers, list) and matchers and isinstance(matchers[0], dict):
+        hosts = matchers[0].get("host")
+        if isinstance(hosts, list) and hosts and isinstance(hosts[0], str):
+            domain = hosts[0]
+    service_id = ""
+    upstreams: list[str] = []
+    for handler in route.get("handle") or []:
+        if not isinstance(handler, dict):
+            continue
+        if handler.get("handler") == "vars" and isinstance(handler.get("service_id"), str):
+            service_id = handler["service_id"]
+        elif handler.get("handler") == "reverse_proxy":
+            for upstream in handler.get("upstreams") or []:
+                if isinstance(upstream, dict) and isinstance(upstream.get("dial"), str):
+                    upstreams.append(upstream["dial"])
+    return CaddyRoute(route["@id"], domain, tuple(upstreams), service_id)
+
+
+def listen_matches(entry: str, wanted: str) -> bool:
+    """Does a server `listen` entry serve `wanted` (`:443`, `0.0.0.0:443`, `tcp/:443`...)?"""
+    if "/" in entry:
+        entry = entry.split("/", 1)[1]
+    if entry == wanted:
+        return True
+    host, _, port = entry.rpartition(":")
+    wanted_host, _, wanted_port = wanted.rpartition(":")
+    if port != wanted_port:
+        return False
+    return wanted_host in ("", host) or host in ("", "0.0.0.0", "[::]")
+
+
+def find_server(servers: Any, wanted: str) -> str:
+    if not isinstance(servers, dict) or not servers:
+        raise CaddyError("Caddy's config has no HTTP servers (apps.http.servers is empty)")
+    for name in sorted(servers):
+        server = servers[name]
+        listen = server.get("listen") if isinstance(server, dict) else None
+        if isinstance(listen, list) and any(isinstance(e, str) and listen_matches(e, wanted) for e in listen):
+            return name
+    described = ", ".join(f"{n} {s.get('listen') if isinstance(s, dict) else '?'}" for n, s in sorted(servers.items()))
+    raise CaddyError(f"no Caddy server listens on {wanted} (servers: {described})")
+
+
+# --- the adapter -------------------------------------------------------------------------------
+
+
+class CaddySync:
+    """ConfigSync for public routes."""
+
+    name = "caddy"
+
+    def __init__(self, settings: Settings, identity: Identity) -> None:
+        self.settings = settings
+        self.identity = identity
+        url = settings.caddy_admin_url.rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise CaddyError(f"caddy_admin_url must be an http(s) URL, got {settings.caddy_admin_url!r}")
+        self.admin_url = url
+        self.listen = settings.caddy_https_listen
+        timeout = float(getattr(settings, "caddy_timeout", 10.0))
+        self._http = urllib3.PoolManager(
+            num_pools=2, maxsize=2, retries=False, timeout=urllib3.Timeout(connect=min(timeout, 3.0), read=timeout)
+        )
+        mode = str(getattr(settings, "caddy_log_append", "auto")).lower()
+        if mode not in ("auto", "true", "false"):
+            raise CaddyError(f"caddy_log_append must be auto, true or false, got {mode!r}")
+        # None = not known yet: try it, and fall back once if this Caddy build lacks the module.
+        self._log_append: bool | None = None if mode == "auto" else mode == "true"
+
+    # ConfigSync ---------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Check the admin API answers and the HTTPS server exists."""
+        name = self.server_name()
+        log.info("caddy: admin API at %s answers; routes go to server %s", self.admin_url, name)
+
+    def expected_hash(self, state: ExpectedState) -> str:
+        return caddy_hash(managed_routes(state.caddy_routes))
+
+    def actual_hash(self) -> str:
+        return caddy_hash(self.live_routes())
+
+    def apply(self, state: ExpectedState) -> None:
+        self.apply_routes(state.caddy_routes)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def server_name(self) -> str:
+        return find_server(self._get("/config/apps/http/servers"), self.listen)
+
+    def live_routes(self) -> list[CaddyRoute]:
+        routes = self._get_routes(self.server_name())
+        return [parse_route(route) for route in routes if is_ours(route)]
+
+    def apply_routes(self, routes: Sequence[CaddyRoute]) -> None:
+        problems = validate_routes(routes)
+        if problems:
+            raise CaddyError("refusing to change Caddy routes (nothing was changed): " + "; ".join(problems))
+        wanted = managed_routes(routes)
+        server = self.server_name()
+        path = f"/config/apps/http/servers/{quote(server, safe='')}/routes"
+        raw = self._get(path)
+        exists = raw is not None
+        existing = self._route_list(raw, server)
+        foreign = [route for route in existing if not is_ours(route)]
+        clash = {r.get("@id") for r in foreign if isinstance(r, dict)} & {r.id for r in wanted}
+        if clash:
+            raise CaddyError(f"routes not written by the agent already use the @id {', '.join(sorted(map(str, clash)))}")
+        use_log_append = self._log_append is not False
+        try:
+            self._put_routes(path, foreign, wanted, use_log_append, exists)
+        except CaddyError as exc:
+            if not (self._log_append is None and "log_append" in str(exc)):
+                raise
+            log.warning("caddy: this Caddy build has no log_append handler; routes are written without it")
+            self._log_append = False
+            self._put_routes(path, foreign, wanted, False, exists)
+        else:
+            if use_log_append and wanted:
+                self._log_append = True
+        live = self.live_routes()
+        if caddy_hash(live) != caddy_hash(wanted):
+            missing = sorted({r.id for r in wanted} - {r.id for r in live})
+            raise CaddyError(f"Caddy does not show the routes just written (missing: {', '.join(missing) or 'none'})")
+        log.info("caddy: %d routes on server %s (%d foreign kept)", len(wanted), server, len(foreign))
+
+    # HTTP ----------------------------------------------------------------------------------------
+
+    def _put_routes(self, path: str, foreign: list[Any], wanted: list[CaddyRoute], log_append: bool, exists: bool) -> None:
+        body = foreign + [render_route(route, log_append) for route in wanted]
+        # PATCH replaces an existing value; PUT creates a missing one. Both get a JSON array.
+        self._send("PATCH" if exists else "PUT", path, body)
+
+    def _get_routes(self, server: str) -> list[Any]:
+        return self._route_list(self._get(f"/config/apps/http/servers/{quote(server, safe='')}/routes"), server)
+
+    @staticmethod
+    def _route_list(routes: Any, server: str) -> list[Any]:
+        if routes is None:
+            return []
+        if not isinstance(routes, list):
+            raise CaddyError(f"Caddy returned {type(routes).__name__} for the routes of {server}, expected a list")
+        return routes
+
+    def _get(self, path: str) -> Any:
+        status, data = self._request("GET", path)
+        if status == 404:
+            return None
+        if status != 200:
+            raise CaddyError(f"GET {path} from Caddy answered {status}: {_error_text(data)}")
+        try:
+            return json.loads(data or b"null")
+        except json.JSONDecodeError as exc:
+            raise CaddyError(f"GET {path} from Caddy returned invalid JSON: {exc}") from exc
+
+    def _send(self, method: str, path: str, body: list[Any]) -> None:
+        status, data = self._request(method, path, json.dumps(body).encode())
+        if status != 200:
+            raise CaddyError(f"Caddy refused {method} {path} ({status}): {_error_text(data)}")
+
+    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        url = self.admin_url + path
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            response = self._http.request(method, url, body=body, headers=headers, preload_content=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise CaddyError(f"Caddy admin API at {self.admin_url} is unreachable: {exc}") from exc
+        try:
+            data = response.read(MAX_BODY + 1)
+            if len(data) > MAX_BODY:
+                raise CaddyError(f"{method} {path}: Caddy's answer exceeds {MAX_BODY} bytes")
+        except urllib3.exceptions.HTTPError as exc:
+            raise CaddyError(f"{method} {path}: reading Caddy's answer failed: {exc}") from exc
+        finally:
+            response.release_conn()
+        return response.status, data
+
+
+def _error_text(data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace").strip()
+    try:
+        decoded = json.loads(text)
+        if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+            return decoded["error"][:2000]
+    except json.JSONDecodeError:
+        pass
+    return text[:2000] or "(empty body)"

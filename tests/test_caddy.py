@@ -1,0 +1,128 @@
+"""Caddy unit tests: route rendering and reading back, ownership, listen matching, validation."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+import pytest
+
+from agent import crypto
+from agent.drift import caddy_hash
+from agent.host.caddy import (
+    CaddyError,
+    CaddySync,
+    find_server,
+    is_ours,
+    listen_matches,
+    managed_routes,
+    parse_route,
+    render_route,
+    validate_routes,
+)
+from agent.identity import AgentConfig, Identity
+from agent.model import CaddyRoute, ExpectedState
+from agent.settings import Settings
+
+ROUTE = CaddyRoute("app.example.com", "app.example.com", ("10.200.3.2:3000", "10.200.1.5:3000"), "svc-1")
+
+
+def test_render_matches_the_protocol_and_reads_back() -> None:
+    rendered = render_route(ROUTE, log_append=True)
+    assert rendered == {
+        "@id": "app.example.com",
+        "match": [{"host": ["app.example.com"]}],
+        "handle": [
+            {"handler": "vars", "service_id": "svc-1"},
+            {"handler": "log_append", "key": "service_id", "value": "{http.vars.service_id}"},
+            {"handler": "reverse_proxy", "upstreams": [{"dial": "10.200.3.2:3000"}, {"dial": "10.200.1.5:3000"}]},
+        ],
+    }
+    assert is_ours(rendered) and parse_route(rendered) == ROUTE
+    plain = render_route(ROUTE, log_append=False)
+    assert [h["handler"] for h in plain["handle"]] == ["vars", "reverse_proxy"]
+    assert parse_route(plain) == ROUTE
+
+
+def test_ownership() -> None:
+    assert not is_ours({"match": [{"path": ["/__caddy_health__"]}], "handle": [{"handler": "static_response"}]})
+    assert not is_ours({"@id": "someone", "handle": [{"handler": "static_response"}]})
+    assert not is_ours({"@id": "", "handle": [{"handler": "vars", "service_id": "x"}]})
+    assert not is_ours("garbage")
+    assert is_ours({"@id": "x", "handle": [{"handler": "vars", "service_id": ""}]})
+
+
+def test_routes_without_upstreams_are_neither_written_nor_hashed() -> None:
+    idle = CaddyRoute("idle.example.com", "idle.example.com", (), "svc-2")
+    assert managed_routes([ROUTE, idle]) == [ROUTE]
+    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"), _identity())
+    assert sync.expected_hash(ExpectedState(caddy_routes=(ROUTE, idle))) == caddy_hash([ROUTE])
+
+
+@pytest.mark.parametrize(
+    ("entry", "wanted", "match"),
+    [
+        (":443", ":443", True),
+        ("tcp/:443", ":443", True),
+        ("0.0.0.0:443", ":443", True),
+        ("127.0.0.1:8443", "127.0.0.1:8443", True),
+        (":8443", "127.0.0.1:8443", True),
+        (":80", ":443", False),
+        ("127.0.0.2:8443", "127.0.0.1:8443", False),
+        (":4430", ":443", False),
+    ],
+)
+def test_listen_matching(entry: str, wanted: str, match: bool) -> None:
+    assert listen_matches(entry, wanted) is match
+
+
+def test_find_server_by_listen_address() -> None:
+    servers = {"srv0": {"listen": [":80"]}, "srv1": {"listen": [":443"]}}
+    assert find_server(servers, ":443") == "srv1"
+    with pytest.raises(CaddyError, match="no Caddy server listens on :8443"):
+        find_server(servers, ":8443")
+    with pytest.raises(CaddyError, match="no HTTP servers"):
+        find_server(None, ":443")
+
+
+@pytest.mark.parametrize(
+    ("route", "problem"),
+    [
+        (replace(ROUTE, domain="evil.com\nx"), "not a valid host name"),
+        (replace(ROUTE, domain="App.Example.com"), "lower case"),
+        (replace(ROUTE, upstreams=("10.200.3.2",)), "host:port"),
+        (replace(ROUTE, upstreams=("10.200.3.2:0",)), "1..65535"),
+        (replace(ROUTE, upstreams=("a b:80",)), "not a valid host name"),
+        (replace(ROUTE, id="x\ny"), "control characters"),
+        (replace(ROUTE, id=""), "must not be empty"),
+        (replace(ROUTE, service_id="../x"), "serviceId"),
+    ],
+)
+def test_bad_routes(route: CaddyRoute, problem: str) -> None:
+    problems = validate_routes([route])
+    assert problems and problem in problems[0], problems
+
+
+def test_duplicate_ids_rejected() -> None:
+    assert "also used" in " ".join(validate_routes([ROUTE, replace(ROUTE, domain="b.example.com")]))
+    assert validate_routes([ROUTE, replace(ROUTE, id="b", domain="*.example.com")]) == []
+
+
+def test_unreachable_admin_api_raises_and_is_drift() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connection refused
+        sync = CaddySync(replace(Settings(), caddy_admin_url=f"http://127.0.0.1:{port}"), _identity())
+        with pytest.raises(CaddyError, match="unreachable"):
+            sync.actual_hash()
+        with pytest.raises(CaddyError, match="unreachable"):
+            sync.apply(ExpectedState(caddy_routes=(ROUTE,)))
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(CaddyError, match="caddy_admin_url"):
+        CaddySync(replace(Settings(), caddy_admin_url="localhost:2019"), _identity())
+
+
+def _identity() -> Identity:
+    return Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 1, "10.100.1.1"))

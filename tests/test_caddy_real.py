@@ -1,0 +1,282 @@
+"""Real Caddy with its admin API on loopback: routes, foreign routes, restarts, errors."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import crypto
+from agent.host import caddy as caddy_module
+from agent.host.caddy import CaddyError, CaddySync, find_server
+from agent.identity import AgentConfig, Identity
+from agent.model import CaddyRoute, ExpectedState
+from agent.settings import Settings
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(shutil.which("caddy") is None, reason="needs caddy (scripts/install-test-deps.sh)"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class CaddyProcess:
+    workdir: Path
+    admin_port: int
+    https_port: int
+    redirect_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def initial_config(self) -> dict[str, Any]:
+        off = {"disable": True}
+        return {
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "apps": {"http": {"servers": {
+                # srv0 is NOT the HTTPS server here: the agent must find it by listen address.
+                "srv0": {"listen": [f"127.0.0.1:{self.redirect_port}"], "automatic_https": off,
+                         "routes": [{"handle": [{"handler": "static_response", "status_code": 301}]}]},
+                "srv1": {"listen": [f"127.0.0.1:{self.https_port}"], "automatic_https": off, "routes": [
+                    {"match": [{"path": ["/__caddy_health__"]}], "handle": [{"handler": "static_response", "body": "ok"}]},
+                    {"@id": "someone-else", "match": [{"host": ["other.test"]}],
+                     "handle": [{"handler": "static_response", "body": "foreign"}]},
+                ]},
+            }}},
+        }
+
+    def start(self) -> None:
+        config = self.workdir / "init.json"
+        config.write_text(json.dumps(self.initial_config()))
+        env = dict(os.environ, XDG_DATA_HOME=str(self.workdir / "data"), XDG_CONFIG_HOME=str(self.workdir / "config"),
+                   HOME=str(self.workdir))
+        self.proc = subprocess.Popen(["caddy", "run", "--config", str(config)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=(self.workdir / "caddy.log").open("ab"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.admin_url + "/config/", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("caddy did not start: " + (self.workdir / "caddy.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def get(self, host: str, path: str = "/") -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.https_port}{path}", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def routes(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.admin_url}/config/apps/http/servers/srv1/routes", timeout=5) as response:
+            return json.loads(response.read())
+
+
+class Upstream:
+    """A real HTTP server standing in for a container: answers with its own name."""
+
+    def __init__(self, name: str) -> None:
+        body = name.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def caddy(tmp_path: Path) -> Iterator[CaddyProcess]:
+    process = CaddyProcess(tmp_path, free_port(), free_port(), free_port())
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
+    a, b = Upstream("upstream-a"), Upstream("upstream-b")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def make_sync(caddy: CaddyProcess, **extra: object) -> CaddySync:
+    settings = replace(Settings(), caddy_admin_url=caddy.admin_url, caddy_https_listen=f"127.0.0.1:{caddy.https_port}")
+    for key, value in extra.items():
+        object.__setattr__(settings, key, value)
+    identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 1, "10.100.1.1"))
+    return CaddySync(settings, identity)
+
+
+def test_routes_reach_upstreams_keep_foreign_routes_and_heal_after_restart(
+    caddy: CaddyProcess, upstreams: tuple[Upstream, Upstream]
+) -> None:
+    a, b = upstreams
+    sync = make_sync(caddy)
+    sync.prepare()
+    state = ExpectedState(caddy_routes=(
+        CaddyRoute("app.example.com", "app.example.com", (a.address,), "svc-1"),
+        CaddyRoute("api.example.com", "api.example.com", (b.address,), "svc-2"),
+        CaddyRoute("idle.example.com", "idle.example.com", (), "svc-3"),  # no upstream: not written, not drift
+    ))
+    assert sync.actual_hash() != sync.expected_hash(state)
+    sync.apply(state)
+    assert sync.actual_hash() == sync.expected_hash(state)
+    assert caddy.get("app.example.com") == (200, "upstream-a")
+    assert caddy.get("api.example.com") == (200, "upstream-b")
+    assert caddy.get("app.example.com", "/__caddy_health__") == (200, "ok")
+    assert caddy.get("other.test") == (200, "foreign")
+    ids = [route.get("@id") for route in caddy.routes()]
+    assert ids == [None, "someone-else", "app.example.com", "api.example.com"]
+
+    # An upstream change is visible to requests as soon as apply() returns.
+    moved = ExpectedState(caddy_routes=(CaddyRoute("app.example.com", "app.example.com", (b.address,), "svc-1"),))
+    sync.apply(moved)
+    assert caddy.get("app.example.com") == (200, "upstream-b")
+    assert caddy.get("api.example.com") == (200, "")  # route removed: Caddy's empty default answer
+
+    # Caddy restarts and loses the API-pushed routes: the next poll sees it (no cached hash).
+    caddy.stop()
+    with pytest.raises(CaddyError, match="unreachable"):
+        sync.actual_hash()
+    caddy.start()
+    assert caddy.get("app.example.com") == (200, "")
+    assert sync.actual_hash() != sync.expected_hash(moved)
+    sync.apply(moved)
+    assert caddy.get("app.example.com") == (200, "upstream-b")
+
+    # No routes expected: an empty managed list is written (never `null`), foreign ones stay.
+    sync.apply(ExpectedState())
+    assert [route.get("@id") for route in caddy.routes()] == [None, "someone-else"]
+    assert sync.actual_hash() == sync.expected_hash(ExpectedState())
+
+
+def test_caddy_errors_surface_and_keep_the_running_config(
+    caddy: CaddyProcess, upstreams: tuple[Upstream, Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = upstreams
+    sync = make_sync(caddy)
+    good = ExpectedState(caddy_routes=(CaddyRoute("app.example.com", "app.example.com", (a.address,), "svc-1"),))
+    sync.apply(good)
+    before = caddy.routes()
+
+    # A route body Caddy cannot decode: its error status (400, or 500 from Caddy 2.6) and
+    # its message reach the caller.
+    real_render = caddy_module.render_route
+
+    def broken(route: CaddyRoute, log_append: bool) -> dict[str, Any]:
+        rendered = real_render(route, log_append)
+        rendered["handle"][-1]["upstreams"] = "not-a-list"
+        return rendered
+
+    monkeypatch.setattr(caddy_module, "render_route", broken)
+    with pytest.raises(CaddyError, match=r"\((400|500)\): .*cannot unmarshal string into Go struct field Handler.upstreams"):
+        sync.apply(ExpectedState(caddy_routes=(CaddyRoute("new.example.com", "new.example.com", (a.address,), "svc-2"),)))
+    monkeypatch.undo()
+    assert caddy.routes() == before
+    assert caddy.get("app.example.com") == (200, "upstream-a")
+
+    # Hostile input never reaches Caddy.
+    for bad in (
+        CaddyRoute("x", "evil.com\n", (a.address,), "svc"),
+        CaddyRoute("x", "evil.com", ("10.200.1.2",), "svc"),
+        CaddyRoute("x", "evil.com", ("10.200.1.2:3000\n",), "svc"),
+        CaddyRoute("x", "evil.com", ("-x:80",), "svc"),
+        CaddyRoute("x", "evil/../com", (a.address,), "svc"),
+        CaddyRoute("x\n", "evil.com", (a.address,), "svc"),
+        CaddyRoute("x", "evil.com", (a.address,), "../svc"),
+    ):
+        with pytest.raises(CaddyError, match="nothing was changed"):
+            sync.apply(ExpectedState(caddy_routes=(bad,)))
+    # Our id may not take over a route someone else owns.
+    with pytest.raises(CaddyError, match="someone-else"):
+        sync.apply(ExpectedState(caddy_routes=(CaddyRoute("someone-else", "x.example.com", (a.address,), "s"),)))
+    assert caddy.routes() == before
+
+    # A Caddy without log_append: forcing it on gives Caddy's own error; auto mode falls back.
+    forced = make_sync(caddy, caddy_log_append="true")
+    if "http.handlers.log_append" not in subprocess.run(["caddy", "list-modules"], capture_output=True, text=True).stdout:
+        with pytest.raises(CaddyError, match="log_append"):
+            forced.apply(good)
+        assert caddy.routes() == before
+
+
+def test_wrong_listen_address_is_a_clear_error(caddy: CaddyProcess) -> None:
+    sync = make_sync(caddy)
+    sync.listen = "127.0.0.1:1"
+    with pytest.raises(CaddyError, match=r"no Caddy server listens on 127.0.0.1:1 \(servers: srv0"):
+        sync.prepare()
+
+
+def test_installer_caddyfile_adapts_and_its_https_server_is_found(tmp_path: Path) -> None:
+    # Debian's Caddy lacks the Cloudflare module the real install builds in: adapt without that line.
+    text = (REPO / "installer" / "Caddyfile").read_text()
+    assert "dns cloudflare {$CF_API_TOKEN}" in text
+    stripped = tmp_path / "Caddyfile"
+    stripped.write_text("\n".join(line for line in text.splitlines() if "dns cloudflare" not in line) + "\n")
+    result = subprocess.run(["caddy", "adapt", "--config", str(stripped)], capture_output=True, text=True,
+                            env=dict(os.environ, CONTROL_PLANE_URL="https://cp.example"), timeout=30)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["admin"]["listen"] == "localhost:2019"
+    assert config["apps"]["tls"]["automation"]["on_demand"]["ask"] == "https://cp.example/api/v1/caddy/check"
+    servers = config["apps"]["http"]["servers"]
+    name = find_server(servers, ":443")
+    routes = servers[name]["routes"]
+    assert all("@id" not in route for route in routes)  # the health responder is foreign: kept
+    assert not any(route.get("terminal") for route in routes)  # our routes after it are reachable
+    log_writer = config["logging"]["logs"][servers[name]["logs"]["default_logger_name"]]
+    assert log_writer["writer"]["filename"] == "/var/log/caddy/techulus.log"
+    assert log_writer["encoder"]["format"] == "json"
