@@ -253,15 +253,32 @@ def validate_peers(
             for mine in own:
                 if network.overlaps(mine):
                     problems.append(f"{label}: allowedIps {part} overlaps this server's own {mine}")
-            for other, owner in claimed:
-                if network.overlaps(other):
-                    problems.append(f"{label}: allowedIps {part} overlaps {other} of peer {owner}")
             claimed.append((network, key))
         if peer.endpoint:
             try:
                 validate.host_port(peer.endpoint, "endpoint")
             except InvalidValue as exc:
                 problems.append(f"{label}: {exc}")
+    problems += _overlaps(claimed)
+    return problems
+
+
+def _overlaps(claimed: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]) -> list[str]:
+    """CIDRs of different peers that overlap, in O(n log n) (a 250-peer mesh has 500 CIDRs).
+
+    Sorted by start address, a network overlaps an earlier one exactly when it starts
+    before the furthest end seen so far.
+    """
+    problems = []
+    ordered = sorted(claimed, key=lambda item: (item[0].version, int(item[0].network_address), item[0].prefixlen))
+    reach: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str] | None = None
+    for network, key in ordered:
+        if reach is not None and reach[0].version == network.version and int(network.network_address) <= int(reach[0].broadcast_address):
+            if reach[1] != key:
+                problems.append(f"wireguard peer {key}: allowedIps {network} overlaps {reach[0]} of peer {reach[1]}")
+            if int(network.broadcast_address) <= int(reach[0].broadcast_address):
+                continue
+        reach = (network, key)
     return problems
 
 
