@@ -27,11 +27,13 @@ createdAt values; `freeze(ms)` pins it.
 Fault injection (each consumed by the next matching agent request; `path` limits a fault
 to request paths starting with it): `delay_next(seconds)` (then answers normally),
 `fail_next(n, status=500, body=...)`, `respond_next(status, body)` (any canned answer, e.g.
-an oversized one), `close_next(n)` (drop the connection without answering),
+an oversized one or a redirect), `close_next(n)` (drop the connection without answering;
+`after_processing=True`: act on the request, then drop the answer),
 `garbage_next(n)` (200 with truncated JSON), `drip_next(body, pieces, interval)` (a slow
 body). Admin (`/__test__/`) requests are never faulted nor recorded.
 
-Standalone use (e.g. from an nspawn installer test)::
+Standalone use (e.g. from an nspawn installer test; run from the repo root with the
+repo's Python, which has `cryptography`)::
 
     python -m tests.fakecp [--host 127.0.0.1] [--port 0] [--seed seed.json]
                            [--token TOKEN ...] [--encryption-key HEX | --no-encryption-key]
@@ -61,9 +63,10 @@ Unauthenticated admin endpoints (JSON in, JSON out):
     POST /__test__/work-items        {"serverId", "type", "payload", "id"?} -> {"id"}
     POST /__test__/builds            as one "builds" entry -> {"id"}
     POST /__test__/builds/ID         {"status": "cancelled"} (any status)
-    POST /__test__/faults            {"kind": "status"|"close"|"garbage"|"delay"|"drip",
-                                      "count", "status", "body", "seconds", "path"}
-    POST /__test__/clock             {"nowMs": <int>} freezes, {"nowMs": null} real time
+    POST /__test__/faults            {"kind": "status"|"close"|"lose_answer"|"garbage"|"delay"
+                                      |"drip", "count", "status", "body", "seconds", "path"}
+    POST /__test__/clock             {"nowMs": <int>} freezes, {"nowMs": null} real time,
+                                     {"offsetSeconds": -200} runs 200 s behind
 
 Not modelled: rollouts (expected states are whatever the test sets; `on_status` is a
 hook to change them when a report arrives), GitHub, the offline flag.
@@ -364,7 +367,7 @@ class BuildUpdate:
 
 @dataclass
 class Fault:
-    kind: str  # status | close | garbage | delay | drip
+    kind: str  # status | close | lose_answer | garbage | delay | drip
     count: int = 1
     status: int = 500
     body: bytes = b""
@@ -481,6 +484,11 @@ class FakeControlPlane:
         """Pin the clock at `ms` (Unix milliseconds); None returns to real time."""
         with self._lock:
             self._clock = time.time if ms is None else (lambda: ms / 1000)
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """Any clock (seconds), e.g. `lambda: time.time() - 200` for a CP running behind."""
+        with self._lock:
+            self._clock = clock
 
     # --- seeding --------------------------------------------------------------------------
 
@@ -727,8 +735,10 @@ class FakeControlPlane:
             )
         )
 
-    def close_next(self, count: int = 1, *, path: str = "") -> None:
-        self.add_fault(Fault("close", count, path=path))
+    def close_next(self, count: int = 1, *, path: str = "", after_processing: bool = False) -> None:
+        """Drop the connection without an answer; with `after_processing` the request takes
+        effect first (the CP did the work, the agent never hears of it)."""
+        self.add_fault(Fault("lose_answer" if after_processing else "close", count, path=path))
 
     def garbage_next(self, count: int = 1, *, path: str = "") -> None:
         self.add_fault(Fault("garbage", count, 200, GARBAGE_JSON, path=path))
@@ -855,12 +865,15 @@ class FakeControlPlane:
         if path.startswith(ADMIN + "/"):
             return self._admin(method, path[len(ADMIN) :], body)
         fault = self._take_fault(path)
-        response = self._fault_response(fault) if fault is not None and fault.kind != "delay" else None
+        processed = fault is None or fault.kind in ("delay", "lose_answer")
+        response = None if processed else self._fault_response(fault)  # type: ignore[arg-type]
         if response is None:
             with self._lock:
                 response = self._route(method, path, query, headers, body)
             if fault is not None:
                 response.delay = fault.seconds
+                # Processed, then the answer is lost on the way back (a lost acknowledgement).
+                response.close = fault.kind == "lose_answer"
         with self._lock:
             self._requests.append(
                 RecordedRequest(
@@ -1237,8 +1250,12 @@ class FakeControlPlane:
             )
             return _ok(_OK)
         if method == "POST" and path == "/clock":
-            now = data.get("nowMs")
-            self.freeze(None if now is None else int(now))
+            if data.get("offsetSeconds") is not None:
+                offset = float(data["offsetSeconds"])
+                self.set_clock(lambda: time.time() + offset)
+            else:
+                now = data.get("nowMs")
+                self.freeze(None if now is None else int(now))
             return _ok(_OK)
         return _error(404, f"admin: no endpoint {method} {path}")
 

@@ -300,7 +300,7 @@ def test_timestamp_401_names_the_clock_skew(env: Env, skew: float, word: str) ->
 
 def test_skew_is_measured_against_the_control_plane_clock_not_ours(env: Env) -> None:
     """The fake runs 200 s in the past; the agent's clock is right: the agent is 'ahead'."""
-    env.cp._clock = lambda: time.time() - 200
+    env.cp.set_clock(lambda: time.time() - 200)
     with pytest.raises(api.Rejected, match=r"about (19[89]|20[012])s ahead of"):
         env.client().expected_state()
 
