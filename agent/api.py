@@ -273,7 +273,9 @@ class ControlPlane:
                 last = exc
                 if attempt + 1 < attempts:
                     pause = delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
-                    log.warning("%s (attempt %d/%d); retrying in %.1fs", exc, attempt + 1, attempts, pause)
+                    # Info, not warning: the caller logs the final failure; an outage should
+                    # not triple the warnings of every timer tick.
+                    log.info("%s (attempt %d/%d); retrying in %.1fs", exc, attempt + 1, attempts, pause)
                     self._sleep(pause)
                     delay = min(delay * 2, self.max_backoff)
         assert last is not None
@@ -299,6 +301,10 @@ class ControlPlane:
                 preload_content=False,
                 redirect=False,
             )
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise Unavailable(
+                f"{method} {path}: the control plane at {self.base_url} did not answer in time: {_reason(exc)}"
+            ) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise Unavailable(
                 f"{method} {path}: cannot reach the control plane at {self.base_url}: {_reason(exc)}"

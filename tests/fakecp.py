@@ -1262,8 +1262,8 @@ class FakeControlPlane:
     def _write_state_file(self) -> None:
         if self.state_file is None:
             return
-        text = json.dumps(self.snapshot(), indent=2)
-        with self._lock:  # one writer at a time, so an older snapshot never wins the rename
+        with self._lock:  # snapshot and rename together, so an older snapshot never wins
+            text = json.dumps(self.snapshot(), indent=2)
             fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".fakecp-")
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
