@@ -48,6 +48,8 @@ class FakeVictoriaLogs:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -55,12 +57,9 @@ class FakeVictoriaLogs:
                 path, _, query = self.path.partition("?")
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
-                if path != "/insert/jsonline":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                if fake.fail_with is not None:
-                    self.send_response(fake.fail_with)
+                if path != "/insert/jsonline" or fake.fail_with is not None:
+                    self.send_response(404 if fake.fail_with is None else fake.fail_with)
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 fake._ingest(body, self.headers.get("Content-Type", ""), query)

@@ -1,0 +1,434 @@
+"""The build worker against a real git server on loopback (token required), fake
+buildctl/railpack on PATH that record argv, environment and every process's command line,
+a fake VictoriaLogs, and an in-memory control plane (plus one run against tests/fakecp.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import crypto
+from agent.builds import (
+    STATE_FILE,
+    BuildError,
+    BuildWorker,
+    parse_claim,
+    railpack_build_argv,
+    secrets_hash,
+    split_credentials,
+    valid_branch,
+)
+from agent.settings import Settings
+from tests.fakevlogs import FakeVictoriaLogs
+from tests.test_builds_fakes import FakeTools, GitHttpServer, StubControlPlane, make_repo
+
+KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+TOKEN = "ghs_TopSecretInstallationToken123"
+IMAGE = "registry.internal:5000/proj/svc:latest"
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def test_secrets_hash_matches_the_protocol_example():
+    assert secrets_hash({"B": "two", "A": "1"}) == "28157a931cc9b13330e0af19684af988feab9bc118553beedb136b5452341887"
+
+
+def test_split_credentials_keeps_the_token_out_of_the_url():
+    url, creds = split_credentials(f"https://x-access-token:{TOKEN}@github.com/owner/repo.git")
+    assert url == "https://github.com/owner/repo.git"
+    assert (creds.username, creds.password) == ("x-access-token", TOKEN)
+    assert TOKEN not in repr(creds)
+    assert split_credentials("http://127.0.0.1:8080/a.git")[0] == "http://127.0.0.1:8080/a.git"
+    assert not split_credentials("https://github.com/o/r.git")[1]
+
+
+@pytest.mark.parametrize("bad", ["ext::sh -c touch% /tmp/pwned", "file:///etc", "/srv/repo.git", "git@github.com:o/r.git",
+                                 "ssh://github.com/o/r.git", "https://", "https://host/a b", "https://host:99999/x", None, 5])
+def test_split_credentials_refuses_other_transports_and_garbage(bad):
+    with pytest.raises(BuildError):
+        split_credentials(bad)
+
+
+def claim(build_id: str = "b-1", *, url: str = "https://github.com/o/r.git", sha: str = "HEAD", branch: str = "main",
+          image: str = IMAGE, secrets: dict | None = None) -> dict:
+    return {
+        "build": {"id": build_id, "commitSha": sha, "commitMessage": None, "branch": branch, "serviceId": "svc", "projectId": "proj"},
+        "cloneUrl": url, "imageUri": image, "secrets": secrets or {},
+    }
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"branch": "--upload-pack=touch /tmp/x"}, "branch"),
+    ({"branch": "a..b"}, "branch"),
+    ({"sha": "zzz"}, "commitSha"),
+    ({"sha": "--help"}, "commitSha"),
+    ({"image": "-evil"}, "image"),
+    ({"image": "reg/x:1,push=false"}, "image"),
+    ({"url": "file:///var/lib"}, "http"),
+])
+def test_parse_claim_rejects_bad_fields(change, message):
+    with pytest.raises(BuildError, match=message):
+        parse_claim(claim(**change), "b-1")
+
+
+def test_parse_claim_defaults_and_validation():
+    build = parse_claim({**claim(), "build": {**claim()["build"], "branch": None, "commitSha": None}}, "b-1")
+    assert (build.branch, build.commit_sha) == ("main", "HEAD")
+    with pytest.raises(BuildError, match="different build"):
+        parse_claim(claim("other"), "b-1")
+    with pytest.raises(BuildError, match="secrets"):
+        parse_claim({**claim(), "secrets": ["x"]}, "b-1")
+    assert valid_branch("feature/new-ui") and not valid_branch("-x") and not valid_branch("x.lock")
+
+
+def test_railpack_argv_puts_no_secret_value_on_the_command_line():
+    argv = railpack_build_argv("tcp://bk:1234", "type=image,name=x,push=true", {"NPM_TOKEN": "s3cr3t", "A": "1"})
+    assert "s3cr3t" not in " ".join(argv)
+    assert argv[-4:] == ["--secret", "id=A,env=A", "--secret", "id=NPM_TOKEN,env=NPM_TOKEN"]
+
+
+def test_cleanup_removes_only_stale_build_dirs_and_prunes_images(tmp_path, fp):
+    settings = Settings(data_dir=tmp_path)
+    builds = settings.builds_dir
+    for name in ("old", "fresh", "running"):
+        (builds / name / "src").mkdir(parents=True)
+    (builds / "old-file").write_text("x")
+    os.symlink("/etc", builds / "old-link")
+    old = time.time() - 7200
+    for name in ("old", "running", "old-file"):
+        os.utime(builds / name, (old, old))
+    os.utime(builds / "old-link", (old, old), follow_symlinks=False)
+    fp.register(["podman", "image", "prune", "--force"], stdout="")
+    worker = BuildWorker(settings, StubControlPlane(), KEY)
+    worker._current = "running"
+    assert sorted(worker.cleanup_once()) == ["old", "old-file", "old-link"]
+    assert sorted(p.name for p in builds.iterdir()) == ["fresh", "running"]
+    assert Path("/etc/hostname").exists() or Path("/etc").is_dir()  # the symlink's target is untouched
+    assert fp.call_count(["podman", "image", "prune", "--force"]) == 1
+
+
+# --- real git, fake build tools ---------------------------------------------------------------------
+
+
+class Env:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tmp = tmp_path
+        self.repos = tmp_path / "repos"
+        self.repos.mkdir()
+        self.bare, self.shas = make_repo(self.repos, [
+            {"Dockerfile": "FROM scratch\n", "version.txt": "one"},
+            {"version.txt": "two"},
+        ])
+        self.railpack_repo, self.railpack_shas = make_repo(self.repos, [{"package.json": "{}", "version.txt": "rp"}], "rp.git")
+        self.git_server = GitHttpServer(self.repos, token=TOKEN)
+        self.tools = FakeTools(tmp_path / "tools")
+        self.tools.set(secret_words=[TOKEN, "s3cr3t-npm-value"], env_keys=["NPM_TOKEN", "A", "TECHULUS_GIT_PASSWORD", "GIT_ASKPASS", "HOME"])
+        monkeypatch.setenv("PATH", f"{self.tools.bin}:{os.environ['PATH']}")
+        self.vlogs = FakeVictoriaLogs()
+        self.settings = Settings(data_dir=tmp_path / "data", logs_endpoint=self.vlogs.url, build_timeout=60, build_poll_interval=0.05,
+                                 buildkit_host="tcp://127.0.0.1:1234")
+        self.cp = StubControlPlane()
+
+    def worker(self, **settings_changes) -> BuildWorker:
+        settings = dataclasses.replace(self.settings, **settings_changes) if settings_changes else self.settings
+        return BuildWorker(settings, self.cp, KEY, cancel_poll_interval=0.2, prune_images=False)
+
+    def url(self, name: str = "app.git") -> str:
+        return self.git_server.url(name, userinfo=f"x-access-token:{TOKEN}")
+
+    def close(self) -> None:
+        self.git_server.close()
+        self.vlogs.down()
+
+    def everything_said(self) -> str:
+        return json.dumps(self.tools.records()) + json.dumps(self.vlogs.entries) + json.dumps(self.cp.updates)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    environment = Env(tmp_path, monkeypatch)
+    yield environment
+    environment.close()
+
+
+def assert_no_token_anywhere(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    for record in env.tools.records():
+        assert TOKEN not in " ".join(record["argv"]), record
+        assert record["leaks"] == [], f"{record['tool']} saw a secret in some process's command line"
+    assert TOKEN not in json.dumps(env.vlogs.entries)
+    assert TOKEN not in json.dumps(env.cp.updates)
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.real
+def test_dockerfile_build_of_an_exact_commit_with_a_token(env, caplog):
+    caplog.set_level(logging.DEBUG)
+    env.cp.add("b-1", claim(url=env.url(), sha=env.shas[0]))
+    worker = env.worker()
+    assert worker.poll_once() is True
+    assert env.cp.statuses("b-1") == ["cloning", "building", "pushing", "completed"], env.cp.updates
+    buildctl = env.tools.records("buildctl")
+    assert len(buildctl) == 1
+    assert buildctl[0]["argv"] == [
+        "--addr", "tcp://127.0.0.1:1234", "build", "--frontend", "dockerfile.v0", "--local", "context=.",
+        "--local", "dockerfile=.", "--output", f"type=image,name={IMAGE},push=true,registry.insecure=true",
+    ]
+    assert buildctl[0]["version"] == "one", "the commit asked for, not the branch head"
+    assert buildctl[0]["cwd"] == str(env.settings.builds_dir / "b-1")
+    gits = env.tools.records("git")
+    assert gits and all(r["env"].get("TECHULUS_GIT_PASSWORD") == TOKEN for r in gits if r["argv"][0] in ("clone", "fetch") or "fetch" in r["argv"])
+    assert env.git_server.authorized > 0 and env.git_server.refused > 0  # git was challenged, then answered
+    assert_no_token_anywhere(env, caplog)
+    messages = env.vlogs.messages("build")
+    assert messages[0].startswith(f"Cloning http://127.0.0.1:{env.git_server.port}/app.git")
+    assert f"Clone completed at commit {env.shas[0]}" in messages
+    assert "Using existing Dockerfile" in messages and "#9 pushing layers 0.1s done" in messages
+    assert "" not in messages and env.vlogs.problems == []
+    entry = env.vlogs.of_type("build")[0]
+    assert (entry["build_id"], entry["service_id"], entry["project_id"]) == ("b-1", "svc", "proj")
+    # Nothing is left behind: checkout, askpass helper, the in-progress record.
+    assert list(env.settings.builds_dir.iterdir()) == []
+    assert not (env.settings.data_dir / STATE_FILE).exists()
+    assert worker.poll_once() is False  # nothing pending any more
+
+
+@pytest.mark.real
+def test_railpack_build_gets_secrets_through_the_environment_only(env, caplog):
+    secrets = {"NPM_TOKEN": "s3cr3t-npm-value", "A": "1", "PATH": "/evil", "LD_PRELOAD": "/evil.so",
+               "BROKEN": "not-a-blob", "bad-name": crypto.encrypt_secret(KEY, "x")}
+    sealed = {k: crypto.encrypt_secret(KEY, v) if k not in ("BROKEN", "bad-name") else v for k, v in secrets.items()}
+    env.cp.add("b-2", claim("b-2", url=env.url("rp.git"), secrets=sealed))
+    env.worker().poll_once()
+    assert env.cp.final("b-2") == ("completed", "")
+    railpack = env.tools.records("railpack")[0]
+    assert railpack["argv"] == ["prepare", ".", "--plan-out", "railpack-plan.json", "--env", "A", "--env", "NPM_TOKEN"]
+    assert railpack["env"]["NPM_TOKEN"] == "s3cr3t-npm-value" and railpack["env"]["A"] == "1"
+    buildctl = env.tools.records("buildctl")[0]
+    assert buildctl["argv"] == [
+        "--addr", "tcp://127.0.0.1:1234", "build", "--frontend", "gateway.v0",
+        "--opt", "source=ghcr.io/railwayapp/railpack-frontend:v0.15.4", "--local", "context=.", "--local", "dockerfile=.",
+        "--opt", "filename=railpack-plan.json", "--output", f"type=image,name={IMAGE},push=true,registry.insecure=true",
+        "--opt", f"build-arg:secrets-hash={secrets_hash({'A': '1', 'NPM_TOKEN': 's3cr3t-npm-value'})}",
+        "--secret", "id=A,env=A", "--secret", "id=NPM_TOKEN,env=NPM_TOKEN",
+    ]
+    assert buildctl["env"]["NPM_TOKEN"] == "s3cr3t-npm-value"
+    assert "s3cr3t-npm-value" not in json.dumps([r["argv"] for r in env.tools.records()])
+    messages = " | ".join(env.vlogs.messages("build"))
+    assert "No Dockerfile found, using Railpack..." in messages
+    assert "Skipping secret PATH" in messages and "Skipping secret LD_PRELOAD" in messages
+    assert "Skipping secret BROKEN" in messages and "Skipping secret 'bad-name'" in messages
+    assert "s3cr3t-npm-value" not in messages
+    assert_no_token_anywhere(env, caplog)
+
+
+@pytest.mark.real
+def test_wrong_token_and_unknown_commit_fail_with_clear_errors(env, caplog):
+    env.cp.add("b-3", claim("b-3", url=env.git_server.url(userinfo="x-access-token:ghs_wrong"), sha=env.shas[0]))
+    env.cp.add("b-4", claim("b-4", url=env.url(), sha="0123456789abcdef0123456789abcdef01234567"))
+    worker = env.worker()
+    worker.poll_once()
+    worker.poll_once()
+    status, error = env.cp.final("b-3")
+    assert status == "failed" and "git clone exited with code 128" in error and "ghs_wrong" not in error
+    status, error = env.cp.final("b-4")
+    assert status == "failed" and "commit 0123456789abcdef0123456789abcdef01234567 not found" in error
+    assert env.tools.records("buildctl") == []
+    assert_no_token_anywhere(env, caplog)
+
+
+@pytest.mark.real
+def test_invalid_claim_data_fails_the_build_before_running_anything(env):
+    env.cp.add("b-5", claim("b-5", url="ext::sh%20-c%20touch%20/tmp/pwned"))
+    env.cp.add("b-6", claim("b-6", url=env.url(), branch="--upload-pack=touch /tmp/pwned"))
+    worker = env.worker()
+    worker.poll_once()
+    worker.poll_once()
+    assert env.cp.final("b-5")[0] == "failed" and "http(s) URL" in env.cp.final("b-5")[1]
+    assert env.cp.final("b-6")[0] == "failed" and "branch" in env.cp.final("b-6")[1]
+    assert env.tools.records() == []
+
+
+@pytest.mark.real
+def test_claim_race_409_moves_on_quietly(env, caplog):
+    caplog.set_level(logging.INFO)
+    env.cp.add("b-lost", claim("b-lost", url=env.url()))
+    env.cp.lost_race.add("b-lost")
+    worker = env.worker()
+    assert worker.poll_once() is False
+    assert env.cp.updates == [] and env.tools.records() == []
+    assert not (env.settings.data_dir / STATE_FILE).exists()
+    assert "claimed by another server" in caplog.text and "ERROR" not in caplog.text
+
+
+@pytest.mark.real
+def test_timeout_kills_the_whole_process_group(env):
+    env.tools.set(buildctl="sleep")
+    env.cp.add("b-7", claim("b-7", url=env.url()))
+    started = time.monotonic()
+    env.worker(build_timeout=3).poll_once()
+    assert time.monotonic() - started < 20
+    status, error = env.cp.final("b-7")
+    assert status == "failed" and "timed out after 3s (during buildctl build)" in error
+    record = env.tools.records("buildctl")[0]
+    assert_dead(record["pid"]) and assert_dead(record["child"])
+
+
+def assert_dead(pid: int) -> bool:
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} survived the build")
+
+
+def wait_for(predicate, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+@pytest.mark.real
+def test_cancelling_in_the_ui_kills_the_running_build(env):
+    env.tools.set(buildctl="sleep")
+    env.cp.add("b-8", claim("b-8", url=env.url()))
+    worker = env.worker()
+    thread = threading.Thread(target=worker.poll_once)
+    thread.start()
+    wait_for(lambda: env.tools.records("buildctl"))
+    # Meanwhile a second poll finds the lock taken and does not even ask the CP.
+    calls = env.cp.pending_calls
+    assert worker.poll_once() is False and env.cp.pending_calls == calls
+    env.cp.status["b-8"] = "cancelled"
+    thread.join(15)
+    assert not thread.is_alive()
+    assert env.cp.final("b-8") == ("failed", "build cancelled")
+    record = env.tools.records("buildctl")[0]
+    assert_dead(record["pid"]) and assert_dead(record["child"])
+
+
+@pytest.mark.real
+def test_agent_shutdown_mid_build_kills_it_and_reports_it(env):
+    env.tools.set(buildctl="sleep")
+    env.cp.add("b-9", claim("b-9", url=env.url()))
+    stop = threading.Event()
+    worker = env.worker()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    wait_for(lambda: env.tools.records("buildctl"))
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive()
+    status, error = env.cp.final("b-9")
+    assert status == "failed" and "shutting down" in error
+    assert_dead(env.tools.records("buildctl")[0]["child"])
+
+
+@pytest.mark.real
+def test_a_build_tool_killed_mid_way_fails_the_build(env):
+    env.tools.set(buildctl="selfkill")
+    env.cp.add("b-10", claim("b-10", url=env.url()))
+    env.worker().poll_once()
+    status, error = env.cp.final("b-10")
+    assert status == "failed" and "buildctl build killed by signal SIGKILL" in error
+    env.tools.set(buildctl="fail")
+    env.cp.add("b-11", claim("b-11", url=env.url()))
+    env.worker().poll_once()
+    status, error = env.cp.final("b-11")
+    assert status == "failed" and "exited with code 1" in error and "failed to solve" in error
+
+
+@pytest.mark.real
+def test_missing_tools_fail_the_build_by_name_and_the_worker_carries_on(env):
+    env.tools.remove("buildctl")
+    env.tools.remove("railpack")
+    monkey_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{env.tools.bin}:/nonexistent"
+    try:
+        env.cp.add("b-12", claim("b-12", url=env.url()))
+        worker = env.worker()
+        worker.poll_once()
+    finally:
+        os.environ["PATH"] = monkey_path
+    status, error = env.cp.final("b-12")
+    assert status == "failed" and "buildctl is not installed" in error
+    env.tools.add("buildctl")
+    env.cp.add("b-13", claim("b-13", url=env.url("rp.git")))
+    worker.poll_once()
+    status, error = env.cp.final("b-13")
+    assert status == "failed" and "railpack is not installed" in error
+    env.cp.add("b-14", claim("b-14", url=env.url()))  # a Dockerfile build needs no railpack
+    worker.poll_once()
+    assert env.cp.final("b-14") == ("completed", "")
+
+
+@pytest.mark.real
+def test_restart_reports_the_interrupted_build_failed(env):
+    state = env.settings.data_dir / STATE_FILE
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"buildId": "b-old", "phase": "running", "status": "", "error": ""}))
+    (env.settings.builds_dir / "b-old").mkdir(parents=True)
+    env.cp.status["b-old"] = "cloning"
+    env.cp.add("b-new", claim("b-new", url=env.url()))
+    env.cp.unreachable = True
+    worker = env.worker()
+    assert worker.poll_once() is False  # cannot report yet: keeps the record, claims nothing
+    assert state.exists() and env.cp.status["b-new"] == "pending"
+    env.cp.unreachable = False
+    assert worker.poll_once() is True
+    status, error = env.cp.final("b-old")
+    assert status == "failed" and "interrupted" in error
+    assert not (env.settings.builds_dir / "b-old").exists()
+    assert env.cp.final("b-new") == ("completed", "")
+    # A final status the CP never received is re-sent on the next start.
+    state.write_text(json.dumps({"buildId": "b-new", "phase": "finished", "status": "completed", "error": ""}))
+    env.worker().poll_once()
+    assert env.cp.updates[-1] == ("b-new", "completed", "")
+    # A record of a build the CP does not know (404) is dropped; a corrupt one too.
+    state.write_text(json.dumps({"buildId": "b-unknown", "phase": "claiming"}))
+    env.worker().poll_once()
+    assert not state.exists()
+    state.write_text("{garbage")
+    env.worker().poll_once()
+    assert not state.exists()
+
+
+@pytest.mark.real
+def test_against_the_fake_control_plane_with_a_lost_claim_race(env, caplog):
+    fakecp = pytest.importorskip("tests.fakecp", reason="tests/fakecp.py (the fake control plane) is not in this checkout")
+    from agent.api import ControlPlane, Signer
+
+    key = crypto.new_signing_key()
+    with fakecp.FakeControlPlane(encryption_key=KEY) as cp:
+        server = cp.add_server(crypto.public_key_b64(key))
+        won = cp.add_build(clone_url=env.url(), image_uri=IMAGE, secrets={"NPM_TOKEN": "s3cr3t-npm-value"})
+        client = ControlPlane(cp.url, Signer(server.id, key), retries=0)
+
+        class RacingClient(ControlPlane):
+            def pending_build(self):  # another server claims between our poll and our claim
+                found = super().pending_build()
+                if found:
+                    cp.set_build_status(found["id"], "claimed")
+                return found
+
+        worker = BuildWorker(env.settings, client, KEY, prune_images=False)
+        assert worker.poll_once() is True
+        assert [u.status for u in cp.build_updates] == ["cloning", "building", "pushing", "completed"]
+        assert cp.build(won).status == "completed"
+        assert env.tools.records("buildctl")[0]["env"]["NPM_TOKEN"] == "s3cr3t-npm-value"
+        lost = cp.add_build(clone_url=env.url(), image_uri=IMAGE)
+        racing = RacingClient(cp.url, Signer(server.id, key), retries=0)
+        updates = len(cp.build_updates)
+        assert BuildWorker(env.settings, racing, KEY, prune_images=False).poll_once() is False
+        assert len(cp.build_updates) == updates and cp.build(lost).status == "claimed"
+    assert_no_token_anywhere(env, caplog)
