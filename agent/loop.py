@@ -214,10 +214,7 @@ class Reconciler:
         skipped: set[str] = set()
         self._pulled = set()
         try:
-            while stop is None or not stop.is_set():
-                if self.clock() - started > self.settings.processing_timeout:
-                    log.warning("processing took longer than %.0fs; back to IDLE", self.settings.processing_timeout)
-                    return
+            while not self._should_stop(started, stop):
                 if self.clock() - snapshot_at > SNAPSHOT_MAX_AGE:
                     try:
                         snapshot = self.source.fetch()
@@ -234,27 +231,42 @@ class Reconciler:
                     if not changes:
                         log.info("converged")
                     return
-                change = pending[0]
-                key = change_key(change)
-                if not self.backoff.ready(key):
-                    log.info("waiting before retrying: %s", change.describe())
-                    skipped.add(key)
-                    continue
-                self.backoff.record(key)
-                try:
-                    self.apply(change, snapshot)
-                except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
-                    log.error("failed: %s: %s", change.describe(), exc)
-                    skipped.add(key)
-                else:
-                    log.info("applied: %s", change.describe())
-                    if change.kind in REMOVALS or change.kind in CONFIG_KINDS.values():
-                        self.backoff.clear(key)
-                    # Applied once in this pass; if it shows up again it failed to stick.
-                    skipped.add(key)
-                self.reporter.trigger()
+                # Each step verifies itself (the adapters check the result), so the plan is
+                # re-read once per batch rather than before every step; the next batch then
+                # verifies the whole and picks up anything that did not stick.
+                for change in pending:
+                    if self._should_stop(started, stop):
+                        return
+                    self._step(change, snapshot, skipped)
         finally:
             self.state = IDLE
+
+    def _should_stop(self, started: float, stop: threading.Event | None) -> bool:
+        if stop is not None and stop.is_set():
+            return True
+        if self.clock() - started > self.settings.processing_timeout:
+            log.warning("processing took longer than %.0fs; back to IDLE", self.settings.processing_timeout)
+            return True
+        return False
+
+    def _step(self, change: Change, snapshot: ExpectedState, skipped: set[str]) -> None:
+        """Apply one change; whatever happens it is not tried again in this pass."""
+        key = change_key(change)
+        skipped.add(key)
+        if not self.backoff.ready(key):
+            log.info("waiting before retrying: %s", change.describe())
+            return
+        self.backoff.record(key)
+        try:
+            self.apply(change, snapshot)
+        except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
+            log.error("failed: %s: %s", change.describe(), exc)
+        else:
+            log.info("applied: %s", change.describe())
+            if change.kind in REMOVALS or change.kind in CONFIG_KINDS.values():
+                self.backoff.clear(key)
+        self.reporter.trigger()
+
 
     # --- applying one change -----------------------------------------------------------------
 

@@ -76,20 +76,25 @@ def _image_tar(workdir: Path) -> Path:
     return tar_path
 
 
-@pytest.fixture(scope="session")
-def podman_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Points podman (and every child, the agent included) at the test containers.conf."""
-    if not podman_available():
-        pytest.skip("needs root and podman (scripts/install-test-deps.sh)")
-    workdir = tmp_path_factory.mktemp("podman")
+def prepare_podman(workdir: Path) -> Path:
+    """Write the containers.conf, point CONTAINERS_CONF at it, build the test images."""
     conf = workdir / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
-    old = os.environ.get("CONTAINERS_CONF")
     os.environ["CONTAINERS_CONF"] = str(conf)
     if podman("image", "exists", BB_IMAGE, check=False).returncode != 0:
         _build_busybox_image(workdir)
     if podman("image", "exists", HTTPD_IMAGE, check=False).returncode != 0:
         podman("import", "--change", 'CMD ["httpd","-f","-p","80","-h","/www"]', str(_image_tar(workdir)), HTTPD_IMAGE)
+    return conf
+
+
+@pytest.fixture(scope="session")
+def podman_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Points podman (and every child, the agent included) at the test containers.conf."""
+    if not podman_available():
+        pytest.skip("needs root and podman (scripts/install-test-deps.sh)")
+    old = os.environ.get("CONTAINERS_CONF")
+    conf = prepare_podman(tmp_path_factory.mktemp("podman"))
     yield conf
     if old is None:
         os.environ.pop("CONTAINERS_CONF", None)
@@ -123,9 +128,8 @@ def cleanup_scope(scope_label: str) -> None:
         podman("rm", "-f", "-t", "0", *ids, check=False)
 
 
-@pytest.fixture
-def podman_net(podman_env: Path) -> Iterator[TestNetwork]:
-    """A fresh bridge on a free 10.200.X.0/24 and a scope label; both removed afterwards."""
+def create_network() -> TestNetwork:
+    """A fresh bridge on a free 10.200.X.0/24 with a unique scope label."""
     scope = f"techulus.test.scope={uuid.uuid4().hex[:12]}"
     candidates = list(range(100, 250))
     random.shuffle(candidates)
@@ -138,10 +142,20 @@ def podman_net(podman_env: Path) -> Iterator[TestNetwork]:
         if result.returncode == 0:
             break
     else:  # pragma: no cover
-        pytest.fail("no free 10.200.X.0/24 subnet for a test network")
-    net = TestNetwork(name, subnet_id, scope)
+        raise RuntimeError("no free 10.200.X.0/24 subnet for a test network")
+    return TestNetwork(name, subnet_id, scope)
+
+
+def remove_network(net: TestNetwork) -> None:
+    cleanup_scope(net.scope_label)
+    podman("network", "rm", "-f", net.name, check=False)
+
+
+@pytest.fixture
+def podman_net(podman_env: Path) -> Iterator[TestNetwork]:
+    """A fresh bridge on a free 10.200.X.0/24 and a scope label; both removed afterwards."""
+    net = create_network()
     try:
         yield net
     finally:
-        cleanup_scope(scope)
-        podman("network", "rm", "-f", name, check=False)
+        remove_network(net)
