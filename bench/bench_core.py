@@ -35,7 +35,7 @@ from agent.host.podman import Podman, PodmanOptions  # noqa: E402
 from agent.loop import Reconciler  # noqa: E402
 from agent.model import parse_expected_state  # noqa: E402
 from agent.settings import Settings  # noqa: E402
-from tests.testbed import HTTPD_IMAGE, create_network, podman, prepare_podman, remove_network  # noqa: E402
+from tests.testbed import HTTPD_IMAGE, create_network, prepare_podman, remove_network  # noqa: E402
 
 
 class StaticSource:
