@@ -18,7 +18,7 @@
 # so the pure-Python halves match every extension. The version and git commit are stamped
 # into a generated `agent/_build_info.py` inside the staging copy (never in the source tree).
 #
-# Environment: ARCHES ("amd64 arm64"), PY_VERSIONS ("3.10 3.11 3.12"), OUT (bin/),
+# Environment: TOOLS_VENV (a venv with shiv), ARCHES ("amd64 arm64"), PY_VERSIONS ("3.10 3.11 3.12"), OUT (bin/),
 # SOURCE_DATE_EPOCH (defaults to the commit time, which makes the zipapps reproducible).
 set -euo pipefail
 
@@ -39,8 +39,10 @@ step() { echo "==> $*"; }
 [ -f agent/cli.py ] || die "agent/cli.py is missing: the entry point $ENTRY_POINT cannot exist"
 [ -f "$CONSTRAINTS" ] || die "$CONSTRAINTS is missing"
 
-# Tools: the project venv when it has shiv, else a private one under build/ (clean checkout).
-if [ -x "$here/.venv/bin/shiv" ]; then
+# Tools: $TOOLS_VENV or the project venv when it has shiv, else a private one under build/.
+if [ -n "${TOOLS_VENV:-}" ]; then
+  tools=$TOOLS_VENV
+elif [ -x "$here/.venv/bin/shiv" ]; then
   tools=$here/.venv
 else
   tools=$here/build/tools-venv

@@ -1,0 +1,333 @@
+"""`agent doctor`: tells an operator, one line per check, whether this server can run the agent.
+
+Each line is `OK`, `WARN` or `FAIL`, what was found, and for anything not OK how to fix it.
+The exit status is non-zero when a required check fails; optional parts (the build tools,
+or Caddy/DNS/WireGuard when the settings turn their management off) only warn.
+install.sh ends with it, so it must never change anything: it only reads and asks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+import urllib3
+
+from agent import __version__
+from agent.host.run import CommandError, run
+from agent.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+#: Signed requests are refused when the clocks differ by more than this (PROTOCOL.md §5.2).
+MAX_SKEW = 60.0
+SKEW_WARN = 10.0
+PROBE_TIMEOUT = 5.0
+REQUIRED_CADDY_MODULES = ("dns.providers.cloudflare", "http.handlers.vars", "http.handlers.log_append")
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str
+    name: str
+    detail: str
+    hint: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.name}: {self.detail}"
+        if self.hint and self.status != OK:
+            text += f" -- fix: {self.hint}"
+        return text
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    version_argv: tuple[str, ...]
+    required: bool
+    hint: str
+
+
+def tools(settings: Settings) -> list[Tool]:
+    """The programs the agent runs (PROTOCOL.md §1.3), and whether this server needs each."""
+    reinstall = "re-run install.sh"
+    return [
+        Tool("podman", ("podman", "--version"), True, "apt-get install podman"),
+        Tool("wg", ("wg", "--version"), settings.manage_wireguard, "apt-get install wireguard-tools"),
+        Tool("wg-quick", (), settings.manage_wireguard, "apt-get install wireguard-tools"),
+        Tool("dnsmasq", ("dnsmasq", "--version"), settings.manage_dns, "apt-get install dnsmasq"),
+        Tool("caddy", ("caddy", "version"), settings.manage_caddy, reinstall + " (without --skip-caddy)"),
+        Tool("git", ("git", "--version"), False, "apt-get install git (needed for builds)"),
+        Tool("buildctl", ("buildctl", "--version"), False, reinstall + " without --skip-build-tools (needed for builds)"),
+        Tool("railpack", ("railpack", "--version"), False, reinstall + " without --skip-build-tools (needed for builds)"),
+    ]
+
+
+def check_tool(tool: Tool, which: Callable[[str], str | None]) -> Check:
+    missing = FAIL if tool.required else WARN
+    path = which(tool.name)
+    if path is None:
+        return Check(missing, tool.name, "not found on PATH", tool.hint)
+    if not tool.version_argv:
+        return Check(OK, tool.name, path)
+    try:
+        result = run([path, *tool.version_argv[1:]], timeout=PROBE_TIMEOUT, check=False)
+    except CommandError as exc:
+        return Check(missing, tool.name, f"{path} does not run: {exc}", tool.hint)
+    output = (result.stdout.strip() or result.stderr.strip()).splitlines()
+    first = output[0][:120] if output else ""
+    if result.returncode != 0:
+        return Check(missing, tool.name, f"{path} exited with {result.returncode}: {first}", tool.hint)
+    return Check(OK, tool.name, f"{path} ({first})" if first else path)
+
+
+def check_caddy_modules(settings: Settings, which: Callable[[str], str | None]) -> Check | None:
+    path = which("caddy")
+    if path is None or not settings.manage_caddy:
+        return None
+    try:
+        result = run([path, "list-modules"], timeout=PROBE_TIMEOUT, check=False)
+    except CommandError as exc:
+        return Check(FAIL, "caddy modules", str(exc), "re-run install.sh")
+    present = {line.strip() for line in result.stdout.splitlines()}
+    missing = [name for name in REQUIRED_CADDY_MODULES if name not in present]
+    if missing:
+        return Check(
+            FAIL, "caddy modules", f"{path} lacks {', '.join(missing)}",
+            "use the Caddy install.sh builds with xcaddy (Cloudflare DNS module, Caddy >= 2.8)",
+        )
+    return Check(OK, "caddy modules", ", ".join(REQUIRED_CADDY_MODULES))
+
+
+def check_caddy_admin(settings: Settings, http: urllib3.PoolManager) -> Check | None:
+    if not settings.manage_caddy:
+        return None
+    url = settings.caddy_admin_url.rstrip("/") + "/config/"
+    try:
+        response = http.request("GET", url, retries=False, timeout=PROBE_TIMEOUT)
+    except urllib3.exceptions.HTTPError as exc:
+        return Check(FAIL, "caddy admin API", f"{url}: {_reason(exc)}", "systemctl status caddy; journalctl -u caddy")
+    if response.status != 200:
+        return Check(FAIL, "caddy admin API", f"{url} answered {response.status}", "systemctl restart caddy")
+    return Check(OK, "caddy admin API", f"{url} answers")
+
+
+def check_dnsmasq(settings: Settings, proc: Path) -> Check | None:
+    if not settings.manage_dns:
+        return None
+    if _process_running("dnsmasq", proc):
+        return Check(OK, "dnsmasq", "running")
+    return Check(FAIL, "dnsmasq", "not running", "systemctl enable --now dnsmasq; journalctl -u dnsmasq")
+
+
+def check_buildkit(settings: Settings) -> Check:
+    address = settings.buildkit_host
+    parts = urlsplit(address)
+    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
+        return Check(WARN, "buildkit", f"cannot probe {address} (only tcp://HOST:PORT is checked)")
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=PROBE_TIMEOUT):
+            pass
+    except OSError as exc:
+        return Check(
+            WARN, "buildkit", f"{address}: {exc.strerror or exc} (builds will fail)",
+            "systemctl status buildkit; journalctl -u buildkit",
+        )
+    return Check(OK, "buildkit", f"{address} accepts connections")
+
+
+def check_forwarding(proc: Path) -> Check:
+    try:
+        value = (proc / "sys/net/ipv4/ip_forward").read_text().strip()
+    except OSError as exc:
+        return Check(WARN, "ip forwarding", f"cannot read: {exc.strerror}")
+    if value == "1":
+        return Check(OK, "ip forwarding", "enabled")
+    return Check(
+        FAIL, "ip forwarding", "disabled: containers are unreachable from other servers",
+        "sysctl -w net.ipv4.ip_forward=1 (install.sh makes it permanent)",
+    )
+
+
+def check_data_dir(settings: Settings) -> list[Check]:
+    root = settings.data_dir
+    try:
+        info = root.stat()
+    except FileNotFoundError:
+        return [Check(WARN, "data dir", f"{root} does not exist yet (created 0700 on first start)")]
+    except OSError as exc:
+        return [Check(FAIL, "data dir", f"{root}: {exc.strerror}", "run as root")]
+    checks: list[Check] = []
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode):
+        return [Check(FAIL, "data dir", f"{root} is not a directory", f"move {root} away")]
+    if info.st_uid != os.geteuid() or mode & 0o077:
+        checks.append(Check(
+            FAIL, "data dir", f"{root} is mode {mode:04o}, owner uid {info.st_uid}: the keys must be private",
+            f"chown root: {root} && chmod 700 {root}",
+        ))
+    else:
+        checks.append(Check(OK, "data dir", f"{root} (mode {mode:04o})"))
+    key = root / "keys" / "private.key"
+    if key.exists():
+        key_mode = stat.S_IMODE(key.stat().st_mode)
+        if key_mode & 0o077:
+            checks.append(Check(FAIL, "signing key", f"{key} is mode {key_mode:04o}", f"chmod 600 {key}"))
+    return checks
+
+
+def check_registration(settings: Settings) -> tuple[Check, object | None]:
+    """The registration state and, when registered, the loaded identity."""
+    from agent.identity import DataDir, IdentityError
+
+    data_dir = DataDir(settings.data_dir)
+    if data_dir.is_registered():
+        try:
+            identity = data_dir.load()
+        except IdentityError as exc:
+            return Check(FAIL, "registration", str(exc)), None
+        return Check(OK, "registration", f"registered as server {identity.config.server_id}"), identity
+    try:
+        token = settings.resolved_token()
+    except SettingsError as exc:
+        return Check(FAIL, "registration", f"not registered, and {exc}", "fix token_file or pass --token"), None
+    if token:
+        return Check(WARN, "registration", "not registered yet; the agent registers with its token when it starts"), None
+    return Check(
+        FAIL, "registration", f"not registered ({data_dir.private_key} is missing) and no token given",
+        "create a server in the control plane and re-run install.sh with --token",
+    ), None
+
+
+def check_control_plane(settings: Settings, identity: object | None, http: urllib3.PoolManager) -> list[Check]:
+    if not settings.url:
+        return [Check(FAIL, "control plane", "no URL configured", "pass --url or set TECHULUS_AGENT_URL")]
+    from agent.api import ApiError, ControlPlane, Signer
+
+    # Any HTTP answer proves reachability; its Date header gives the clock difference.
+    probe = settings.url.rstrip("/") + "/api/v1/agent/expected-state"
+    try:
+        started = time.time()
+        response = http.request("GET", probe, retries=False, timeout=PROBE_TIMEOUT, redirect=False)
+    except urllib3.exceptions.HTTPError as exc:
+        return [Check(FAIL, "control plane", f"{settings.url} unreachable: {_reason(exc)}", "check the URL, DNS and firewall")]
+    checks = [Check(OK, "control plane", f"{settings.url} reachable (HTTP {response.status})")]
+    checks.append(_skew_check(response.headers.get("Date"), started))
+    if identity is not None:
+        client = ControlPlane(
+            settings.url,
+            Signer(identity.config.server_id, identity.signing_key),  # type: ignore[attr-defined]
+            connect_timeout=PROBE_TIMEOUT,
+            read_timeout=PROBE_TIMEOUT,
+            retries=0,
+        )
+        try:
+            client.expected_state()
+        except ApiError as exc:
+            checks.append(Check(FAIL, "signed request", str(exc)))
+        else:
+            checks.append(Check(OK, "signed request", "the control plane accepts this server's signature"))
+    return checks
+
+
+def _skew_check(date: str | None, now: float) -> Check:
+    import email.utils
+
+    if not date:
+        return Check(WARN, "clock", "the control plane sent no Date header; clock difference unknown")
+    try:
+        skew = now - email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return Check(WARN, "clock", f"cannot parse the control plane's Date header {date!r}")
+    text = f"{abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} the control plane"
+    if abs(skew) > MAX_SKEW:
+        return Check(FAIL, "clock", f"{text}: signed requests will be refused", "timedatectl set-ntp true")
+    if abs(skew) > SKEW_WARN:
+        return Check(WARN, "clock", text, "timedatectl set-ntp true")
+    return Check(OK, "clock", text)
+
+
+def _process_running(name: str, proc: Path) -> bool:
+    try:
+        entries = list(proc.iterdir())
+    except OSError:
+        return False
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == name:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc)
+
+
+def collect(
+    settings: Settings,
+    *,
+    which: Callable[[str], str | None] = shutil.which,
+    proc: Path = Path("/proc"),
+    net: Path = Path("/sys/class/net"),
+) -> list[Check]:
+    http = urllib3.PoolManager(num_pools=2, headers={"User-Agent": f"techulus-agent-doctor/{__version__}"})
+    checks: list[Check] = [Check(OK, "python", sys.version.split()[0])]
+    checks.extend(check_tool(tool, which) for tool in tools(settings))
+    optional: Sequence[Check | None] = (
+        check_caddy_modules(settings, which),
+        check_caddy_admin(settings, http),
+        check_dnsmasq(settings, proc),
+    )
+    checks.extend(c for c in optional if c is not None)
+    checks.append(check_buildkit(settings))
+    checks.append(check_forwarding(proc))
+    checks.extend(check_data_dir(settings))
+    registration, identity = check_registration(settings)
+    checks.append(registration)
+    if settings.manage_wireguard:
+        iface = settings.wireguard_interface
+        if (net / iface).exists():
+            checks.append(Check(OK, "wireguard", f"interface {iface} is up"))
+        else:
+            status = FAIL if identity is not None else WARN
+            checks.append(Check(status, "wireguard", f"interface {iface} does not exist",
+                                "the agent brings it up when it starts: systemctl restart techulus-agent"))
+    if not settings.standalone:
+        checks.extend(check_control_plane(settings, identity, http))
+    return checks
+
+
+def run_doctor(
+    settings: Settings,
+    *,
+    out: TextIO | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+    proc: Path = Path("/proc"),
+    net: Path = Path("/sys/class/net"),
+) -> int:
+    """Print one line per check; 1 when a required check failed, else 0."""
+    stream = out or sys.stdout
+    checks = collect(settings, which=which, proc=proc, net=net)
+    for check in checks:
+        print(check.line(), file=stream)
+    failed = [c for c in checks if c.status == FAIL]
+    warned = [c for c in checks if c.status == WARN]
+    summary = f"{len(checks)} checks: {len(failed)} failed, {len(warned)} warnings"
+    print(summary if failed else f"{summary}; this server can run the agent", file=stream)
+    return 1 if failed else 0

@@ -1,0 +1,299 @@
+"""install.sh without a real install: shellcheck, rendered units through systemd-analyze,
+embedding, and every kind of bad input (each a clear message, non-zero exit, no change).
+
+These run install.sh on the development machine itself, so each case stops before the
+first change to the system: argument errors and the OS check come first, and downloads
+are verified with --download-only (nothing outside the test's temp dirs is written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALL = REPO / "install.sh"
+INSTALLER = REPO / "installer"
+UNITS = ("techulus-agent.service", "caddy.service", "buildkit.service")
+STAND_IN_CADDYFILE = ":80 {\n\trespond /__caddy_health__ \"ok\" 200\n}\n"
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (scripts/install-test-deps.sh installs it)")
+    return path
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> Path:
+    """installer/ as it is, plus a stand-in Caddyfile while the real one is not written yet."""
+    target = tmp_path / "templates"
+    shutil.copytree(INSTALLER, target)
+    if not (target / "Caddyfile").exists():
+        (target / "Caddyfile").write_text(STAND_IN_CADDYFILE)
+    return target
+
+
+def install_sh(*args: str, env: dict[str, str] | None = None, script: Path = INSTALL, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TECHULUS_", "CF_API_TOKEN"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        ["bash", str(script), *args], capture_output=True, text=True, env=full_env, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, templates: Path) -> dict[str, str]:
+    """Environment that keeps install.sh's own files (log, cache) inside the test's dir."""
+    os_release = tmp_path / "os-release"
+    os_release.write_text('ID=debian\nVERSION_ID="12"\n')
+    return {
+        "TECHULUS_TEMPLATE_DIR": str(templates),
+        "TECHULUS_INSTALL_LOG": str(tmp_path / "install.log"),
+        "TECHULUS_INSTALL_CACHE": str(tmp_path / "cache"),
+        "TECHULUS_OS_RELEASE": str(os_release),
+    }
+
+
+# --- static checks ----------------------------------------------------------------------
+
+
+def test_shellcheck_clean(tmp_path: Path, templates: Path) -> None:
+    shellcheck = need("shellcheck")
+    embedded = tmp_path / "install-embedded.sh"
+    result = subprocess.run(
+        [str(INSTALLER / "embed.sh"), str(INSTALL), str(templates)], capture_output=True, text=True, check=True
+    )
+    embedded.write_text(result.stdout)
+    scripts = [INSTALL, REPO / "build.sh", INSTALLER / "embed.sh", embedded, REPO / "bench" / "bench_install.sh"]
+    scripts = [s for s in scripts if s.exists()]
+    # The wrapper template is a POSIX sh script once rendered.
+    out = tmp_path / "r"
+    assert install_sh("--url", "https://cp.example.com", "--render-only", str(out),
+                      env={"TECHULUS_TEMPLATE_DIR": str(templates)}).returncode == 0
+    scripts.append(out / "usr/local/lib/techulus-agent/techulus-agent")
+    check = subprocess.run([shellcheck, "-x", *map(str, scripts)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def render(tmp_path: Path, templates: Path, *args: str) -> Path:
+    out = tmp_path / "root"
+    result = install_sh("--url", "https://cp.example.com", "--token", "0123456789abcdef" * 4, "--render-only", str(out),
+                        *args, env={"TECHULUS_TEMPLATE_DIR": str(templates)})
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, templates: Path) -> None:
+    analyze = need("systemd-analyze")
+    root = render(tmp_path, templates, "--registry", "10.100.1.1:5000", "--cf-api-token", "cf-token-123456")
+    # verify --root resolves ExecStart= inside the root: provide the binaries and systemd's own units.
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    for binary in ("usr/local/bin/caddy", "usr/bin/podman"):
+        (root / binary).parent.mkdir(parents=True, exist_ok=True)
+        (root / binary).write_text("#!/bin/sh\n")
+        (root / binary).chmod(0o755)
+    units = [root / "etc/systemd/system" / unit for unit in UNITS]
+    result = subprocess.run([analyze, "verify", f"--root={root}", *map(str, units)], capture_output=True, text=True, check=False)
+    # Unknown keys are only warnings (exit 0): any output at all is a failure.
+    assert result.returncode == 0 and not result.stderr.strip() and not result.stdout.strip(), result.stderr + result.stdout
+
+    # The check can fail: a missing ExecStart binary is reported.
+    (root / "usr/local/bin/caddy").unlink()
+    broken = subprocess.run([analyze, "verify", f"--root={root}", str(units[1])], capture_output=True, text=True, check=False)
+    assert broken.returncode != 0 and "caddy" in broken.stderr
+
+
+def test_rendered_files_carry_the_settings_and_keep_secrets_private(tmp_path: Path, templates: Path) -> None:
+    token = "0123456789abcdef" * 4
+    root = render(tmp_path, templates, "--registry", "10.100.1.1:5000", "--cf-api-token", "cf-token-123456",
+                  "--logs-endpoint", "http://logs.internal:9428", "--agent-env", "TECHULUS_AGENT_PUBLIC_IP=203.0.113.7")
+    agent_env = root / "etc/techulus-agent/agent.env"
+    text = agent_env.read_text()
+    assert f"TECHULUS_AGENT_TOKEN='{token}'" in text
+    assert "TECHULUS_AGENT_URL='https://cp.example.com'" in text
+    assert "TECHULUS_AGENT_LOGS_ENDPOINT='http://logs.internal:9428'" in text
+    assert "TECHULUS_AGENT_PUBLIC_IP='203.0.113.7'" in text
+    assert oct(agent_env.stat().st_mode & 0o777) == "0o600"
+    caddy_env = root / "etc/techulus-agent/caddy.env"
+    assert "CF_API_TOKEN='cf-token-123456'" in caddy_env.read_text()
+    assert "CONTROL_PLANE_URL='https://cp.example.com'" in caddy_env.read_text()
+    assert oct(caddy_env.stat().st_mode & 0o777) == "0o600"
+    unit = (root / "etc/systemd/system/techulus-agent.service").read_text()
+    assert "KillMode=process" in unit and "Restart=always" in unit and "Type=notify" in unit
+    assert token not in unit, "the token must not be in the unit (argv)"
+    assert "EnvironmentFile=/etc/techulus-agent/agent.env" in unit
+    toml = (root / "etc/buildkit/buildkitd.toml").read_text()
+    assert '[registry."10.100.1.1:5000"]' in toml and "http = true" in toml and "insecure = true" in toml
+    buildkit = (root / "etc/systemd/system/buildkit.service").read_text()
+    assert "--name buildkit" in buildkit and "tcp://127.0.0.1:1234" in buildkit
+    assert (root / "etc/sysctl.d/99-techulus-forwarding.conf").read_text().count("net.ipv4.ip_forward = 1") == 1
+    placeholders = [p for p in root.rglob("*") if p.is_file() and re.search(r"@[A-Z][A-Z0-9_]*@", p.read_text())]
+    assert not placeholders
+
+
+def test_skip_switches_leave_out_caddy_and_build_tools(tmp_path: Path, templates: Path) -> None:
+    root = render(tmp_path, templates, "--skip-caddy", "--skip-build-tools")
+    assert (root / "etc/systemd/system/techulus-agent.service").exists()
+    assert not (root / "etc/systemd/system/caddy.service").exists()
+    assert not (root / "etc/systemd/system/buildkit.service").exists()
+
+
+def test_embedded_script_renders_the_same_files_without_installer_dir(tmp_path: Path, templates: Path) -> None:
+    embedded = tmp_path / "alone" / "install.sh"
+    embedded.parent.mkdir()
+    result = subprocess.run([str(INSTALLER / "embed.sh"), str(INSTALL), str(templates)], capture_output=True, text=True, check=True)
+    embedded.write_text(result.stdout)
+    args = ("--url", "https://cp.example.com", "--cf-api-token", "cf-token-123456")
+    from_checkout = install_sh(*args, "--render-only", str(tmp_path / "a"), env={"TECHULUS_TEMPLATE_DIR": str(templates)})
+    # Piped through bash like `curl … | bash -s --`: no file, no installer/ beside it.
+    piped = subprocess.run(["bash", "-s", "--", *args, "--render-only", str(tmp_path / "b")], input=embedded.read_text(),
+                           capture_output=True, text=True, check=False, env={"PATH": os.environ["PATH"]})
+    assert from_checkout.returncode == 0 and piped.returncode == 0, piped.stderr
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) == 9
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_missing_template_is_a_clear_error(tmp_path: Path, templates: Path) -> None:
+    (templates / "buildkitd.toml").unlink()
+    result = install_sh("--url", "https://cp.example.com", "--render-only", str(tmp_path / "r"),
+                        env={"TECHULUS_TEMPLATE_DIR": str(templates)})
+    assert result.returncode != 0 and "template buildkitd.toml is missing" in result.stderr
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "https://cp.example.com", "--frobnicate"], "unknown option '--frobnicate'"),
+        (["--token", "0123456789abcdef"], "--url is required"),
+        (["--url"], "--url needs a value"),
+        (["--url", "ftp://cp.example.com"], "is not an http(s) URL"),
+        (["--url", "https://cp.example.com/$(reboot)"], "is not an http(s) URL"),
+        (["--url", "https://cp.example.com", "--token", "bad token with spaces"], "unexpected characters"),
+        (["--url", "https://cp.example.com", "--registry", "no-port"], "must look like HOST:PORT"),
+        (["--url", "https://cp.example.com", "--agent-sha256", "abc"], "64 hex digits"),
+        (["--url", "https://cp.example.com", "--agent-env", "PATH=/tmp"], "TECHULUS_AGENT_NAME=value"),
+        (["--url=https://cp.example.com"], "with a space"),
+    ],
+)
+def test_bad_arguments(args: list[str], message: str, sandbox: dict[str, str], tmp_path: Path) -> None:
+    result = install_sh(*args, env=sandbox)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not Path(sandbox["TECHULUS_INSTALL_LOG"]).exists(), "nothing may be written before the arguments are valid"
+
+
+@pytest.mark.parametrize("os_release", ['ID=centos\nVERSION_ID="9"\n', 'ID=ubuntu\nVERSION_ID="20.04"\n', "ID=debian\nVERSION_ID=11\n"])
+def test_unsupported_os(os_release: str, sandbox: dict[str, str]) -> None:
+    Path(sandbox["TECHULUS_OS_RELEASE"]).write_text(os_release)
+    result = install_sh("--url", "https://cp.example.com", env=sandbox)
+    assert result.returncode == 1
+    assert "unsupported operating system" in result.stderr and "Nothing was changed" in result.stderr
+    assert not Path(sandbox["TECHULUS_INSTALL_LOG"]).exists()
+    assert not Path(sandbox["TECHULUS_INSTALL_CACHE"]).exists()
+
+
+class Fixtures:
+    """A loopback HTTP server for download fixtures; files live in `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+        http.server.SimpleHTTPRequestHandler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fixtures(tmp_path: Path) -> Iterator[Fixtures]:
+    root = tmp_path / "www"
+    root.mkdir()
+    served = Fixtures(root)
+    yield served
+    served.close()
+
+
+def agent_download_env(fixtures: Fixtures, sandbox: dict[str, str], payload: bytes, listed_sha: str | None = None) -> dict[str, str]:
+    (fixtures.root / "agent").mkdir(exist_ok=True)
+    (fixtures.root / "agent" / "agent-linux-amd64").write_bytes(payload)
+    (fixtures.root / "agent" / "agent-linux-arm64").write_bytes(payload)
+    digest = listed_sha or hashlib.sha256(payload).hexdigest()
+    (fixtures.root / "agent" / "SHA256SUMS").write_text(f"{digest}  agent-linux-amd64\n{digest}  agent-linux-arm64\n")
+    return sandbox
+
+
+def test_download_only_fetches_and_verifies_with_the_published_checksums(fixtures: Fixtures, sandbox: dict[str, str]) -> None:
+    env = agent_download_env(fixtures, sandbox, b"zipapp bytes")
+    result = install_sh("--url", fixtures.url, "--skip-caddy", "--skip-build-tools", "--download-only", env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "Downloads verified" in result.stdout and "1 fetched" in result.stdout
+    again = install_sh("--url", fixtures.url, "--skip-caddy", "--skip-build-tools", "--download-only", env=env)
+    assert again.returncode == 0 and "all cached" in again.stdout
+
+
+def test_checksum_mismatch_deletes_the_download_and_stops(fixtures: Fixtures, sandbox: dict[str, str]) -> None:
+    env = agent_download_env(fixtures, sandbox, b"tampered", listed_sha="0" * 64)
+    result = install_sh("--url", fixtures.url, "--skip-caddy", "--skip-build-tools", "--download-only", env=env)
+    assert result.returncode == 1
+    assert "checksum mismatch for agent" in result.stderr and "nothing was installed" in result.stderr
+    assert not (Path(sandbox["TECHULUS_INSTALL_CACHE"]) / "agent-linux-amd64").exists()
+    assert not (Path(sandbox["TECHULUS_INSTALL_CACHE"]) / "agent-linux-amd64.part").exists()
+
+
+def test_explicit_checksum_overrides_and_is_checked(fixtures: Fixtures, sandbox: dict[str, str]) -> None:
+    env = agent_download_env(fixtures, sandbox, b"zipapp bytes")
+    wrong = hashlib.sha256(b"other").hexdigest()
+    result = install_sh("--url", fixtures.url, "--agent-sha256", wrong, "--skip-caddy", "--skip-build-tools", "--download-only", env=env)
+    assert result.returncode == 1 and "checksum mismatch for agent" in result.stderr
+
+
+def test_unreachable_download(sandbox: dict[str, str]) -> None:
+    # A loopback port with nothing listening: refused at once, no outside traffic.
+    url = "http://127.0.0.1:9/x"
+    env = dict(sandbox, TECHULUS_RAILPACK_URL=url, TECHULUS_RAILPACK_SHA256="0" * 64, TECHULUS_BUILDKIT_URL=url,
+               TECHULUS_BUILDKIT_SHA256="1" * 64)
+    result = install_sh("--url", "http://127.0.0.1:9", "--agent-binary", str(INSTALL), "--skip-caddy", "--download-only", env=env)
+    assert result.returncode == 1
+    assert "cannot download" in result.stderr and "127.0.0.1:9" in result.stderr
+    assert "Nothing was installed" in result.stderr
+
+
+def test_missing_checksum_file_names_the_override(sandbox: dict[str, str], fixtures: Fixtures) -> None:
+    (fixtures.root / "railpack.tar.gz").write_bytes(b"x")
+    env = dict(sandbox, TECHULUS_RAILPACK_URL=f"{fixtures.url}/railpack.tar.gz",
+               TECHULUS_RAILPACK_SHA256_URL=f"{fixtures.url}/missing.txt",
+               TECHULUS_BUILDKIT_URL=f"{fixtures.url}/railpack.tar.gz",
+               TECHULUS_BUILDKIT_SHA256=hashlib.sha256(b"x").hexdigest())
+    result = install_sh("--url", fixtures.url, "--agent-binary", str(INSTALL), "--skip-caddy", "--download-only", env=env)
+    assert result.returncode == 1
+    assert "checksum file for railpack" in result.stderr and "TECHULUS_RAILPACK_SHA256" in result.stderr
+
+
+def test_missing_agent_binary_file(sandbox: dict[str, str], tmp_path: Path) -> None:
+    result = install_sh("--url", "https://cp.example.com", "--agent-binary", str(tmp_path / "nope"), "--skip-caddy",
+                        "--skip-build-tools", "--download-only", env=sandbox)
+    assert result.returncode == 1 and "no such file" in result.stderr
