@@ -354,13 +354,14 @@ def expected_run_argv(spec_: ExpectedContainer, volumes_dir: Path, env_file: str
     return [*argv, "--", "docker.io/library/nginx:1.27"]
 
 
-def register_deploy_prelude(fp: Any, image_present: bool = True) -> None:
-    register_inspect(fp, NAME, missing=True)
-    fp.register(["podman", "image", "exists", "--", "docker.io/library/nginx:1.27"], returncode=0 if image_present else 1)
-
-
 def register_verify(fp: Any, cid: str = CID, **kw: Any) -> None:
-    register_inspect(fp, cid, inspect_json(cid, **kw), occurrences=2)
+    register_inspect(fp, cid, inspect_json(cid, **kw))
+
+
+IN_USE = (
+    'Error: creating container storage: the container name "{}" is already in use by {}. You have to remove '
+    "that container to be able to reuse that name: that name is already in use\n"
+)
 
 
 def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -> None:
@@ -383,11 +384,12 @@ def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -
         seen["run_dir_mode"] = stat.S_IMODE(env_file.parent.parent.stat().st_mode)
         seen["content"] = env_file.read_text()
 
-    register_deploy_prelude(fp)
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n", stderr=WARNING + "level=error msg=systemd\n", callback=capture)
     register_verify(fp)
     assert podman.run_container(s, env, volumes_dir) == CID
 
+    # The happy path is exactly one run and one inspect.
+    assert [list(c)[:3] for c in fp.calls] == [["podman", "run", "--detach"], [*INSPECT[:3]]]
     assert seen["argv"] == expected_run_argv(s, volumes_dir, str(seen["file"]), dns=("10.200.3.1",))
     assert not any("hunter2" in a for a in seen["argv"])
     assert seen["mode"] == 0o600 and seen["dir_mode"] == 0o700 and seen["run_dir_mode"] == 0o700
@@ -402,55 +404,72 @@ def test_run_without_ip_publishes_on_the_private_address_only(fp: Any, tmp_path:
     s = spec(ip_address="", ports=(PortMapping(80, 30000), PortMapping(443, 30001)))
     for bind in ("127.0.0.1", "10.100.0.5"):
         podman = Podman(opts(tmp_path, publish_address="" if bind == "127.0.0.1" else bind), sleep=lambda _s: None)
-        register_deploy_prelude(fp)
         fp.register(expected_run_argv(s, tmp_path, None, bind=bind), stdout=CID + "\n")
         register_verify(fp)
         podman.run_container(s, {}, tmp_path)
+    assert len(run_argvs(fp)) == 2
     assert not any("--publish=:" in a or "0.0.0.0" in a for argv in run_argvs(fp) for a in argv)
 
 
-def test_run_pulls_a_missing_image_first(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    register_deploy_prelude(fp, image_present=False)
+def test_run_pulls_a_missing_image(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    fp.register(["podman", "run", fp.any()], returncode=125, stderr="Error: docker.io/library/nginx:1.27: image not known\n")
+    register_inspect(fp, NAME, missing=True)
     fp.register(["podman", "pull", "--quiet", "--", "docker.io/library/nginx:1.27"], stdout="sha\n")
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
     register_verify(fp)
-    podman.run_container(spec(), {}, tmp_path)
-    assert fp.call_count(["podman", "pull", fp.any()]) == 1
+    assert podman.run_container(spec(), {}, tmp_path) == CID
+    assert fp.call_count(["podman", "pull", fp.any()]) == 1 and len(run_argvs(fp)) == 2
+
+
+def test_run_missing_image_that_cannot_be_pulled(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    fp.register(["podman", "run", fp.any()], returncode=125, stderr="Error: x: image not known\n")
+    register_inspect(fp, NAME, missing=True)
+    fp.register(["podman", "pull", fp.any()], returncode=125, stderr="Error: manifest unknown\n")
+    with pytest.raises(PodmanError, match="manifest unknown"):
+        podman.run_container(spec(), {"K": "secret-value"}, tmp_path)
+    assert not list((tmp_path / "run").glob("env-*"))
 
 
 def test_run_container_id_from_stdout_only(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    register_deploy_prelude(fp)
     fp.register(["podman", "run", fp.any()], stdout=f"noise\n{CID}\n", stderr=f"{CID2}\nError: warning\n")
     register_verify(fp)
     assert podman.run_container(spec(), {"K": "value"}, tmp_path) == CID
 
 
 def test_run_container_id_masked_by_a_secret_falls_back_to_inspect(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    register_deploy_prelude(fp)
     fp.register(["podman", "run", fp.any()], stdout=f"{CID}\n")  # masked by run(): the secret is "aaaaaaaa"
     register_inspect(fp, NAME, inspect_json())
     register_verify(fp)
     assert podman.run_container(spec(), {"K": "aaaaaaaa"}, tmp_path) == CID
-    assert fp.call_count([*INSPECT, NAME]) == 2
+    assert fp.call_count([*INSPECT, NAME]) == 1
 
 
 def test_run_refuses_a_foreign_container_with_our_name(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    register_inspect(fp, NAME, inspect_json(labels={"maintainer": "someone"}))
+    fp.register(["podman", "run", fp.any()], returncode=125, stderr=IN_USE.format(NAME, CID2))
+    register_inspect(fp, NAME, inspect_json(CID2, labels={"maintainer": "someone"}))
     with pytest.raises(PodmanError, match="does not manage"):
         podman.run_container(spec(), {"K": "secret-value"}, tmp_path)
-    assert run_argvs(fp) == []
-    assert fp.call_count(["podman", "rm", fp.any()]) == 0
-    assert not list((tmp_path / "run").glob("env-*")) if (tmp_path / "run").exists() else True
+    assert len(run_argvs(fp)) == 1
+    assert fp.call_count(["podman", "rm", fp.any()]) == 0 and fp.call_count(["podman", "stop", fp.any()]) == 0
+    assert not list((tmp_path / "run").glob("env-*"))
 
 
 def test_run_replaces_a_leftover_of_ours(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    fp.register(["podman", "run", fp.any()], returncode=125, stderr=IN_USE.format(NAME, CID2))
     register_inspect(fp, NAME, inspect_json(CID2, running=False, status="created"))
     fp.register(["podman", "rm", "--force", "--time", "3", NAME], stdout=NAME + "\n")
     register_inspect(fp, NAME, missing=True)
-    fp.register(["podman", "image", "exists", fp.any()])
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
     register_verify(fp)
     assert podman.run_container(spec(), {}, tmp_path) == CID
+
+
+def test_run_gives_up_when_the_name_stays_taken(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    fp.register(["podman", "run", fp.any()], returncode=125, stderr=IN_USE.format(NAME, CID2), occurrences=2)
+    register_inspect(fp, NAME, missing=True, occurrences=2)
+    with pytest.raises(PodmanError, match="already in use"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert len(run_argvs(fp)) == 2
 
 
 @pytest.mark.parametrize(
@@ -459,20 +478,25 @@ def test_run_replaces_a_leftover_of_ours(fp: Any, podman: Podman, tmp_path: Path
      ({"K": "x" * 70000}, "env-file limit")],
 )
 def test_run_bad_env_runs_nothing(fp: Any, podman: Podman, tmp_path: Path, env: dict[str, str], match: str) -> None:
-    register_deploy_prelude(fp)
     with pytest.raises(PodmanError, match=match):
         podman.run_container(spec(), env, tmp_path)
-    assert run_argvs(fp) == []
+    assert fp.call_count(["podman", fp.any()]) == 0
     assert not list((tmp_path / "run").glob("env-*"))
+
+
+@pytest.mark.parametrize("field,value", [("name", "-x"), ("name", "a b"), ("image", "--privileged"), ("image", "a b")])
+def test_run_bad_spec_runs_nothing(fp: Any, podman: Podman, tmp_path: Path, field: str, value: str) -> None:
+    with pytest.raises(PodmanError):
+        podman.run_container(spec(**{field: value}), {}, tmp_path)
+    assert fp.call_count(["podman", fp.any()]) == 0
 
 
 def test_volume_outside_volumes_dir_is_refused(fp: Any, podman: Podman, tmp_path: Path) -> None:
     (tmp_path / "volumes" / "svc1").mkdir(parents=True)
     (tmp_path / "volumes" / "svc1" / "data").symlink_to("/etc")
-    register_deploy_prelude(fp)
     with pytest.raises(PodmanError, match="outside|symlink"):
         podman.run_container(spec(volumes=(Volume("data", "/data"),)), {}, tmp_path / "volumes")
-    assert run_argvs(fp) == []
+    assert fp.call_count(["podman", fp.any()]) == 0
 
 
 def test_stale_env_files_are_removed(fp: Any, podman: Podman, tmp_path: Path) -> None:
@@ -482,51 +506,75 @@ def test_stale_env_files_are_removed(fp: Any, podman: Podman, tmp_path: Path) ->
     os.utime(stale, (1, 1))
     fresh = tmp_path / "run" / "env-new"
     fresh.mkdir()
-    register_deploy_prelude(fp)
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
     register_verify(fp)
     podman.run_container(spec(), {}, tmp_path)
     assert not stale.exists() and fresh.exists()
 
 
-def test_run_that_crashes_is_stopped_and_reported(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    register_deploy_prelude(fp)
+def register_halt(fp: Any, restarts: int) -> None:
+    fp.register(["podman", "stop", "--time", "0", CID], stdout=CID, occurrences=2)
+    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=restarts), occurrences=2)
+
+
+def test_run_that_crash_loops_is_halted_and_reported(fp: Any, podman: Podman, tmp_path: Path) -> None:
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
-    register_inspect(fp, CID, inspect_json(running=True, restarts=0))
     register_inspect(fp, CID, inspect_json(running=True, restarts=3, started="2026-01-01T00:00:01Z"))
     fp.register(["podman", "logs", "--tail", "50", CID], stderr="panic: no DATABASE_URL\n")
-    fp.register(["podman", "stop", "--time", "0", CID], stdout=CID)
+    register_halt(fp, 4)
     with pytest.raises(PodmanError, match="(?s)did not stay running.*no DATABASE_URL"):
         podman.run_container(spec(), {}, tmp_path)
-    assert fp.call_count(["podman", "stop", "--time", "0", CID]) == 1
+    assert fp.call_count(["podman", "stop", "--time", "0", CID]) == 2
+    assert fp.call_count(["podman", "rm", fp.any()]) == 0  # halted, kept for its logs
+
+
+def test_halt_removes_a_container_that_keeps_respinning(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=0))
+    fp.register(["podman", "logs", fp.any()], stdout="boom\n")
+    for count in range(1, 9):
+        fp.register(["podman", "stop", "--time", "0", CID])
+        register_inspect(fp, CID, inspect_json(running=True, restarts=count))
+    fp.register(["podman", "rm", "--force", "--time", "0", CID])
+    register_inspect(fp, CID, missing=True)
+    with pytest.raises(PodmanError, match="boom"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count(["podman", "rm", "--force", "--time", "0", CID]) == 1
 
 
 def test_run_exited_at_once_fails_fast(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    register_deploy_prelude(fp)
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
     register_inspect(fp, CID, inspect_json(running=False, status="exited"))
     fp.register(["podman", "logs", fp.any()], stdout="boom\n")
-    fp.register(["podman", "stop", fp.any()])
+    register_halt(fp, 0)
     with pytest.raises(PodmanError, match="boom"):
         podman.run_container(spec(), {}, tmp_path)
-    assert fp.call_count([*INSPECT, CID]) == 1
+
+
+def test_run_still_starting_is_polled_until_running(fp: Any, tmp_path: Path) -> None:
+    slept: list[float] = []
+    podman = Podman(opts(tmp_path), sleep=slept.append)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_inspect(fp, CID, inspect_json(running=False, status="created"), occurrences=3)
+    register_verify(fp)
+    assert podman.run_container(spec(), {}, tmp_path) == CID
+    assert slept == [0.01, 0.1, 0.2, 0.4]
 
 
 def test_run_failure_removes_the_created_leftover(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    register_deploy_prelude(fp)
-    fp.register(["podman", "run", fp.any()], returncode=126, stderr="Error: crun: executable file not found\n")
+    fp.register(["podman", "run", fp.any()], returncode=126, stderr="Error: runc: executable file not found\n")
     register_inspect(fp, NAME, inspect_json(running=False, status="created"))
     fp.register(["podman", "rm", "--force", "--time", "0", NAME])
     register_inspect(fp, NAME, missing=True)
     with pytest.raises(PodmanError, match="executable file not found"):
         podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count(["podman", "rm", fp.any()]) == 1
 
 
 IPAM = "Error: IPAM error: requested ip address 10.200.3.2 is already allocated to container ID {}\n"
 
 
 def register_ipam_failure(fp: Any, holder: str) -> None:
-    register_deploy_prelude(fp)
     fp.register(["podman", "run", fp.any()], returncode=126, stderr=IPAM.format(holder))
     register_inspect(fp, NAME, inspect_json(running=False, status="created"))
     fp.register(["podman", "rm", "--force", "--time", "0", NAME])
@@ -544,6 +592,16 @@ def test_ipam_conflict_with_a_stale_container_of_ours_recovers(fp: Any, podman: 
     assert len(run_argvs(fp)) == 2
 
 
+def test_ipam_conflict_with_an_older_copy_of_the_same_deployment(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_ipam_failure(fp, CID2)
+    register_inspect(fp, CID2, inspect_json(CID2, ours(), running=True, name="renamed-copy"))
+    fp.register(["podman", "rm", "--force", "--time", "0", CID2])
+    register_inspect(fp, CID2, missing=True)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    assert podman.run_container(spec(), {}, tmp_path) == CID
+
+
 def test_ipam_conflict_with_a_foreign_holder_fails_clearly(fp: Any, podman: Podman, tmp_path: Path) -> None:
     register_ipam_failure(fp, CID2)
     register_inspect(fp, CID2, inspect_json(CID2, {"maintainer": "x"}, name="their-db"))
@@ -558,6 +616,17 @@ def test_ipam_conflict_with_a_running_container_of_another_deployment(fp: Any, p
     with pytest.raises(PodmanError, match="held by running container svc1-other of deployment other"):
         podman.run_container(spec(), {}, tmp_path)
     assert fp.call_count(["podman", "rm", "--force", "--time", "0", CID2]) == 0
+
+
+def test_ipam_conflict_twice_is_not_looped(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_ipam_failure(fp, CID2)
+    register_inspect(fp, CID2, inspect_json(CID2, ours(deployment="old"), running=False, status="exited"))
+    fp.register(["podman", "rm", "--force", "--time", "0", CID2])
+    register_inspect(fp, CID2, missing=True)
+    register_ipam_failure(fp, CID2)
+    with pytest.raises(PodmanError, match="already allocated"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert len(run_argvs(fp)) == 2
 
 
 # --- start / restart / stop / remove --------------------------------------------------------

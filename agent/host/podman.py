@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 NOT_FOUND_MARKERS = ("no such container", "no container with name or id", "no such object")
 # netavark: "IPAM error: requested ip address 10.200.1.2 is already allocated to container ID <64 hex>"
+NAME_IN_USE = "is already in use"
+IMAGE_UNKNOWN = "image not known"
 IPAM_CONFLICT = re.compile(r"already allocated(?: to container ID ([0-9a-f]{12,64}))?", re.IGNORECASE)
 CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 # What podman accepts as a container name or id; anything else never reaches an argv.
@@ -101,8 +103,9 @@ class PodmanOptions:
     run_dir: Path = Path("/run/techulus-agent")
     # How long a started container may take to be seen running (PROTOCOL.md §14: 30 s).
     verify_timeout: float = 30.0
-    # A container counts as running once seen running, without a restart, this long apart.
-    settle_time: float = 0.5
+    # A started container must still run (without a restart) this long after: catches
+    # programs that exit at once, yet keeps a deploy close to the cost of `podman run`.
+    settle_time: float = 0.1
     # `always`: podman-restart.service brings containers back after a reboot even while
     # the control plane is down (§17.26). Podman 4 restarts without backoff, so crash loops
     # are detected here (RestartCount) and stopped.
@@ -294,40 +297,21 @@ class Podman:
     def run_container(self, spec: ExpectedContainer, env: Mapping[str, str], volumes_dir: Path) -> str:
         """Create and start the container for `spec`; returns its id once it runs.
 
-        A leftover container of ours with the same name is removed first; one that is not
-        ours stops the deploy. The image is pulled only if it is missing (the caller pulls
-        to refresh tags); `podman run` itself never pulls.
+        The happy path is one `podman run` and one inspect. Only when the run fails are
+        the obstacles looked at, once each: a container with our name (removed if it is
+        ours and a leftover, refused if it is not ours), a missing image (pulled; the
+        caller pulls to refresh tags, `podman run` itself never pulls), an IP held by
+        another container (§9.6.2 IPAM recovery, see `_free_ip`).
         """
         _checked_ref(spec.name)
         _checked_image(spec.image)
-        existing = self.inspect(spec.name)
-        if existing is not None:
-            if not _is_ours(_labels_of(existing), self.options.scope_label):
-                raise PodmanError(f"a container named {spec.name} exists that the agent does not manage; not replacing it")
-            log.info("removing leftover container %s before deploying it again", spec.name)
-            self._remove_ours(spec.name, grace=self.options.stop_timeout)
-        if not self.image_exists(spec.image):
-            self.pull(spec.image)
         for volume in spec.volumes:
             _make_volume_dir(volumes_dir, spec.volume_host_path(volumes_dir, volume))
         self._remove_stale_env_files()
         env_dir = self._env_file(env) if env else None
         try:
             argv = self._run_argv(spec, volumes_dir, env_dir / "env" if env_dir else None)
-            secrets = [value for value in env.values() if len(value) >= MIN_SECRET_LEN]
-            try:
-                result = self._run(*argv, secrets=secrets)
-            except PodmanCommandError as exc:
-                conflict = IPAM_CONFLICT.search(exc.output)
-                self._remove_failed_run(spec.name)
-                if conflict is None or not spec.ip_address:
-                    raise
-                self._free_ip(spec, conflict.group(1) or "")
-                try:
-                    result = self._run(*argv, secrets=secrets)
-                except PodmanCommandError:
-                    self._remove_failed_run(spec.name)
-                    raise
+            result = self._run_resolving_obstacles(spec, argv, [v for v in env.values() if len(v) >= MIN_SECRET_LEN])
         finally:
             if env_dir is not None:
                 shutil.rmtree(env_dir, ignore_errors=True)
@@ -337,12 +321,41 @@ class Podman:
             container_id = str(info.get("Id") or spec.name)
         if not self.wait_running(container_id, baseline_restarts=0):
             tail = self.logs_tail(container_id)
-            # With restart=always podman would restart a crashing container at once,
-            # forever: stop it, keep it (and its logs) for the reconciler to decide.
-            self._run("stop", "--time", "0", container_id, check=False)
+            self._halt(container_id)
             raise PodmanError(f"container {spec.name} did not stay running; last log lines:\n{tail}")
         log.info("container %s (%s) runs %s", spec.name, container_id[:12], spec.image)
         return container_id
+
+    def _run_resolving_obstacles(self, spec: ExpectedContainer, argv: list[str], secrets: list[str]) -> Result:
+        handled: set[str] = set()
+        while True:
+            try:
+                return self._run(*argv, secrets=secrets)
+            except PodmanCommandError as exc:
+                output = exc.output
+                if NAME_IN_USE in output and "name" not in handled:
+                    handled.add("name")
+                    existing = self.inspect(spec.name)
+                    if existing is not None and not _is_ours(_labels_of(existing), self.options.scope_label):
+                        raise PodmanError(
+                            f"a container named {spec.name} exists that the agent does not manage; not replacing it"
+                        ) from exc
+                    if existing is not None:
+                        log.info("removing leftover container %s before deploying it again", spec.name)
+                        self._remove_ours(spec.name, grace=self.options.stop_timeout)
+                    continue
+                # A failed run can leave a `created` container of ours behind.
+                self._remove_failed_run(spec.name)
+                if IMAGE_UNKNOWN in output and "image" not in handled:
+                    handled.add("image")
+                    self.pull(spec.image)
+                    continue
+                conflict = IPAM_CONFLICT.search(output)
+                if conflict is not None and spec.ip_address and "ip" not in handled:
+                    handled.add("ip")
+                    self._free_ip(spec, conflict.group(1) or "")
+                    continue
+                raise
 
     def _run_argv(self, spec: ExpectedContainer, volumes_dir: Path, env_file: Path | None) -> list[str]:
         opts = self.options
@@ -471,44 +484,60 @@ class Podman:
         return None
 
     def wait_running(self, ref: str, baseline_restarts: int | None = None) -> bool:
-        """True once the container is seen running twice, `settle_time` apart, with no
-        restart in between. False as soon as it is seen exited or restarted (a crash
-        loop under restart=always), or after `verify_timeout`."""
+        """True once the container runs `settle_time` after it was started and has not
+        restarted since (`baseline_restarts`: its RestartCount before; read now if None).
+        False as soon as it is seen exited or restarted (a crash loop under
+        restart=always), or after `verify_timeout`. A container that starts at once
+        costs one sleep of `settle_time` and one inspect."""
         ref = _checked_ref(ref)
         deadline = time.monotonic() + self.options.verify_timeout
-        delay = 0.1
-        first_seen: tuple[str, int] | None = None
+        if baseline_restarts is None:
+            info = self.inspect(ref)
+            baseline_restarts = _int(info.get("RestartCount")) if info else 0
+        wait = self.options.settle_time
         while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("container %s was not running after %gs", ref, self.options.verify_timeout)
+                return False
+            self._sleep(min(wait, remaining))
             info = self.inspect(ref)
             if info is None:
                 log.warning("container %s vanished while waiting for it to run", ref)
                 return False
             state = info.get("State") or {}
             restarts = _int(info.get("RestartCount"))
-            if baseline_restarts is None:
-                baseline_restarts = restarts
             status = str(state.get("Status") or "").lower()
             if restarts > baseline_restarts:
                 log.warning("container %s restarted %d time(s) while starting", ref, restarts - baseline_restarts)
                 return False
             if state.get("Running"):
-                started = str(state.get("StartedAt") or "")
-                if first_seen is None or first_seen != (started, restarts):
-                    first_seen = (started, restarts)
-                    wait = self.options.settle_time
-                else:
-                    return True
-            elif status in STOPPED_STATES:
+                return True
+            if status in STOPPED_STATES:
                 log.warning("container %s is %s (exit code %s)", ref, status, state.get("ExitCode"))
                 return False
-            else:
-                first_seen = None
-                wait = delay
-                delay = min(delay * 2, 1.0)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._sleep(min(wait, remaining))
+            # created/initialized/stopping: podman is still on it; look again soon.
+            wait = min(max(wait * 2, 0.1), 1.0)
+
+    def _halt(self, ref: str, attempts: int = 8) -> None:
+        """Stop a container that failed to start so restart=always does not respin it
+        forever (podman 4 restarts at once, without backoff). A `podman stop` that lands
+        while the container is between two restarts does not stick, so repeat until it
+        stays down; keep it (its logs stay readable) or, failing that, remove it."""
+        last_count = -1
+        for _ in range(attempts):
+            self._run("stop", "--time", "0", ref, check=False)
+            info = self.inspect(ref)
+            if info is None:
+                return
+            count = _int(info.get("RestartCount"))
+            if count == last_count and not (info.get("State") or {}).get("Running"):
+                log.info("stopped failing container %s after %d restart(s)", ref, count)
+                return
+            last_count = count
+            self._sleep(0.3)
+        log.warning("container %s keeps restarting; removing it", ref)
+        self._remove_ours(ref, grace=0)
 
     def _require_ours(self, ref: str) -> dict[str, Any] | None:
         info = self.inspect(ref)
@@ -522,15 +551,20 @@ class Podman:
             raise PodmanError(f"cannot start container {ref}: it does not exist")
         self._run("start", ref)
         if not self.wait_running(ref, baseline_restarts=_int(info.get("RestartCount"))):
-            raise PodmanError(f"container {ref} did not stay running after start: {self.logs_tail(ref)}")
+            tail = self.logs_tail(ref)
+            self._halt(ref)
+            raise PodmanError(f"container {ref} did not stay running after start: {tail}")
 
     def restart(self, ref: str) -> None:
         info = self._require_ours(ref)
         if info is None:
             raise PodmanError(f"cannot restart container {ref}: it does not exist")
         self._run("restart", "--time", self._stop_time(), ref, timeout=self.options.timeout + self.options.stop_timeout)
-        if not self.wait_running(ref, baseline_restarts=None):
-            raise PodmanError(f"container {ref} did not stay running after restart: {self.logs_tail(ref)}")
+        # `podman restart` and `start` leave RestartCount alone: only crashes raise it.
+        if not self.wait_running(ref, baseline_restarts=_int(info.get("RestartCount"))):
+            tail = self.logs_tail(ref)
+            self._halt(ref)
+            raise PodmanError(f"container {ref} did not stay running after restart: {tail}")
 
     def stop_and_remove(self, ref: str) -> None:
         """Stop (grace period `stop_timeout`), remove, and verify it is gone (§9.6.3)."""
