@@ -57,6 +57,9 @@ class AgentConfig:
         encryption_key = data.get("encryptionKey") or ""
         if not isinstance(server_id, str) or not server_id:
             raise IdentityError(f"{source}: serverId is missing")
+        if len(server_id) > 256 or not all("!" <= ch <= "~" for ch in server_id):
+            # It is sent as the x-server-id header: printable ASCII without spaces only.
+            raise IdentityError(f"{source}: serverId must be printable ASCII without spaces, got {server_id[:40]!r}")
         if isinstance(subnet_id, bool) or not isinstance(subnet_id, int) or not 1 <= subnet_id <= 255:
             raise IdentityError(f"{source}: subnetId must be an integer 1..255, got {subnet_id!r}")
         if not isinstance(wireguard_ip, str) or not isinstance(encryption_key, str):

@@ -43,6 +43,7 @@ def test_go_data_dir_loads_unchanged(tmp_path):
         (lambda r: (r / "config.json").unlink(), "register again"),
         (lambda r: (r / "config.json").write_text("{"), "not valid JSON"),
         (lambda r: (r / "config.json").write_text('{"serverId":"x","subnetId":0}'), "subnetId"),
+        (lambda r: (r / "config.json").write_text('{"serverId":"a b\\n","subnetId":1}'), "printable ASCII"),
         (lambda r: (r / "keys" / "private.key").write_bytes(b"x" * 10), "64 raw bytes"),
         (lambda r: (r / "wireguard.key").write_text("nope"), "wireguard.key"),
     ],

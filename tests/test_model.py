@@ -10,7 +10,7 @@ import pytest
 from agent.model import ModelError, parse_expected_state
 
 SUBNET = ipaddress.IPv4Network("10.200.1.0/24")
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "control-plane"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "control-plane"
 
 
 def container(**overrides):
