@@ -102,8 +102,16 @@ class CaddyProcess:
             return exc.code, exc.read().decode()
 
     def routes(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.admin_url}/config/apps/http/servers/srv1/routes", timeout=5) as response:
-            return json.loads(response.read())
+        # Caddy restarts its admin listener around config loads: a reset here is retried.
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(f"{self.admin_url}/config/apps/http/servers/srv1/routes", timeout=5) as response:
+                    return json.loads(response.read())
+            except ConnectionError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
 
 
 class Upstream:

@@ -165,8 +165,16 @@ class CaddySync:
         self.admin_url = url
         self.listen = settings.caddy_https_listen
         timeout = float(getattr(settings, "caddy_timeout", 10.0))
+        # Caddy restarts its admin listener around config loads (and after a rejected one)
+        # and drops kept-alive connections, so every request uses a fresh connection
+        # ("Connection: close") and a reset is retried after a short pause. Every request we
+        # send is idempotent: PATCH replaces the whole route list.
         self._http = urllib3.PoolManager(
-            num_pools=2, maxsize=2, retries=False, timeout=urllib3.Timeout(connect=min(timeout, 3.0), read=timeout)
+            num_pools=2, maxsize=2, timeout=urllib3.Timeout(connect=min(timeout, 3.0), read=timeout),
+            retries=urllib3.Retry(
+                total=3, connect=3, read=3, status=0, other=0, redirect=False, raise_on_status=False,
+                allowed_methods=None, backoff_factor=0.05,
+            ),
         )
         mode = str(getattr(settings, "caddy_log_append", "auto")).lower()
         if mode not in ("auto", "true", "false"):
@@ -267,7 +275,9 @@ class CaddySync:
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         url = self.admin_url + path
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {"Connection": "close"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
             response = self._http.request(method, url, body=body, headers=headers, preload_content=False)
         except urllib3.exceptions.HTTPError as exc:
