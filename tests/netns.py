@@ -67,9 +67,9 @@ class Lan:
         """Stop what runs inside (SIGTERM first: wireguard-go then removes its control socket)."""
         all_pids: list[int] = []
         for ns in self.namespaces:
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                if pid.isdigit():
-                    all_pids.append(int(pid))
+            for text in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                if text.isdigit():
+                    all_pids.append(int(text))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in all_pids:
                 try:
