@@ -135,7 +135,7 @@ def test_deploy_two_containers_reachable_with_labels_secrets_volumes_health(
         health_check=HealthCheck(HEALTH_CMD, interval=30, timeout=5, retries=3, start_period=0),
     )
     second = make_spec(podman_net, 3, httpd_image)
-    id1 = pm.run_container(first, {"DATABASE_URL": secret, "PLAIN": "x"}, volumes_dir)
+    id1 = pm.run_container(first, {"DATABASE_URL": secret, "EMPTY": "", "SPACED": " a b "}, volumes_dir)
     id2 = pm.run_container(second, {}, volumes_dir)
     assert len(id1) == 64 and len(id2) == 64 and id1 != id2
 
@@ -162,7 +162,8 @@ def test_deploy_two_containers_reachable_with_labels_secrets_volumes_health(
     # The secret is inside the container, but was never in an argv; the env file was 0600
     # in a 0700 dir and is gone.
     env_inside = podman("exec", id1, "env").stdout
-    assert f"DATABASE_URL={secret}" in env_inside
+    assert f"DATABASE_URL={secret}\n" in env_inside
+    assert "\nEMPTY=\n" in env_inside and "\nSPACED= a b \n" in env_inside
     assert all(secret not in arg for call in capture_runs for arg in call["argv"])
     runs = [call for call in capture_runs if "env_file" in call]
     assert len(runs) == 1
