@@ -204,3 +204,20 @@ def test_netns_prefix_and_interface_name(tmp_path: Path, fp) -> None:  # type: i
         wg.actual_hash()
     with pytest.raises(WireGuardError, match="interface name"):
         WireGuardSync(replace(Settings(), wireguard_interface="-wg0 x"), identity())
+
+
+def test_prepare_keeps_a_file_with_invalid_peers(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    wg = sync(tmp_path)
+    wg.conf_path.parent.mkdir(mode=0o700)
+    bad = render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [WireGuardPeer(K2, "0.0.0.0/0")])
+    wg.conf_path.write_text(bad)
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link())
+    fp.register(["wg", "syncconf", "wg0", "/dev/stdin"])
+    fp.register(["ip", "-4", "address", "replace", "10.100.1.1/32", "dev", "wg0"])
+    fp.register(["ip", "link", "set", "dev", "wg0", "mtu", "1420", "up"])
+    fp.register(["ip", "-j", "-4", "route", "show", "dev", "wg0"], stdout="[]")
+    fp.register(["sysctl", "-n", "net.ipv4.ip_forward"], stdout="1\n")
+    fp.register(["iptables", "-S", "FORWARD"], stdout="-P FORWARD ACCEPT\n")
+    wg.prepare()
+    assert wg.conf_path.read_text() == bad
+    assert fp.call_count(["ip", "-batch", "-"]) == 0  # no route towards 0.0.0.0/0

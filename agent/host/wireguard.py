@@ -323,10 +323,15 @@ class WireGuardSync:
         A file with peers that no longer validate is not applied; the first reconcile will.
         """
         peers = self.file_peers(missing_ok=True)
-        if self.validate(peers):
-            log.warning("%s holds peers that do not validate; bringing %s up without them", self.conf_path, self.interface)
+        problems = self.validate(peers)
+        if problems:
+            # Keep the file as it is (it is evidence, and bad input destroys nothing); the
+            # first reconcile writes the expected peers.
+            log.warning("%s holds peers that do not validate (%s); bringing %s up without them",
+                        self.conf_path, "; ".join(problems), self.interface)
             peers = []
-        self._write_file(peers)
+        else:
+            self._write_file(peers)
         self._bring_up(peers)
         for problem in self.forwarding_problems():
             log.warning("wireguard: %s", problem)
