@@ -377,7 +377,7 @@ class Cursor:
         return format_rfc3339_ns(self.ns)
 
 
-@dataclass
+@dataclass(slots=True)
 class LogLine:
     ns: int | None
     time_text: str
@@ -420,6 +420,7 @@ class ContainerLogCollector:
         positions_path: Path,
         *,
         read_timeout: float = 30.0,
+        max_lines: int = 20_000,
         first_run_window: float = 60.0,
         now_ns: Callable[[], int] = time.time_ns,
     ) -> None:
@@ -428,6 +429,8 @@ class ContainerLogCollector:
         self.sender = sender
         self.positions_path = positions_path
         self.read_timeout = read_timeout
+        self.max_lines = max_lines
+        self.last_read_complete = True
         self.first_run_window = first_run_window
         self._now_ns = now_ns
         self._read: dict[str, Cursor] = {}
@@ -485,6 +488,11 @@ class ContainerLogCollector:
                 continue  # an exited container whose final lines we already have
             try:
                 queued += self._collect_container(container)
+                # A backlog is read in bounded slices, back to back while the queue has room.
+                rounds = 1
+                while not self.last_read_complete and rounds < 50 and not self.sender.congested():
+                    queued += self._collect_container(container)
+                    rounds += 1
             except CommandError as exc:
                 log.warning("log collection for %s failed: %s", container.short_id, exc)
                 continue
@@ -507,7 +515,8 @@ class ContainerLogCollector:
     def _collect_container(self, container: ContainerInfo) -> int:
         cid = container.id
         argv = [self.podman, "logs", "--timestamps", *self._since_arg(cid), cid]
-        lines = read_podman_logs(argv, self.read_timeout)
+        lines, complete = read_podman_logs(argv, self.read_timeout, self.max_lines)
+        self.last_read_complete = complete
         cursor = self._read.get(cid)
         deployment = container.deployment_id[:_FIELD_VALUE_MAX]
         service = container.service_id[:_FIELD_VALUE_MAX]
@@ -576,11 +585,13 @@ class ContainerLogCollector:
         return dict(self._committed)
 
 
-def read_podman_logs(argv: Sequence[str], timeout: float) -> list[LogLine]:
-    """Run `podman logs`, reading stdout and stderr concurrently, as a list ordered by time.
+def read_podman_logs(argv: Sequence[str], timeout: float, max_lines: int = 20_000) -> tuple[list[LogLine], bool]:
+    """Run `podman logs`, reading stdout and stderr concurrently; lines ordered by time.
 
-    On timeout the child's process group is killed and only lines up to the point both
-    streams had reached are kept, so the cursor never jumps over unread lines.
+    Returns (lines, complete). At `max_lines` (bounded memory) or on timeout the child's
+    process group is killed first and its pipes are then read to the end: podman writes
+    lines in log order, so what we got is exactly a prefix of the log and the cursor
+    taken from it skips nothing. A line cut by the kill is dropped (re-read next time).
     """
     proc = popen(argv)
     assert proc.stdout is not None and proc.stderr is not None
@@ -594,13 +605,18 @@ def read_podman_logs(argv: Sequence[str], timeout: float) -> list[LogLine]:
         selector.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     open_streams = set(streams)
-    timed_out = False
+    killed = ""
+    total = 0
     try:
         while open_streams:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
-                break
+                if killed:
+                    break  # pipes still held open by something: give up on them
+                killed = f"did not finish within {timeout:g}s"
+                kill_group(proc)
+                deadline = time.monotonic() + 5.0
+                continue
             for key, _ in selector.select(min(remaining, 1.0)):
                 fd = key.fd
                 try:
@@ -610,32 +626,15 @@ def read_podman_logs(argv: Sequence[str], timeout: float) -> list[LogLine]:
                 if not chunk:
                     selector.unregister(fd)
                     open_streams.discard(fd)
-                    if buffers[fd]:
+                    if buffers[fd] and not killed:
                         _add_line(bytes(buffers[fd]), streams[fd], collected)
-                        buffers[fd].clear()
+                    buffers[fd].clear()
                     continue
-                buffer = buffers[fd]
-                start = 0
-                while True:
-                    newline = chunk.find(b"\n", start)
-                    if newline < 0:
-                        break
-                    piece = chunk[start:newline]
-                    if overflow[fd]:
-                        overflow[fd] = False  # the tail of an over-long line: already cut
-                    elif buffer:
-                        buffer.extend(piece)
-                        _add_line(bytes(buffer[:MAX_LINE]), streams[fd], collected)
-                        buffer.clear()
-                    else:
-                        _add_line(piece[:MAX_LINE], streams[fd], collected)
-                    start = newline + 1
-                if not overflow[fd]:
-                    buffer.extend(chunk[start:])
-                    if len(buffer) > MAX_LINE:
-                        _add_line(bytes(buffer[:MAX_LINE]), streams[fd], collected)
-                        buffer.clear()
-                        overflow[fd] = True
+                total += _split_chunk(chunk, buffers[fd], overflow, fd, streams[fd], collected)
+            if total >= max_lines and not killed:
+                killed = f"reached {max_lines} lines"
+                kill_group(proc)
+                deadline = time.monotonic() + 5.0
     finally:
         selector.close()
         if open_streams:
@@ -646,19 +645,47 @@ def read_podman_logs(argv: Sequence[str], timeout: float) -> list[LogLine]:
             kill_group(proc)
         for pipe in (proc.stdout, proc.stderr):
             pipe.close()
-    if timed_out:
-        log.warning("`%s` did not finish within %gs; keeping what it printed so far", " ".join(argv), timeout)
-        limits = [lines[-1].ns for lines in collected.values() if lines and lines[-1].ns is not None]
-        limit = min(limits) if limits else None
-        for name in collected:
-            collected[name] = [ln for ln in collected[name] if ln.ns is None or (limit is not None and ln.ns <= limit)]
+    if killed:
+        log.debug("`%s` %s; continuing from there next time", " ".join(argv), killed)
     elif proc.returncode not in (0, None):
         stderr_text = " ".join(ln.message for ln in collected["stderr"][-3:])
         if not collected["stdout"] and collected["stderr"] and all(ln.ns is None for ln in collected["stderr"]):
             raise CommandError(tuple(argv), proc.returncode, "", stderr_text)
     merged = collected["stdout"] + collected["stderr"]
     merged.sort(key=lambda ln: ln.ns if ln.ns is not None else 0)
-    return merged
+    return merged, not killed
+
+
+def _split_chunk(
+    chunk: bytes, buffer: bytearray, overflow: dict[int, bool], fd: int, stream: str, collected: dict[str, list[LogLine]]
+) -> int:
+    """Add the complete lines in `chunk` (after what `buffer` holds); returns how many."""
+    added = 0
+    start = 0
+    while True:
+        newline = chunk.find(b"\n", start)
+        if newline < 0:
+            break
+        piece = chunk[start:newline]
+        if overflow[fd]:
+            overflow[fd] = False  # the tail of an over-long line: already cut
+        elif buffer:
+            buffer.extend(piece)
+            _add_line(bytes(buffer[:MAX_LINE]), stream, collected)
+            buffer.clear()
+            added += 1
+        else:
+            _add_line(piece[:MAX_LINE], stream, collected)
+            added += 1
+        start = newline + 1
+    if not overflow[fd]:
+        buffer.extend(chunk[start:])
+        if len(buffer) > MAX_LINE:
+            _add_line(bytes(buffer[:MAX_LINE]), stream, collected)
+            buffer.clear()
+            overflow[fd] = True
+            added += 1
+    return added
 
 
 def _add_line(raw: bytes, stream: str, collected: dict[str, list[LogLine]]) -> None:
