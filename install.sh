@@ -610,9 +610,15 @@ ensure_service() {  # ensure_service NAME: enabled, running; restarted only when
     # Agent: KillMode=process in its unit, so this restart leaves every container running.
     run systemctl restart "$name"
     changed "restarted $name"
-  elif ! systemctl is-active --quiet "$name"; then
-    run systemctl start "$name"
-    changed "started $name"
+  else
+    # "activating" covers a unit waiting to be restarted by systemd: nothing to do here.
+    case "$(systemctl is-active "$name" 2>/dev/null)" in
+      active | activating | reloading) ;;
+      *)
+        run systemctl start "$name"
+        changed "started $name"
+        ;;
+    esac
   fi
 }
 
@@ -691,7 +697,7 @@ main() {
   done
 
   STEP_TOTAL=1
-  [ "$DOWNLOAD_ONLY" = 0 ] && STEP_TOTAL=$((6 + (1 - SKIP_CADDY) * 2 + (1 - SKIP_BUILD)))
+  [ "$DOWNLOAD_ONLY" = 0 ] && STEP_TOTAL=$((7 + (1 - SKIP_CADDY) * 2 + (1 - SKIP_BUILD)))
   say "Techulus Cloud worker setup (log: $LOG_FILE)"
   step "Downloading and verifying"
   plan_downloads
