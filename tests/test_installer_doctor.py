@@ -1,0 +1,122 @@
+"""`agent doctor` (agent/doctor.py): one line per check, fix hints, exit status.
+
+Tool version commands are faked (pytest-subprocess); the control plane is tests/fakecp.py
+on loopback; /proc and /sys/class/net are temp dirs the test fills.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from agent import crypto
+from agent.doctor import run_doctor
+from agent.identity import AgentConfig, DataDir, PendingKeys
+from agent.settings import Settings
+from tests.fakecp import FakeControlPlane
+
+TOOLS = {"podman": "podman version 4.3.1", "wg": "wireguard-tools v1.0", "dnsmasq": "Dnsmasq version 2.90",
+         "git": "git version 2.39", "buildctl": "buildctl v0.15.2", "railpack": "railpack 0.2.2"}
+
+
+def fake_tools(fp, present: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    for name, version in present.items():
+        argv = [f"/usr/bin/{name}", "version" if name == "caddy" else "--version"]
+        fp.register(argv, stdout=version + "\n", occurrences=5)
+
+
+def which_of(present: set[str]):  # type: ignore[no-untyped-def]
+    return lambda name: f"/usr/bin/{name}" if name in present else None
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> tuple[Path, Path]:
+    proc = tmp_path / "proc"
+    (proc / "sys/net/ipv4").mkdir(parents=True)
+    (proc / "sys/net/ipv4/ip_forward").write_text("1\n")
+    (proc / "4242").mkdir()
+    (proc / "4242/comm").write_text("dnsmasq\n")
+    net = tmp_path / "net"
+    net.mkdir()
+    return proc, net
+
+
+def doctor(settings: Settings, host: tuple[Path, Path], present: set[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    code = run_doctor(settings, out=out, which=which_of(present), proc=host[0], net=host[1])
+    return code, out.getvalue()
+
+
+def base_settings(tmp_path: Path, **extra: object) -> Settings:
+    values: dict[str, object] = {"data_dir": str(tmp_path / "data"), "manage_caddy": False,
+                                 "buildkit_host": "tcp://127.0.0.1:9", "url": "http://127.0.0.1:9"}
+    values.update(extra)
+    return Settings.from_mapping(values)
+
+
+def test_unregistered_without_token_fails_with_a_hint(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    code, text = doctor(base_settings(tmp_path), host, set(TOOLS) | {"wg-quick"})
+    assert code == 1
+    lines = text.splitlines()
+    assert "OK    podman: /usr/bin/podman (podman version 4.3.1)" in lines
+    assert "OK    dnsmasq: running" in lines
+    assert "OK    ip forwarding: enabled" in lines
+    assert any(line.startswith("FAIL  registration: not registered") and "re-run install.sh with --token" in line for line in lines)
+    assert any(line.startswith("FAIL  control plane: http://127.0.0.1:9 unreachable") for line in lines)
+    assert any(line.startswith("WARN  buildkit: tcp://127.0.0.1:9") for line in lines)
+    assert any(line.startswith("WARN  wireguard: interface wg0 does not exist") for line in lines)
+    assert lines[-1] == "16 checks: 2 failed, 4 warnings"
+
+
+def test_missing_required_tool_fails_but_missing_build_tools_only_warn(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    present = {k: v for k, v in TOOLS.items() if k not in ("podman", "buildctl")}
+    fake_tools(fp, present)
+    code, text = doctor(base_settings(tmp_path, token="t" * 16), host, set(present) | {"wg-quick"})
+    assert code == 1
+    assert "FAIL  podman: not found on PATH -- fix: apt-get install podman" in text
+    assert "WARN  buildctl: not found on PATH" in text
+    assert "WARN  registration: not registered yet" in text
+
+
+def test_forwarding_off_and_open_data_dir_fail(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    (host[0] / "sys/net/ipv4/ip_forward").write_text("0\n")
+    (host[0] / "4242/comm").write_text("bash\n")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    code, text = doctor(base_settings(tmp_path), host, set(TOOLS) | {"wg-quick"})
+    assert code == 1
+    assert "FAIL  ip forwarding: disabled" in text
+    assert "FAIL  dnsmasq: not running" in text
+    assert f"chmod 700 {data}" in text
+
+
+def test_registered_server_against_the_fake_control_plane(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    (host[1] / "wg0").mkdir()
+    with FakeControlPlane() as cp:
+        keys = PendingKeys.generate()
+        server = cp.add_server(crypto.public_key_b64(keys.signing_key), subnet_id=7)
+        DataDir(tmp_path / "data").commit_registration(keys, AgentConfig(server.id, 7, "10.100.7.1"))
+        settings = base_settings(tmp_path, url=cp.url, buildkit_host="unix:///run/buildkit.sock")
+        code, text = doctor(settings, host, set(TOOLS) | {"wg-quick"})
+    assert code == 0, text
+    assert f"OK    registration: registered as server {server.id}" in text
+    assert "OK    signed request" in text
+    assert "OK    wireguard: interface wg0 is up" in text
+    assert "OK    clock:" in text
+    assert "this server can run the agent" in text.splitlines()[-1]
+
+
+def test_unknown_server_is_reported(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    with FakeControlPlane() as cp:
+        keys = PendingKeys.generate()
+        DataDir(tmp_path / "data").commit_registration(keys, AgentConfig("0" * 24, 7, "10.100.7.1"))
+        code, text = doctor(base_settings(tmp_path, url=cp.url), host, set(TOOLS) | {"wg-quick"})
+    assert code == 1
+    assert "FAIL  signed request:" in text and "404" in text
