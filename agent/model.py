@@ -155,6 +155,17 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
     )
 
 
+def parse_wireguard_peers(raw: Any) -> tuple[list[WireGuardPeer], list[str]]:
+    """Peers from a payload (e.g. `update_wireguard`), with the expected state's checks;
+    returns the valid peers and one problem line per rejected entry."""
+    problems: list[str] = []
+    try:
+        items = _list(raw, "peers")
+    except ModelError as exc:
+        return [], [str(exc)]
+    return _entries(items, "wireguard peer", _wireguard_peer, problems), problems
+
+
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key)
     if value is None:

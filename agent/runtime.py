@@ -91,23 +91,30 @@ def podman_options(settings: Settings, config: AgentConfig, dns_servers: tuple[s
 
 
 def config_syncs(settings: Settings, identity: Identity | None) -> list[ConfigSync]:
-    """The DNS, Caddy and WireGuard adapters this server manages (none in standalone mode
-    unless the settings turn them on)."""
-    syncs: list[ConfigSync] = []
+    """The DNS, Caddy and WireGuard adapters this server manages, in the order of §9.5
+    (none in standalone mode). An adapter whose settings are unusable is left out with an
+    error line; the rest of the agent runs on."""
     if identity is None:
-        return syncs
+        return []
+    wanted: list[Callable[[], ConfigSync]] = []
     if settings.manage_dns:
         from agent.host.dns import DnsSync
 
-        syncs.append(DnsSync(settings, identity))
+        wanted.append(lambda: DnsSync(settings, identity))
     if settings.manage_caddy:
         from agent.host.caddy import CaddySync
 
-        syncs.append(CaddySync(settings, identity))
+        wanted.append(lambda: CaddySync(settings, identity))
     if settings.manage_wireguard:
         from agent.host.wireguard import WireGuardSync
 
-        syncs.append(WireGuardSync(settings, identity))
+        wanted.append(lambda: WireGuardSync(settings, identity))
+    syncs: list[ConfigSync] = []
+    for build in wanted:
+        try:
+            syncs.append(build())
+        except Exception as exc:  # noqa: BLE001 - a bad setting disables that part only
+            log.error("not managing this part of the configuration: %s", exc)
     return syncs
 
 

@@ -85,6 +85,25 @@ class Settings:
     caddy_admin_url: str = "http://localhost:2019"
     caddy_https_listen: str = ":443"
     caddy_access_log: Path = Path("/var/log/caddy/techulus.log")
+    caddy_timeout: float = 10.0
+    # "auto" adds the log_append handler only when this Caddy build has it.
+    caddy_log_append: str = "auto"
+    # Run wg/ip inside this network namespace (tests, unusual hosts); "" = this one.
+    wireguard_netns: str = ""
+    # WG_QUICK_USERSPACE_IMPLEMENTATION in the environment wins over this.
+    wireguard_go: str = "wireguard-go"
+    wireguard_allowed_networks: tuple[str, ...] = ("10.100.0.0/16", "10.200.0.0/16")
+    wireguard_timeout: float = 30.0
+    dns_listen_host: str = "127.0.0.1"
+    dns_domain: str = "internal"
+    dns_verify_timeout: float = 10.0
+    # Upstream resolvers for non-internal names, each `ip` or `ip#port`; empty = from the resolv files.
+    dns_upstream_servers: tuple[str, ...] = ()
+    dns_resolv_files: tuple[str, ...] = ("/run/systemd/resolve/resolv.conf", "/etc/resolv.conf")
+    # Empty = never restart dnsmasq (it only runs when our drop-in changes).
+    dnsmasq_restart_command: tuple[str, ...] = ("systemctl", "restart", "dnsmasq")
+    resolved_conf_dir: Path | None = Path("/etc/systemd/resolved.conf.d")
+    resolved_restart_command: tuple[str, ...] = ("systemctl", "try-restart", "systemd-resolved")
 
     # Builds.
     buildkit_host: str = "tcp://127.0.0.1:1234"

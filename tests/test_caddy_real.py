@@ -162,8 +162,7 @@ def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
 
 def make_sync(caddy: CaddyProcess, **extra: object) -> CaddySync:
     settings = replace(Settings(), caddy_admin_url=caddy.admin_url, caddy_https_listen=f"127.0.0.1:{caddy.https_port}")
-    for key, value in extra.items():
-        object.__setattr__(settings, key, value)
+    settings = replace(settings, **extra)
     identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 1, "10.100.1.1"))
     return CaddySync(settings, identity)
 

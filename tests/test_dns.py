@@ -32,8 +32,7 @@ def make(tmp_path: Path, **extra: object) -> DnsSync:
     settings = replace(Settings(), dnsmasq_conf_dir=tmp_path / "d", dns_hosts_dir=tmp_path / "h", data_dir=tmp_path)
     values = {"resolved_conf_dir": tmp_path / "resolved.conf.d", "dns_resolv_files": (tmp_path / "resolv.conf",)}
     values.update(extra)
-    for key, value in values.items():
-        object.__setattr__(settings, key, value)
+    settings = replace(settings, **values)
     identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 3, "10.100.3.1"))
     return DnsSync(settings, identity)
 

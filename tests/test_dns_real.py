@@ -83,15 +83,15 @@ def make_sync(tmp_path: Path, subnet_id: int, port: int, listen: str, upstream_p
         Settings(), dnsmasq_conf_dir=tmp_path / "dnsmasq.d", dns_hosts_dir=tmp_path / "dns-hosts", dns_port=port,
         data_dir=tmp_path / "data",
     )
-    for key, value in {
-        "dns_listen_host": listen,
-        "dnsmasq_restart_command": (),  # the test runs dnsmasq itself
-        "resolved_conf_dir": tmp_path / "resolved.conf.d",
-        "resolved_restart_command": (),
-        "dns_upstream_servers": (f"127.0.0.1#{upstream_port}",),
-        "dns_verify_timeout": 1.0,
-    }.items():
-        object.__setattr__(settings, key, value)
+    settings = replace(
+        settings,
+        dns_listen_host=listen,
+        dnsmasq_restart_command=(),  # the test runs dnsmasq itself
+        resolved_conf_dir=tmp_path / "resolved.conf.d",
+        resolved_restart_command=(),
+        dns_upstream_servers=(f"127.0.0.1#{upstream_port}",),
+        dns_verify_timeout=1.0,
+    )
     identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", subnet_id, f"10.100.{subnet_id}.1"))
     return DnsSync(settings, identity)
 

@@ -134,3 +134,12 @@ def test_every_fixture_expected_state_parses():
         subnet = ipaddress.IPv4Network("10.200.2.0/24" if "-b" in path.name else "10.200.1.0/24")
         state = parse_expected_state(data, subnet)
         assert not state.problems, (path.name, state.problems)
+
+
+def test_parse_wireguard_peers_for_work_items():
+    from agent.model import parse_wireguard_peers
+
+    good = {"publicKey": "11RXTfrcyoZt2d7lU9xvoix87aedvwyjV7HsIbFkikg=", "allowedIps": "10.100.2.0/24,10.200.2.0/24", "endpoint": None}
+    peers, problems = parse_wireguard_peers([good, {"publicKey": "x"}])
+    assert len(peers) == 1 and peers[0].endpoint == "" and len(problems) == 1
+    assert parse_wireguard_peers("nope") == ([], ["peers must be a list, got str"])

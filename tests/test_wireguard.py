@@ -41,8 +41,7 @@ def identity() -> Identity:
 
 def sync(tmp_path: Path, **extra: object) -> WireGuardSync:
     settings = replace(Settings(), wireguard_config_dir=tmp_path / "wg", data_dir=tmp_path / "data")
-    for key, value in extra.items():
-        object.__setattr__(settings, key, value)
+    settings = replace(settings, **extra)
     return WireGuardSync(settings, identity())
 
 

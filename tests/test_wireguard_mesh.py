@@ -61,7 +61,7 @@ def make_server(lan: Lan, index: int, tmp: Path) -> Server:
         wireguard_interface=f"wt{lan.tag}{index}",
         wireguard_config_dir=tmp / f"wg{index}",
     )
-    object.__setattr__(settings, "wireguard_netns", ns)  # not a Settings field yet (see report)
+    settings = replace(settings, wireguard_netns=ns)
     return Server(ns, lan_ip, subnet_id, WireGuardSync(settings, identity))
 
 

@@ -164,7 +164,7 @@ class CaddySync:
             raise CaddyError(f"caddy_admin_url must be an http(s) URL, got {settings.caddy_admin_url!r}")
         self.admin_url = url
         self.listen = settings.caddy_https_listen
-        timeout = float(getattr(settings, "caddy_timeout", 10.0))
+        timeout = float(settings.caddy_timeout)
         # Caddy restarts its admin listener around config loads (and after a rejected one)
         # and drops kept-alive connections, so every request uses a fresh connection
         # ("Connection: close") and a reset is retried after a short pause. Every request we
@@ -176,7 +176,7 @@ class CaddySync:
                 allowed_methods=None, backoff_factor=0.05,
             ),
         )
-        mode = str(getattr(settings, "caddy_log_append", "auto")).lower()
+        mode = str(settings.caddy_log_append).lower()
         if mode not in ("auto", "true", "false"):
             raise CaddyError(f"caddy_log_append must be auto, true or false, got {mode!r}")
         # None = not known yet: try it, and fall back once if this Caddy build lacks the module.

@@ -238,7 +238,7 @@ def container_dns_servers(settings: Settings, identity: Identity) -> tuple[str, 
     A container's resolv.conf cannot name a port, so a dnsmasq moved off port 53 cannot serve
     containers; then they keep podman's default resolvers (and a warning is logged).
     """
-    configured = getattr(settings, "container_dns", "") or ""
+    configured = settings.container_dns or ""
     if configured:
         return tuple(validate.ip_address(part.strip(), "container_dns") for part in configured.split(",") if part.strip())
     if not settings.manage_dns:
@@ -257,20 +257,20 @@ class DnsSync:
     def __init__(self, settings: Settings, identity: Identity) -> None:
         self.settings = settings
         self.identity = identity
-        self.domain: str = getattr(settings, "dns_domain", "internal") or "internal"
-        self.listen_host: str = validate.ip_address(getattr(settings, "dns_listen_host", "127.0.0.1") or "127.0.0.1", "dns_listen_host")
+        self.domain: str = settings.dns_domain or "internal"
+        self.listen_host: str = validate.ip_address(settings.dns_listen_host or "127.0.0.1", "dns_listen_host")
         self.gateway = validate.ip_address(identity.config.container_gateway, "container gateway")
-        self.verify_timeout = float(getattr(settings, "dns_verify_timeout", 10.0))
+        self.verify_timeout = float(settings.dns_verify_timeout)
         self.restart_command: tuple[str, ...] = tuple(
-            getattr(settings, "dnsmasq_restart_command", ("systemctl", "restart", "dnsmasq"))
+            settings.dnsmasq_restart_command
         )
-        self.resolved_dir: Path | None = getattr(settings, "resolved_conf_dir", Path("/etc/systemd/resolved.conf.d"))
+        self.resolved_dir: Path | None = settings.resolved_conf_dir
         self.resolved_restart_command: tuple[str, ...] = tuple(
-            getattr(settings, "resolved_restart_command", ("systemctl", "try-restart", "systemd-resolved"))
+            settings.resolved_restart_command
         )
-        self.resolv_files: tuple[Path, ...] = tuple(Path(p) for p in getattr(settings, "dns_resolv_files", DEFAULT_RESOLV_FILES))
+        self.resolv_files: tuple[Path, ...] = tuple(Path(p) for p in settings.dns_resolv_files)
         self.explicit_upstreams: tuple[str, ...] = tuple(
-            check_upstream(s) for s in getattr(settings, "dns_upstream_servers", ()) or ()
+            check_upstream(s) for s in settings.dns_upstream_servers or ()
         )
 
     @property

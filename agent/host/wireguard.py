@@ -300,14 +300,14 @@ class WireGuardSync:
         subnet_id = identity.config.subnet_id
         self.own_networks = (f"10.100.{subnet_id}.0/24", identity.config.container_subnet)
         self.allowed_networks: tuple[str, ...] = tuple(
-            getattr(settings, "wireguard_allowed_networks", DEFAULT_ALLOWED_NETWORKS) or DEFAULT_ALLOWED_NETWORKS
+            settings.wireguard_allowed_networks or DEFAULT_ALLOWED_NETWORKS
         )
         # Tests (and unusual hosts) run the mesh inside a network namespace.
-        netns = getattr(settings, "wireguard_netns", "") or ""
+        netns = settings.wireguard_netns or ""
         self._prefix: tuple[str, ...] = ("ip", "netns", "exec", netns) if netns else ()
-        self.timeout = float(getattr(settings, "wireguard_timeout", 30.0))
+        self.timeout = float(settings.wireguard_timeout)
         self.userspace = (
-            os.environ.get("WG_QUICK_USERSPACE_IMPLEMENTATION") or getattr(settings, "wireguard_go", "") or "wireguard-go"
+            os.environ.get("WG_QUICK_USERSPACE_IMPLEMENTATION") or settings.wireguard_go or "wireguard-go"
         )
 
     @property
