@@ -33,6 +33,6 @@ if [ ! -x "$venv/bin/pytest" ] || [ "$here/pyproject.toml" -nt "$venv/.installed
   echo "install-test-deps: preparing venv $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >/dev/null
-  "$venv/bin/pip" install -q -e "$here[dev]"
+  "$venv/bin/pip" install -q -e "${here}[dev]"
   touch "$venv/.installed"
 fi
