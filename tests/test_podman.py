@@ -512,32 +512,17 @@ def test_stale_env_files_are_removed(fp: Any, podman: Podman, tmp_path: Path) ->
     assert not stale.exists() and fresh.exists()
 
 
-def register_halt(fp: Any, restarts: int) -> None:
-    fp.register(["podman", "stop", "--time", "0", CID], stdout=CID, occurrences=2)
-    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=restarts), occurrences=2)
+def register_removal(fp: Any, ref: str = CID) -> None:
+    fp.register(["podman", "rm", "--force", "--time", "0", ref])
+    register_inspect(fp, ref, missing=True)
 
 
-def test_run_that_crash_loops_is_halted_and_reported(fp: Any, podman: Podman, tmp_path: Path) -> None:
+def test_run_that_crash_loops_is_removed_and_reported(fp: Any, podman: Podman, tmp_path: Path) -> None:
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
     register_inspect(fp, CID, inspect_json(running=True, restarts=3, started="2026-01-01T00:00:01Z"))
     fp.register(["podman", "logs", "--tail", "50", CID], stderr="panic: no DATABASE_URL\n")
-    register_halt(fp, 4)
+    register_removal(fp)
     with pytest.raises(PodmanError, match="(?s)did not stay running.*no DATABASE_URL"):
-        podman.run_container(spec(), {}, tmp_path)
-    assert fp.call_count(["podman", "stop", "--time", "0", CID]) == 2
-    assert fp.call_count(["podman", "rm", fp.any()]) == 0  # halted, kept for its logs
-
-
-def test_halt_removes_a_container_that_keeps_respinning(fp: Any, podman: Podman, tmp_path: Path) -> None:
-    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
-    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=0))
-    fp.register(["podman", "logs", fp.any()], stdout="boom\n")
-    for count in range(1, 9):
-        fp.register(["podman", "stop", "--time", "0", CID])
-        register_inspect(fp, CID, inspect_json(running=True, restarts=count))
-    fp.register(["podman", "rm", "--force", "--time", "0", CID])
-    register_inspect(fp, CID, missing=True)
-    with pytest.raises(PodmanError, match="boom"):
         podman.run_container(spec(), {}, tmp_path)
     assert fp.call_count(["podman", "rm", "--force", "--time", "0", CID]) == 1
 
@@ -546,9 +531,40 @@ def test_run_exited_at_once_fails_fast(fp: Any, podman: Podman, tmp_path: Path) 
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
     register_inspect(fp, CID, inspect_json(running=False, status="exited"))
     fp.register(["podman", "logs", fp.any()], stdout="boom\n")
-    register_halt(fp, 0)
+    register_removal(fp)
     with pytest.raises(PodmanError, match="boom"):
         podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count([*INSPECT, CID]) == 2  # one verification, one check that it is gone
+
+
+def test_start_that_crash_loops_is_halted_and_kept(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=2))
+    fp.register(["podman", "start", CID])
+    register_inspect(fp, CID, inspect_json(running=True, restarts=5))
+    fp.register(["podman", "logs", fp.any()], stdout="crash\n")
+    fp.register(["podman", "stop", "--time", "0", CID], occurrences=2)
+    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=6))
+    register_inspect(fp, CID, inspect_json(running=False, status="stopped", restarts=7))  # the stop did not stick
+    register_inspect(fp, CID, inspect_json(running=False, status="exited", restarts=8), occurrences=2)
+    with pytest.raises(PodmanError, match="did not stay running after start: crash"):
+        podman.start(CID)
+    assert fp.call_count(["podman", "stop", "--time", "0", CID]) == 2
+    assert fp.call_count(["podman", "rm", fp.any()]) == 0  # halted, kept for its logs
+
+
+def test_restart_that_keeps_respinning_is_removed(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, inspect_json(restarts=0))
+    fp.register(["podman", "restart", "--time", "3", CID])
+    register_inspect(fp, CID, inspect_json(running=False, status="stopped", restarts=1))
+    fp.register(["podman", "logs", fp.any()], stdout="crash\n")
+    for count in range(2, 8, 2):
+        fp.register(["podman", "stop", "--time", "0", CID])
+        register_inspect(fp, CID, inspect_json(running=False, status="stopped", restarts=count))
+        register_inspect(fp, CID, inspect_json(running=False, status="stopped", restarts=count + 1))
+    register_removal(fp)
+    with pytest.raises(PodmanError, match="did not stay running after restart"):
+        podman.restart(CID)
+    assert fp.call_count(["podman", "rm", "--force", "--time", "0", CID]) == 1
 
 
 def test_run_still_starting_is_polled_until_running(fp: Any, tmp_path: Path) -> None:

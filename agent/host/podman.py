@@ -321,8 +321,11 @@ class Podman:
             container_id = str(info.get("Id") or spec.name)
         if not self.wait_running(container_id, baseline_restarts=0):
             tail = self.logs_tail(container_id)
-            self._halt(container_id)
-            raise PodmanError(f"container {spec.name} did not stay running; last log lines:\n{tail}")
+            # Under restart=always podman 4 respins a crashing container at once, forever,
+            # and a `podman stop` only sticks if it lands while the process runs. Removal
+            # is certain; the log tail travels in the error.
+            self._remove_ours(container_id, grace=0)
+            raise PodmanError(f"container {spec.name} did not stay running (removed it); last log lines:\n{tail}")
         log.info("container %s (%s) runs %s", spec.name, container_id[:12], spec.image)
         return container_id
 
@@ -519,23 +522,22 @@ class Podman:
             # created/initialized/stopping: podman is still on it; look again soon.
             wait = min(max(wait * 2, 0.1), 1.0)
 
-    def _halt(self, ref: str, attempts: int = 8) -> None:
-        """Stop a container that failed to start so restart=always does not respin it
-        forever (podman 4 restarts at once, without backoff). A `podman stop` that lands
-        while the container is between two restarts does not stick, so repeat until it
-        stays down; keep it (its logs stay readable) or, failing that, remove it."""
-        last_count = -1
+    def _halt(self, ref: str, attempts: int = 3) -> None:
+        """Stop an existing container that failed to (re)start so restart=always does not
+        respin it forever (podman 4 restarts at once, without backoff). A `podman stop`
+        that lands while the container is between two restarts does not stick, so try a
+        few times and keep it stopped (its logs stay readable), or else remove it."""
         for _ in range(attempts):
             self._run("stop", "--time", "0", ref, check=False)
-            info = self.inspect(ref)
-            if info is None:
+            before = self.inspect(ref)
+            self._sleep(0.25)
+            after = self.inspect(ref)
+            if before is None or after is None:
                 return
-            count = _int(info.get("RestartCount"))
-            if count == last_count and not (info.get("State") or {}).get("Running"):
+            count = _int(after.get("RestartCount"))
+            if count == _int(before.get("RestartCount")) and not (after.get("State") or {}).get("Running"):
                 log.info("stopped failing container %s after %d restart(s)", ref, count)
                 return
-            last_count = count
-            self._sleep(0.3)
         log.warning("container %s keeps restarting; removing it", ref)
         self._remove_ours(ref, grace=0)
 
