@@ -52,6 +52,8 @@ STREAM_FIELDS = "log_type,service_id"
 MAX_LINE = 1024 * 1024
 POSITIONS_FILE = "log-positions.json"
 CADDY_POSITION_FILE = "caddy-log-position.json"
+#: Entries in one collection pass that make the next pass come sooner.
+BUSY_PASS = 2000
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))\Z"
@@ -431,6 +433,7 @@ class ContainerLogCollector:
         self.read_timeout = read_timeout
         self.max_lines = max_lines
         self.last_read_complete = True
+        self.stop_event = threading.Event()  # set by the shipper at shutdown
         self.first_run_window = first_run_window
         self._now_ns = now_ns
         self._read: dict[str, Cursor] = {}
@@ -488,9 +491,10 @@ class ContainerLogCollector:
                 continue  # an exited container whose final lines we already have
             try:
                 queued += self._collect_container(container)
-                # A backlog is read in bounded slices, back to back while the queue has room.
+                # A backlog is read in bounded slices, back to back, each as large as the
+                # queue has room for; waiting (briefly) for the sender between slices.
                 rounds = 1
-                while not self.last_read_complete and rounds < 50 and not self.sender.congested():
+                while not self.last_read_complete and rounds < 100 and self._wait_for_room():
                     queued += self._collect_container(container)
                     rounds += 1
             except CommandError as exc:
@@ -512,10 +516,21 @@ class ContainerLogCollector:
             return []  # a container new since we last ran: all of its logs
         return ["--since", format_rfc3339_ns(self._now_ns() - int(self.first_run_window * 1e9))]
 
+    def _wait_for_room(self, patience: float = 10.0) -> bool:
+        deadline = time.monotonic() + patience
+        while self.sender.congested():
+            if time.monotonic() >= deadline or self.stop_event.is_set():
+                return False
+            time.sleep(0.05)
+        return True
+
     def _collect_container(self, container: ContainerInfo) -> int:
         cid = container.id
         argv = [self.podman, "logs", "--timestamps", *self._since_arg(cid), cid]
-        lines, complete = read_podman_logs(argv, self.read_timeout, self.max_lines)
+        # Never read more than the queue can take below its high-water mark: reading more
+        # would only make the sender drop the oldest of it.
+        room = max(1000, self.sender.max_entries // 2 - self.sender.pending())
+        lines, complete = read_podman_logs(argv, self.read_timeout, min(self.max_lines, room))
         self.last_read_complete = complete
         cursor = self._read.get(cid)
         deployment = container.deployment_id[:_FIELD_VALUE_MAX]
@@ -1055,6 +1070,7 @@ class LogShipper:
         for thread in senders + loops:
             thread.start()
         stop.wait()
+        self.containers.stop_event.set()
         for thread in loops:
             thread.join()
         sender_stop.set()
@@ -1076,11 +1092,15 @@ class LogShipper:
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_work:
+                done = 0
                 try:
-                    work()
+                    done = work()
                 except Exception:  # noqa: BLE001 - one bad pass must not end log shipping
                     log.exception("log shipping pass failed")
-                next_work = max(next_work + interval, time.monotonic())
+                # A busy source is read again sooner: podman caps a container's log file
+                # (10 MB), which at 10,000 lines/s holds only a few seconds.
+                pause = min(interval, 1.0) if done >= BUSY_PASS else interval
+                next_work = max(next_work + pause, time.monotonic()) if pause == interval else time.monotonic() + pause
             if time.monotonic() >= next_persist:
                 try:
                     persist()

@@ -469,3 +469,18 @@ def test_container_cursor_commits_only_delivered_lines_and_handles_exit_and_remo
     collector.persist()
     assert json.loads(positions.read_text())["positions"] == {}
     assert vlogs.messages() == ["one"]
+
+
+@pytest.mark.real
+def test_a_backlog_is_read_in_bounded_slices_without_losing_lines(tmp_path, vlogs, scripted_podman):
+    lines = [("stdout" if i % 3 else "stderr", T.format(i + 1), f"m{i}") for i in range(40)]
+    scripted_podman.set({CID: lines})
+    sender = LogSender(vlogs.url)
+    collector = ContainerLogCollector(scripted_podman.path, lambda: [_container()], sender, tmp_path / "pos.json",
+                                      max_lines=7, now_ns=lambda: parse_rfc3339_ns(T.format(0)))
+    assert collector.collect_once() == 40
+    assert len(scripted_podman.calls()) >= 2  # more than one slice was needed
+    while sender.send_once():
+        pass
+    assert sorted(vlogs.messages(), key=lambda m: int(m[1:])) == [f"m{i}" for i in range(40)]
+    assert len(vlogs.messages()) == 40
