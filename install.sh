@@ -626,6 +626,12 @@ do_services() {
   if [[ -n ${CHANGED_UNITS// /} ]]; then
     run systemctl daemon-reload
   fi
+  # Containers run with --restart=always; podman-restart brings them back at boot, before
+  # the agent (or the control plane) is reachable. Enabled only: starting it now is not needed.
+  if systemctl cat podman-restart.service >/dev/null 2>&1 && ! systemctl is-enabled --quiet podman-restart 2>/dev/null; then
+    run systemctl enable podman-restart
+    changed "enabled podman-restart"
+  fi
   local services=(dnsmasq)
   [ "$SKIP_BUILD" = 0 ] && services+=(buildkit)
   [ "$SKIP_CADDY" = 0 ] && services+=(caddy)

@@ -196,19 +196,17 @@ def container_changes(expected: ExpectedState, actual: Sequence[ContainerInfo]) 
     deploys: list[Change] = []
     redeploys: list[Change] = []
     for item in expected.containers:
-        container = by_deployment.get(item.deployment_id)
-        if container is None:
+        found = by_deployment.get(item.deployment_id)
+        if found is None:
             deploys.append(Change(ChangeKind.DEPLOY, "no container yet", expected=item))
-        elif not images_match(item.image, container.image):
-            redeploys.append(
-                Change(ChangeKind.REDEPLOY, f"image {container.image} should be {item.image}", container, item)
-            )
-        elif container.running or container.state in TRANSIENT_STATES:
+        elif not images_match(item.image, found.image):
+            redeploys.append(Change(ChangeKind.REDEPLOY, f"image {found.image} should be {item.image}", found, item))
+        elif found.running or found.state in TRANSIENT_STATES:
             continue
-        elif container.state in STARTABLE_STATES:
-            starts.append(Change(ChangeKind.START, f"container is {container.state}", container, item))
+        elif found.state in STARTABLE_STATES:
+            starts.append(Change(ChangeKind.START, f"container is {found.state}", found, item))
         else:
-            redeploys.append(Change(ChangeKind.REDEPLOY, f"container is {container.state}", container, item))
+            redeploys.append(Change(ChangeKind.REDEPLOY, f"container is {found.state}", found, item))
     return orphans + duplicates + unexpected + starts + deploys + redeploys
 
 

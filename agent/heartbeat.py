@@ -29,7 +29,7 @@ class Heartbeat:
         podman: Podman,
         interval: float,
         public_ip: Callable[[], str] = lambda: "",
-        on_beat: Callable[[], None] | None = None,
+        on_beat: Callable[[], object] | None = None,
     ) -> None:
         self._send = send
         self.podman = podman

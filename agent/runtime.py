@@ -86,7 +86,7 @@ def podman_options(settings: Settings, config: AgentConfig, dns_servers: tuple[s
         insecure_registries=settings.insecure_registries,
         dns_servers=dns_servers,
         publish_address=config.wireguard_ip,
-        run_dir=settings.data_dir / "run",
+        run_dir=settings.run_dir,
     )
 
 
@@ -292,7 +292,7 @@ def install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
         log.info("received %s; finishing the current step and stopping", signal.Signals(signum).name)
         stop.set()
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, handler)
     return previous

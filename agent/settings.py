@@ -68,6 +68,8 @@ class Settings:
     # production (so containers of the original agent are adopted); tests set it so that
     # parallel runs on one machine never see each other's containers.
     scope_label: str = ""
+    # Short-lived secret files (env files for `podman run`): a tmpfs, so none survives a reboot.
+    run_dir: Path = Path("/run/techulus-agent")
     # A container DNS resolver to pass to `podman run --dns` ("" = gateway when DNS is managed).
     container_dns: str = ""
 

@@ -34,6 +34,7 @@ def free_port() -> int:
 class Agent:
     def __init__(self, tmp_path: Path, net: TestNetwork | None) -> None:
         self.data_dir = tmp_path / "data"
+        self.run_dir = tmp_path / "run"
         self.log_path = tmp_path / "agent.log"
         self.net = net
         self.proc: subprocess.Popen[bytes] | None = None
@@ -50,6 +51,7 @@ class Agent:
                 "TECHULUS_AGENT_WORKQUEUE_INTERVAL": "1",
                 "TECHULUS_AGENT_STOP_TIMEOUT": "1",
                 "TECHULUS_AGENT_HTTP_RETRIES": "0",
+                "TECHULUS_AGENT_RUN_DIR": str(self.run_dir),
             }
         )
         if self.net is not None:
@@ -146,7 +148,7 @@ def test_register_reconcile_report_and_survive_bad_answers(cp, podman_net, tmp_p
         assert "GREETING=hello-from-lab" in inside
         create_command = podman("inspect", "--format", "{{json .Config.CreateCommand}}", first["Id"]).stdout
         assert "hello-from-lab" not in create_command, "secrets must never be on podman's command line"
-        assert not list((agent.data_dir / "run").glob("env-*")), "the env file is removed after podman run"
+        assert agent.run_dir.is_dir() and not list(agent.run_dir.rglob("*env*")), "the env file is removed after podman run"
         volume = agent.data_dir / "volumes" / document["containers"][0]["serviceId"] / "data"
         assert volume.is_dir(), "volume paths are chosen by the agent under its data dir"
 

@@ -169,12 +169,15 @@ def test_dns_caddy_and_wireguard_follow_the_expected_state(tmp_path, podman_env)
             cp.set_expected_state(server_id, state)
             wait_for(lambda: caddy.get("app.test") == (200, "upstream-b"), 30, "the new upstream", log_path)
 
-            # update_wireguard adds a peer at once and is acknowledged.
+            # update_wireguard adds a peer at once and is acknowledged. (Polls of the expected
+            # state fail meanwhile, or the next tick would put back the peers it lists.)
+            cp.fail_next(10_000, path="/api/v1/agent/expected-state")
             item = cp.add_work_item(server_id, "update_wireguard", {"peers": state["wireguard"]["peers"] + [
                 {"publicKey": peer_b, "allowedIps": "10.100.8.0/24,10.200.8.0/24", "endpoint": "192.0.2.8:51820"}]})
             wait_for(lambda: any(c.id == item and c.status == "completed" for c in cp.completions), 20,
                      "the update_wireguard completion", log_path)
             assert peer_b in in_ns(ns, "wg", "show", interface, "peers").stdout
+            cp.clear_faults()
 
             # The interface goes away (as after a reboot): the agent brings it back.
             in_ns(ns, "ip", "link", "del", interface)

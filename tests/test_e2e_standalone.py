@@ -54,6 +54,7 @@ class AgentProcess:
                 "TECHULUS_AGENT_SCOPE_LABEL": self.net.scope_label,
                 "TECHULUS_AGENT_STOP_TIMEOUT": "1",
                 "TECHULUS_AGENT_TICK_INTERVAL": "1",
+                "TECHULUS_AGENT_RUN_DIR": str(self.data_dir.parent / "run"),
                 "PYTHONPATH": str(REPO),
             }
         )

@@ -138,6 +138,8 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         assert token not in unit_argv
         assert machine.run("systemctl", "is-enabled", "dnsmasq").stdout.strip() == "enabled"
         assert machine.run("systemctl", "is-enabled", "buildkit").stdout.strip() == "enabled"
+        # Containers (--restart=always) come back at boot even before the agent can reach the CP.
+        assert machine.run("systemctl", "is-enabled", "podman-restart").stdout.strip() == "enabled"
         machine.run("systemd-analyze", "verify", "/etc/systemd/system/techulus-agent.service",
                     "/etc/systemd/system/buildkit.service")
 
