@@ -189,7 +189,7 @@ def test_register_reconcile_report_and_survive_bad_answers(cp, podman_net, tmp_p
 
         # Reports keep coming at the heartbeat pace throughout.
         times = [r.time_ms for r in cp.status_reports]
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         assert max(gaps) < 6000, f"status reports must never pause long, saw a {max(gaps)} ms gap"
 
         # The control plane goes away; containers vanish (as after a reboot); the agent
