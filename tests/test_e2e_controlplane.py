@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -17,18 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import e2e
+from tests.e2e import free_port
 from tests.fakecp import FakeControlPlane, encrypt_secret
 from tests.testbed import HTTPD_IMAGE, TestNetwork, podman, podman_env, podman_net  # noqa: F401
 
 pytestmark = [pytest.mark.real]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Agent:
@@ -76,15 +71,7 @@ class Agent:
 
 
 def wait_for(predicate, timeout: float, what: str, agent: Agent):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if agent.proc is not None and agent.proc.poll() is not None:
-            pytest.fail(f"agent exited ({agent.proc.returncode}) while waiting for {what}\n{agent.log()[-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}\n--- agent log ---\n{agent.log()[-4000:]}")
+    return e2e.wait_for(predicate, timeout, what, agent.log_path, agent.proc)
 
 
 def ours(net: TestNetwork) -> dict[str, dict]:

@@ -18,6 +18,7 @@ import pytest
 
 from agent import crypto
 from agent.host.dns import lookup
+from tests.e2e import wait_for
 from tests.fakecp import FakeControlPlane
 from tests.netns import Lan, in_ns, netns_available
 from tests.test_caddy_real import CaddyProcess, Upstream, free_port
@@ -33,19 +34,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_for(predicate, timeout: float, what: str, log_path: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}\n--- agent log ---\n{log_path.read_text(errors='replace')[-5000:]}")
 
 
 def test_dns_caddy_and_wireguard_follow_the_expected_state(tmp_path, podman_env):  # noqa: F811

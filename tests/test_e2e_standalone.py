@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import e2e
 from tests.testbed import HTTPD_IMAGE, TestNetwork, podman, podman_env, podman_net  # noqa: F401
 
 pytestmark = [pytest.mark.real]
@@ -79,13 +80,7 @@ def ours(net: TestNetwork) -> list[dict]:
 
 
 def wait_for(predicate, timeout: float, what: str, agent: AgentProcess):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}\n--- agent log ---\n{agent.log()[-4000:]}")
+    return e2e.wait_for(predicate, timeout, what, agent.log_path, agent.proc)
 
 
 def http_ok(ip: str) -> bool:
