@@ -1,0 +1,120 @@
+"""Status reports: their own thread keeps them coming while a step blocks for long, a
+podman failure reports the last known list rather than "nothing", and health is mapped so
+a stopped container never counts as healthy (PROTOCOL.md §17.18)."""
+
+import threading
+import time
+
+from agent import status
+from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, ContainerInfo
+from agent.heartbeat import Heartbeat
+from agent.loop import Reconciler
+from agent.model import ExpectedContainer, ExpectedState
+from agent.settings import Settings
+from tests.fakes import FakePodman, ListSource
+
+
+def info(dep, state="running", service="svc"):
+    labels = {LABEL_SERVICE_ID: service}
+    if dep:
+        labels[LABEL_DEPLOYMENT_ID] = dep
+    return ContainerInfo(f"id-{dep or 'orphan'}-{state}", f"n-{dep}", "localhost/x:latest", state, labels)
+
+
+def test_reports_continue_while_a_step_blocks():
+    podman = FakePodman()
+    podman.run_delay = 2.0  # a slow pull/run
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=0.2)
+    settings = Settings.load({"data_dir": "/nonexistent-test-dir"}, environ={})
+    state = ExpectedState(containers=(ExpectedContainer("d1", "svc", "S", "c-d1", "localhost/app:v1", ""),))
+    reconciler = Reconciler(settings, podman, ListSource(state), [], "", heartbeat, threading.Lock())
+    stop = threading.Event()
+    thread = threading.Thread(target=heartbeat.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        before = len(reports)
+        started = time.monotonic()
+        reconciler.tick()
+        assert time.monotonic() - started >= 2.0
+        during = len(reports) - before
+    finally:
+        stop.set()
+        thread.join(5)
+    assert during >= 5, f"only {during} reports while a 2 s step ran with a 0.2 s heartbeat"
+    assert not thread.is_alive(), "the heartbeat thread stops promptly"
+
+
+def test_podman_failure_reports_the_last_known_containers():
+    podman = FakePodman()
+    podman.add("d1")
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    heartbeat.send_once()
+    podman.fail["list"] = RuntimeError("podman hung")
+    heartbeat.send_once()
+    assert [c["deploymentId"] for c in reports[-1]["containers"]] == ["d1"]
+
+
+def test_failed_send_is_logged_not_raised(caplog):
+    from agent.api import Unavailable
+
+    def send(report):
+        raise Unavailable("control plane down")
+
+    Heartbeat(send, FakePodman(), interval=10).send_once()
+    assert "status report failed: control plane down" in caplog.text
+
+
+def test_report_shape_and_health_mapping():
+    containers = [info("run"), info("exited", "exited"), info("created", "created"), info("", "running"), info("x", service="")]
+    report = status.build_report(containers, {"id-run-running": "healthy"}, "203.0.113.7", include_resources=True)
+    assert list(report) == ["resources", "publicIp", "containers"]
+    assert set(report["resources"]) == {"cpuCores", "memoryMb", "diskGb"}
+    assert report["resources"]["cpuCores"] >= 1 and report["resources"]["memoryMb"] > 0
+    entries = {c["deploymentId"]: (c["status"], c["healthStatus"]) for c in report["containers"]}
+    assert entries == {"run": ("running", "healthy"), "exited": ("stopped", "unhealthy"), "created": ("stopped", "starting")}
+
+
+def test_report_without_resources_or_ip_still_has_containers():
+    report = status.build_report([], {}, "", include_resources=False)
+    assert report == {"containers": []}
+
+
+def test_resources_only_when_triggered_for_no_drift():
+    reports = []
+    heartbeat = Heartbeat(reports.append, FakePodman(), interval=10)
+    heartbeat.send_once()
+    heartbeat.trigger(include_resources=True)
+    heartbeat.send_once()
+    heartbeat.send_once()
+    assert ["resources" in r for r in reports] == [False, True, False]
+
+
+def _serve(status_code, body):
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(status_code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def test_public_ip_detection_validates_the_answer():
+    for code, body, expected in [(200, b"203.0.113.9\n", "203.0.113.9"), (200, b"<html>", ""), (500, b"1.2.3.4", "")]:
+        server, url = _serve(code, body)
+        try:
+            assert status.detect_public_ip(url, timeout=2) == expected
+        finally:
+            server.shutdown()
+    assert status.detect_public_ip("") == ""
+    assert status.detect_public_ip("http://127.0.0.1:9/", timeout=1) == ""
