@@ -50,6 +50,7 @@ class CountingVictoriaLogs:
         self.lock = threading.Lock()
         self.port = 0
         self.server: ThreadingHTTPServer | None = None
+        self.is_down = False
         self.up()
 
     def up(self) -> None:
@@ -62,6 +63,9 @@ class CountingVictoriaLogs:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802
+                if counter.is_down:  # kept-alive connections must not outlive down()
+                    self.close_connection = True
+                    return
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 numbers = []
                 for message in MSG.findall(body):
@@ -80,12 +84,14 @@ class CountingVictoriaLogs:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+        self.is_down = False
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def down(self) -> None:
+        self.is_down = True
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -212,7 +218,8 @@ def main() -> int:
         vlogs.up()
         recovered = time.monotonic()
         caught_up = None
-        while time.monotonic() - recovered < 120:
+        print(f"delivered during the outage {vlogs.delivered_up_to(after_outage) - vlogs.delivered_up_to(before_outage):10d} (must be 0)")
+        while time.monotonic() - recovered < 300:
             peak = max(peak, rss_kib(shipper.pid)[0])
             if vlogs.max_seq >= produced(name) - 2 * args.rate:
                 caught_up = time.monotonic() - recovered

@@ -34,6 +34,7 @@ class FakeVictoriaLogs:
         self.requests = 0
         self.query_strings: list[str] = []
         self.fail_with: int | None = None
+        self.is_down = False
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -54,6 +55,9 @@ class FakeVictoriaLogs:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                if fake.is_down:  # kept-alive connections must not outlive down()
+                    self.close_connection = True
+                    return
                 path, _, query = self.path.partition("?")
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
@@ -67,6 +71,7 @@ class FakeVictoriaLogs:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+        self.is_down = False
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -74,7 +79,8 @@ class FakeVictoriaLogs:
         self._thread.start()
 
     def down(self) -> None:
-        """Stop listening: connections are refused until `up()`."""
+        """Stop listening: connections are refused (open ones dropped) until `up()`."""
+        self.is_down = True
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
