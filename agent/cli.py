@@ -118,11 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - the known failures carry clear messages
         from agent.api import ApiError
+        from agent.host.podman import PodmanError
         from agent.identity import IdentityError
         from agent.model import ModelError
         from agent.registration import RegistrationError
 
-        if isinstance(exc, ApiError | IdentityError | ModelError | RegistrationError | SettingsError):
+        if isinstance(exc, ApiError | IdentityError | ModelError | RegistrationError | SettingsError | PodmanError):
             log.error("%s", exc)
             return EXIT_FAILURE
         raise

@@ -87,6 +87,7 @@ def podman_options(settings: Settings, config: AgentConfig, dns_servers: tuple[s
         dns_servers=dns_servers,
         publish_address=config.wireguard_ip,
         run_dir=settings.run_dir,
+        log_max_size=settings.container_log_max_size,
     )
 
 

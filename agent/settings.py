@@ -68,6 +68,9 @@ class Settings:
     # production (so containers of the original agent are adopted); tests set it so that
     # parallel runs on one machine never see each other's containers.
     scope_label: str = ""
+    # Podman's per-container log file cap. At 10k lines/s a 10 MB file holds ~8 s, less than
+    # the log shipper may lag behind; lines beyond the cap are lost before they are shipped.
+    container_log_max_size: str = "50mb"
     # Short-lived secret files (env files for `podman run`): a tmpfs, so none survives a reboot.
     run_dir: Path = Path("/run/techulus-agent")
     # A container DNS resolver to pass to `podman run --dns` ("" = gateway when DNS is managed).

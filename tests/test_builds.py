@@ -27,7 +27,7 @@ from agent.builds import (
 )
 from agent.settings import Settings
 from tests.fakevlogs import FakeVictoriaLogs
-from tests.test_builds_fakes import FakeTools, GitHttpServer, StubControlPlane, make_repo
+from tests.buildfakes import FakeTools, GitHttpServer, StubControlPlane, make_repo
 
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 TOKEN = "ghs_TopSecretInstallationToken123"

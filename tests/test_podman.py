@@ -336,7 +336,7 @@ def expected_run_argv(spec_: ExpectedContainer, volumes_dir: Path, env_file: str
     argv = ["podman", "run", "--detach", f"--name={spec_.name}", "--restart=always", "--pull=never",
             "--security-opt=no-new-privileges", "--cap-drop=ALL"]
     argv += [f"--cap-add={c}" for c in DEFAULT_CAPS]
-    argv += ["--log-driver=k8s-file", "--log-opt=max-size=10mb"]
+    argv += ["--log-driver=k8s-file", "--log-opt=max-size=50mb"]
     argv += [f"--label={LABEL_SERVICE_ID}=svc1", f"--label={LABEL_SERVICE_NAME}={spec_.service_name}",
              f"--label={LABEL_DEPLOYMENT_ID}={spec_.deployment_id}", f"--label={SCOPE}"]
     if spec_.ip_address:

@@ -156,7 +156,7 @@ def test_deploy_two_containers_reachable_with_labels_secrets_volumes_health(
     }
     assert info1["HostConfig"]["RestartPolicy"]["Name"] == "always"
     assert info1["HostConfig"]["LogConfig"]["Type"] == "k8s-file"
-    assert info1["HostConfig"]["LogConfig"]["Size"] == "10MB"
+    assert info1["HostConfig"]["LogConfig"]["Size"] == "50MB"
     assert "no-new-privileges" in " ".join(info1["HostConfig"].get("SecurityOpt") or [])
 
     # The secret is inside the container, but was never in an argv; the env file was 0600

@@ -110,7 +110,8 @@ class PodmanOptions:
     # the control plane is down (§17.26). Podman 4 restarts without backoff, so crash loops
     # are detected here (RestartCount) and stopped.
     restart_policy: str = "always"
-    log_max_size: str = "10mb"
+    # Per-container log file cap (k8s-file driver); `podman logs` only sees what is left.
+    log_max_size: str = "50mb"
     # `podman image prune --all --filter until=…` (§17.29: not only dangling images).
     prune_until: str = "168h"
     # Run a tiny init as PID 1 (forwards SIGTERM); off because some images must be PID 1.
@@ -142,6 +143,8 @@ class PodmanOptions:
             raise PodmanError("podman timeouts must be positive")
         if not re.fullmatch(r"no|always|unless-stopped|on-failure(:[0-9]+)?", self.restart_policy):
             raise PodmanError(f"restart policy {self.restart_policy!r} is not one podman knows")
+        if not re.fullmatch(r"[0-9]+([kmg]b?|b)?", self.log_max_size, re.IGNORECASE):
+            raise PodmanError(f"container log max size {self.log_max_size!r} must look like 50mb")
 
 
 class Podman:
