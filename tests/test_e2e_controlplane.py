@@ -19,7 +19,8 @@ import pytest
 from tests import e2e
 from tests.e2e import free_port
 from tests.fakecp import FakeControlPlane, encrypt_secret
-from tests.testbed import HTTPD_IMAGE, TestNetwork, podman, podman_env, podman_net  # noqa: F401
+from tests.fakevlogs import FakeVictoriaLogs
+from tests.testbed import HTTPD_IMAGE, TICKER_IMAGE, TestNetwork, podman, podman_env, podman_net  # noqa: F401
 
 pytestmark = [pytest.mark.real]
 
@@ -220,3 +221,30 @@ def test_control_plane_down_at_first_start_is_a_clear_error(tmp_path):
     assert agent.proc is not None and agent.proc.wait(timeout=60) == 1
     assert "cannot reach the control plane" in agent.log()
     assert not (agent.data_dir / "keys").exists()
+
+
+def test_container_logs_are_shipped_by_the_running_agent(cp, podman_net, tmp_path):  # noqa: F811
+    net = podman_net
+    occupy_subnets_except(cp, net.subnet_id)
+    vlogs = FakeVictoriaLogs()  # serving from construction
+    agent = Agent(tmp_path, net)
+    try:
+        agent.start(cp.url, "--token", cp.add_token(), "--logs-endpoint", vlogs.url)
+        wait_for((agent.data_dir / "config.json").exists, 20, "registration", agent)
+        server_id = json.loads((agent.data_dir / "config.json").read_text())["serverId"]
+        ticker = expected_container(net, 1, image=TICKER_IMAGE)
+        cp.set_expected_state(server_id, {"containers": [ticker]})
+
+        def shipped():
+            entries = [e for e in vlogs.of_type("container") if e.get("deployment_id") == ticker["deploymentId"]]
+            streams = {e["stream"] for e in entries}
+            return entries if {"stdout", "stderr"} <= streams and len(entries) >= 10 else None
+
+        entries = wait_for(shipped, 40, "container log lines in VictoriaLogs", agent)
+        sample = next(e for e in entries if e["stream"] == "stdout")
+        assert sample["service_id"] == ticker["serviceId"] and sample["_msg"].startswith("tick-")
+        assert all(e["_msg"].startswith("err-") for e in entries if e["stream"] == "stderr")
+        wait_for((agent.data_dir / "log-positions.json").exists, 20, "persisted log cursors", agent)
+    finally:
+        agent.stop(signal.SIGKILL)
+        vlogs.down()

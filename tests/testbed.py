@@ -34,6 +34,10 @@ network_backend = "netavark"
 BB_IMAGE = "localhost/techulus-test-bb:latest"
 # The same image whose default command serves /www on port 80 (the model has no command field).
 HTTPD_IMAGE = "localhost/techulus-test-httpd:latest"
+# Prints tick-N on stdout and err-N on stderr five times a second (for log shipping).
+TICKER_IMAGE = "localhost/techulus-test-ticker:latest"
+TICKER_CMD = 'CMD ["sh","-c","i=0; while true; do echo tick-$i; echo err-$i >&2; i=$((i+1)); sleep 0.2; done"]'
+
 
 
 def podman_available() -> bool:
@@ -85,6 +89,8 @@ def prepare_podman(workdir: Path) -> Path:
         _build_busybox_image(workdir)
     if podman("image", "exists", HTTPD_IMAGE, check=False).returncode != 0:
         podman("import", "--change", 'CMD ["httpd","-f","-p","80","-h","/www"]', str(_image_tar(workdir)), HTTPD_IMAGE)
+    if podman("image", "exists", TICKER_IMAGE, check=False).returncode != 0:
+        podman("import", "--change", TICKER_CMD, str(_image_tar(workdir)), TICKER_IMAGE)
     return conf
 
 
