@@ -27,8 +27,10 @@ def sh(*argv: str, check: bool = True, timeout: float = 30, input: str | None = 
     return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=timeout, input=input)
 
 
-def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return sh("ip", "netns", "exec", ns, *argv, check=check, timeout=timeout)
+def in_ns(
+    ns: str, *argv: str, check: bool = True, timeout: float = 30, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *argv, check=check, timeout=timeout, input=input)
 
 
 @dataclass

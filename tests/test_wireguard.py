@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from agent.host.wireguard import (
     WireGuardError,
     WireGuardSync,
     combine_live_and_file,
+    has_owner_header,
     parse_conf_peers,
+    parse_conf_private_key,
     parse_dump,
     parse_forward_rules,
     render_quick_conf,
@@ -48,6 +51,7 @@ def sync(tmp_path: Path, **extra: object) -> WireGuardSync:
 def test_quick_conf_format_is_wg_quick_compatible_and_round_trips() -> None:
     text = render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [P2, P3])
     assert text == (
+        f"# Written by techulus-agent; changes are overwritten.\n"
         f"[Interface]\nPrivateKey = {PRIV}\nAddress = 10.100.1.1/32\nListenPort = 51820\nMTU = 1420\n"
         f"\n[Peer]\nPublicKey = {K2}\nAllowedIPs = 10.100.2.0/24,10.200.2.0/24\nEndpoint = 198.51.100.4:51820\n"
         f"PersistentKeepalive = 25\n"
@@ -137,6 +141,10 @@ def test_bad_peers_run_no_command_and_write_no_file(tmp_path: Path, fp: object) 
     assert not wg.conf_path.exists()
 
 
+def _dump(private: str = PRIV, public: str = PUB, port: int = 51820) -> str:
+    return f"{private}\t{public}\t{port}\toff\n"
+
+
 def _link(up: bool = True, address: str | None = "10.100.1.1", mtu: int = 1420) -> str:
     info = [{"family": "inet", "local": address, "prefixlen": 32}] if address else []
     return json.dumps([{"ifname": "wg0", "flags": ["POINTOPOINT", "NOARP"] + (["UP"] if up else []), "mtu": mtu, "addr_info": info}])
@@ -146,7 +154,7 @@ def test_prepare_after_reboot_falls_back_to_wireguard_go(tmp_path: Path, fp, cap
     wg = sync(tmp_path)
     wg.conf_path.parent.mkdir(mode=0o700)
     wg.conf_path.write_text(render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [P2]))
-    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stderr='Device "wg0" does not exist.\n', returncode=1)
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stderr='Device "wg0" does not exist.\n', returncode=1, occurrences=2)
     fp.register(["ip", "link", "add", "dev", "wg0", "type", "wireguard"], stderr="Error: Unknown device type.\n", returncode=2)
     fp.register(["wireguard-go", "wg0"])
     fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link(up=False, address=None, mtu=1420))
@@ -169,6 +177,7 @@ def test_prepare_after_reboot_falls_back_to_wireguard_go(tmp_path: Path, fp, cap
 def test_private_key_never_in_argv(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
     wg = sync(tmp_path)
     fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link(), occurrences=3)
+    fp.register(["wg", "show", "wg0", "dump"], stdout=_dump())
     fp.register(["wg", "syncconf", "wg0", "/dev/stdin"])
     fp.register(["ip", "-4", "address", "replace", "10.100.1.1/32", "dev", "wg0"])
     fp.register(["ip", "link", "set", "dev", "wg0", "mtu", "1420", "up"])
@@ -192,6 +201,7 @@ def test_private_key_never_in_argv(tmp_path: Path, fp) -> None:  # type: ignore[
 def test_actual_hash_raises_when_interface_unusable(tmp_path: Path, fp, link: str, message: str) -> None:  # type: ignore[no-untyped-def]
     wg = sync(tmp_path)
     fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=link)
+    fp.register(["wg", "show", "wg0", "dump"], stdout=_dump())
     with pytest.raises(WireGuardError, match=message):
         wg.actual_hash()
 
@@ -210,7 +220,8 @@ def test_prepare_keeps_a_file_with_invalid_peers(tmp_path: Path, fp) -> None:  #
     wg.conf_path.parent.mkdir(mode=0o700)
     bad = render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [WireGuardPeer(K2, "0.0.0.0/0")])
     wg.conf_path.write_text(bad)
-    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link())
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link(), occurrences=2)
+    fp.register(["wg", "show", "wg0", "dump"], stdout=_dump())
     fp.register(["wg", "syncconf", "wg0", "/dev/stdin"])
     fp.register(["ip", "-4", "address", "replace", "10.100.1.1/32", "dev", "wg0"])
     fp.register(["ip", "link", "set", "dev", "wg0", "mtu", "1420", "up"])
@@ -220,3 +231,104 @@ def test_prepare_keeps_a_file_with_invalid_peers(tmp_path: Path, fp) -> None:  #
     wg.prepare()
     assert wg.conf_path.read_text() == bad
     assert fp.call_count(["ip", "-batch", "-"]) == 0  # no route towards 0.0.0.0/0
+
+
+# --- ownership: only what this agent wrote or created is touched ------------------------------
+
+OTHER_PRIV = crypto.new_wireguard_private_key()
+OTHER_PUB = crypto.wireguard_public_key(OTHER_PRIV)
+ADMIN_CONF = (
+    f"# my own VPN\n[Interface]\nPrivateKey = {OTHER_PRIV}\nAddress = 192.168.77.1/24\nListenPort = 51820\n"
+    f"PostUp = echo up\n\n[Peer]\nPublicKey = {K2}\nAllowedIPs = 192.168.77.0/24\n"
+)
+
+
+def _bring_up_calls(fp, link: str) -> None:  # type: ignore[no-untyped-def]
+    """What prepare() runs on an interface it may manage (after the ownership check)."""
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=link)
+    fp.register(["wg", "syncconf", "wg0", "/dev/stdin"])
+    fp.register(["ip", "-4", "address", "replace", "10.100.1.1/32", "dev", "wg0"])
+    fp.register(["ip", "link", "set", "dev", "wg0", "mtu", "1420", "up"])
+    fp.register(["ip", "-j", "-4", "route", "show", "dev", "wg0"], stdout="[]")
+    fp.register(["ip", "-batch", "-"])
+    fp.register(["sysctl", "-n", "net.ipv4.ip_forward"], stdout="1\n")
+    fp.register(["iptables", "-S", "FORWARD"], stdout="-P FORWARD ACCEPT\n")
+
+
+def test_a_foreign_wg0_conf_is_refused_and_left_alone(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    wg = sync(tmp_path)
+    wg.conf_path.parent.mkdir(mode=0o700)
+    wg.conf_path.write_text(ADMIN_CONF)
+    # No command is registered: any `wg`/`ip` call would fail the test with another error.
+    for action in (wg.prepare, wg.actual_hash, lambda: wg.apply(ExpectedState(wireguard_peers=(P2,))),
+                   lambda: wg.apply_peers([P2])):
+        with pytest.raises(WireGuardError, match=r"not written by techulus-agent .*refusing to manage wg0 \(nothing was changed\)"):
+            action()
+    assert wg.conf_path.read_text() == ADMIN_CONF
+    assert OTHER_PRIV not in str(pytest.raises(WireGuardError, wg.prepare).value)
+    assert not fp.calls
+
+
+def test_a_foreign_live_interface_is_refused_and_left_alone(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    wg = sync(tmp_path)
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link(address="192.168.77.1"), occurrences=4)
+    fp.register(["wg", "show", "wg0", "dump"], stdout=_dump(OTHER_PRIV, OTHER_PUB, 51820)
+                + f"{K2}\t(none)\t(none)\t192.168.77.0/24\t0\t0\t0\toff\n", occurrences=4)
+    for action in (wg.prepare, wg.actual_hash, lambda: wg.apply(ExpectedState(wireguard_peers=(P2,))),
+                   lambda: wg.apply_peers([P2])):
+        with pytest.raises(WireGuardError, match=rf"wg0 already runs with another key \(public key {re.escape(OTHER_PUB)}\)"):
+            action()
+    assert not wg.conf_path.exists()
+    # Only reads happened: no syncconf, no address or route change.
+    assert {tuple(call[:3]) for call in fp.calls} == {("ip", "-j", "address"), ("wg", "show", "wg0")}
+
+
+def test_an_interface_that_is_not_wireguard_is_refused(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    wg = sync(tmp_path)
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link(), occurrences=2)
+    fp.register(["wg", "show", "wg0", "dump"], stderr="Unable to access interface: Protocol not supported\n",
+                returncode=1, occurrences=2)
+    for action in (wg.prepare, wg.actual_hash):
+        with pytest.raises(WireGuardError, match="cannot read it as a WireGuard interface .*Protocol not supported"):
+            action()
+    assert not wg.conf_path.exists()
+
+
+def test_the_original_agents_wg0_conf_is_adopted(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    # The Go agent's file (§9.9.1): no header, no MTU, but our private key -> ours; rewritten with the header.
+    wg = sync(tmp_path)
+    wg.conf_path.parent.mkdir(mode=0o700)
+    original = (f"[Interface]\nPrivateKey = {PRIV}\nAddress = 10.100.1.1/32\nListenPort = 51820\n\n[Peer]\n"
+                f"PublicKey = {K2}\nAllowedIPs = 10.100.2.0/24,10.200.2.0/24\nEndpoint = 198.51.100.4:51820\n"
+                f"PersistentKeepalive = 25\n")
+    wg.conf_path.write_text(original)
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link(mtu=1420))
+    fp.register(["wg", "show", "wg0", "dump"], stdout=_dump())  # brought up by the Go agent's wg-quick
+    _bring_up_calls(fp, _link())
+    wg.prepare()
+    assert wg.conf_path.read_text() == render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [P2])
+    assert wg.conf_path.read_text().startswith("# Written by techulus-agent")
+    assert fp.call_count(["wg", "syncconf", "wg0", "/dev/stdin"]) == 1
+
+
+@pytest.mark.parametrize("unset", ["(none)", "A" * 43 + "="])
+def test_an_interface_without_a_key_is_adopted(tmp_path: Path, fp, unset: str) -> None:  # type: ignore[no-untyped-def]
+    # Created but never configured (by us before a crash, or by `ip link add`): nothing to lose.
+    wg = sync(tmp_path)
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link(up=False, address=None))
+    fp.register(["wg", "show", "wg0", "dump"], stdout=_dump(unset, "(none)", 60202))
+    _bring_up_calls(fp, _link(up=False, address=None))
+    wg.prepare()
+    assert fp.call_count(["wg", "syncconf", "wg0", "/dev/stdin"]) == 1
+    assert wg.conf_path.read_text().startswith("# Written by techulus-agent")
+
+
+def test_ownership_helpers() -> None:
+    ours = render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [P2])
+    assert has_owner_header(ours) and not has_owner_header(ADMIN_CONF)
+    assert parse_conf_private_key(ours) == PRIV
+    assert parse_conf_private_key(ADMIN_CONF) == OTHER_PRIV
+    assert parse_conf_private_key(f"[Peer]\nPrivateKey = {PRIV}\n") is None  # only [Interface] counts
+    assert parse_conf_private_key(f"[interface]\nprivatekey={PRIV} # c\n") == PRIV
+    assert parse_dump("(none)\t(none)\t0\toff\n").key_unset
+    assert not parse_dump(_dump()).key_unset

@@ -18,7 +18,7 @@ from agent.host.wireguard import WireGuardError, WireGuardSync
 from agent.identity import AgentConfig, Identity
 from agent.model import ExpectedState, WireGuardPeer
 from agent.settings import Settings
-from tests.netns import Lan, in_ns, netns_available
+from tests.netns import Lan, in_ns, netns_available, sh
 
 pytestmark = [
     pytest.mark.real,
@@ -176,3 +176,54 @@ def test_hostile_peers_leave_the_running_interface_alone(lan: Lan, tmp_path: Pat
         server.sync.apply_peers(overlapping)
     assert server.sync.actual_hash() == good_hash
     assert server.sync.conf_path.read_text() == conf_before
+
+
+def snapshot(ns: str, interface: str) -> tuple[str, str, str]:
+    """Everything an administrator's interface is made of: keys and peers, addresses, routes."""
+    return (
+        in_ns(ns, "wg", "show", interface, "dump").stdout,
+        in_ns(ns, "ip", "-4", "address", "show", "dev", interface).stdout,
+        in_ns(ns, "ip", "-4", "route", "show", "dev", interface).stdout,
+    )
+
+
+def test_a_foreign_interface_survives_untouched(lan: Lan, tmp_path: Path) -> None:
+    server = make_server(lan, 0, tmp_path)
+    ns, interface = server.ns, server.sync.interface
+    # An administrator's own wg0: wireguard-go, their key, their address, peer and route.
+    in_ns(ns, "wireguard-go", interface)
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(crypto.new_wireguard_private_key() + "\n")
+    key_file.chmod(0o600)
+    admin_peer = crypto.wireguard_public_key(crypto.new_wireguard_private_key())
+    in_ns(ns, "wg", "set", interface, "private-key", str(key_file), "listen-port", "41000",
+          "peer", admin_peer, "allowed-ips", "192.168.250.0/24", "endpoint", "192.0.2.7:41000")
+    in_ns(ns, "ip", "address", "add", "192.168.249.1/24", "dev", interface)
+    in_ns(ns, "ip", "link", "set", interface, "up")
+    in_ns(ns, "ip", "route", "add", "192.168.250.0/24", "dev", interface)
+    before = snapshot(ns, interface)
+
+    with pytest.raises(WireGuardError, match="already runs with another key"):
+        server.sync.prepare()
+    with pytest.raises(WireGuardError, match="already runs with another key"):
+        server.sync.apply(ExpectedState())
+    with pytest.raises(WireGuardError, match="already runs with another key"):
+        server.sync.actual_hash()
+    assert snapshot(ns, interface) == before
+    assert not server.sync.conf_path.exists()
+
+
+def test_the_written_file_is_accepted_by_wg_quick(lan: Lan, tmp_path: Path) -> None:
+    # The header comment must not break `wg-quick up` (the reboot path) nor `wg-quick strip | wg syncconf`.
+    server, other = make_server(lan, 0, tmp_path), make_server(lan, 1, tmp_path)
+    server.sync.apply_peers([other.as_peer()])
+    text = server.sync.conf_path.read_text()
+    assert text.startswith("# Written by techulus-agent")
+    stripped = sh("wg-quick", "strip", str(server.sync.conf_path)).stdout
+    in_ns(server.ns, "wg", "syncconf", server.sync.interface, "/dev/stdin", input=stripped)
+    assert server.sync.actual_hash() == server.sync.expected_hash(mesh_state([server, other], server))
+    # After a "reboot", wg-quick alone brings the same interface back from the file.
+    in_ns(server.ns, "ip", "link", "del", server.sync.interface)
+    env = "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go"
+    in_ns(server.ns, "env", env, "wg-quick", "up", str(server.sync.conf_path))
+    assert server.sync.actual_hash() == server.sync.expected_hash(mesh_state([server, other], server))

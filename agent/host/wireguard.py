@@ -9,7 +9,10 @@ Differences from the original agent, on purpose (§17 items 11, 12, 20):
 * MTU 1420 is set; IP forwarding and the FORWARD rule towards the containers are checked
   and reported (the agent adds no firewall rules);
 * every peer is validated (key, CIDRs inside the mesh ranges and outside this server's own
-  subnets, no overlap, endpoint) before anything is touched.
+  subnets, no overlap, endpoint) before anything is touched;
+* only what is ours is touched: the file carries an OWNER_HEADER line, and a wg0.conf or a live
+  interface that is somebody else's (another private key, no header) is refused, never taken
+  over. A file of the original agent (no header, but our key) is adopted: the upgrade path.
 
 The wg0.conf written here stays wg-quick compatible so `wg-quick@wg0` can bring the mesh up
 at boot even before the agent runs. The private key only ever travels through stdin.
@@ -24,7 +27,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,11 @@ PERSISTENT_KEEPALIVE = 25
 DEFAULT_ALLOWED_NETWORKS = ("10.100.0.0/16", "10.200.0.0/16")
 _KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+# First line of every wg0.conf we write: wg-quick, `wg-quick strip` and `wg syncconf` all
+# skip `#` comments, and it tells our file from an administrator's.
+OWNER_HEADER = "# Written by techulus-agent"
+# What `wg show dump` prints for a key that was never set (wireguard-go and the kernel).
+_UNSET_KEYS = frozenset({"(none)", "A" * 43 + "="})
 
 
 class WireGuardError(RuntimeError):
@@ -62,6 +70,11 @@ class LiveInterface:
     public_key: str
     listen_port: int
     peers: tuple[LivePeer, ...]
+    private_key: str = field(default="", repr=False)
+
+    @property
+    def key_unset(self) -> bool:
+        return self.private_key in _UNSET_KEYS and self.public_key in _UNSET_KEYS
 
 
 # --- pure parts: rendering and parsing ------------------------------------------------------
@@ -70,6 +83,7 @@ class LiveInterface:
 def render_quick_conf(private_key: str, address: str, port: int, mtu: int, peers: Sequence[WireGuardPeer]) -> str:
     """wg0.conf as wg-quick reads it: §9.9.1 plus `MTU` (upstream fix 10277d7)."""
     lines = [
+        f"{OWNER_HEADER}; changes are overwritten.",
         "[Interface]",
         f"PrivateKey = {private_key}",
         f"Address = {address}/32",
@@ -125,6 +139,26 @@ def parse_conf_peers(text: str) -> list[WireGuardPeer]:
     return peers
 
 
+def has_owner_header(text: str) -> bool:
+    """Was this wg0.conf written by this agent (a comment line starting with OWNER_HEADER)?"""
+    return any(line.strip().startswith(OWNER_HEADER) for line in text.splitlines())
+
+
+def parse_conf_private_key(text: str) -> str | None:
+    """The `[Interface]` PrivateKey of a wg0.conf (None when there is none)."""
+    section = ""
+    key = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("["):
+            section = line.lower()
+        elif section == "[interface]" and "=" in line:
+            name, _, value = line.partition("=")
+            if name.strip().lower() == "privatekey":
+                key = value.strip()
+    return key
+
+
 def parse_dump(text: str) -> LiveInterface:
     """`wg show <if> dump`: one interface line, then one tab-separated line per peer."""
     lines = [line for line in text.splitlines() if line.strip()]
@@ -146,7 +180,7 @@ def parse_dump(text: str) -> LiveInterface:
         allowed = () if fields[3] in ("(none)", "") else tuple(fields[3].split(","))
         keepalive = 0 if fields[7] in ("off", "") else int(fields[7]) if fields[7].isdigit() else 0
         peers.append(LivePeer(fields[0], endpoint, allowed, keepalive))
-    return LiveInterface(head[1], listen_port, tuple(peers))
+    return LiveInterface(head[1], listen_port, tuple(peers), head[0])
 
 
 def _networks(allowed_ips: Iterable[str]) -> frozenset[str]:
@@ -321,7 +355,9 @@ class WireGuardSync:
 
         Runs at agent start, so a reboot without `wg-quick@wg0` heals before the first poll.
         A file with peers that no longer validate is not applied; the first reconcile will.
+        An interface or file that is not ours is refused before anything is touched.
         """
+        self.check_ownership()
         peers = self.file_peers(missing_ok=True)
         problems = self.validate(peers)
         if problems:
@@ -351,6 +387,7 @@ class WireGuardSync:
         problems = self.validate(peers)
         if problems:
             raise WireGuardError("refusing to apply WireGuard peers (nothing was changed): " + "; ".join(problems))
+        self.check_ownership()
         self._write_file(peers)
         self._bring_up(peers)
         expected = wireguard_hash(peers)
@@ -361,6 +398,57 @@ class WireGuardSync:
                 f"(live: {self.actual_peers()!r})"
             )
         log.info("wireguard: %s has %d peers", self.interface, len(peers))
+
+    # Ownership ----------------------------------------------------------------------------------
+
+    def check_ownership(self) -> None:
+        """Raise (having changed nothing) when the file or the live interface is somebody else's."""
+        self._check_file_ownership()
+        link = self._link()
+        if link is not None:
+            self._check_live_ownership(self._dump())
+
+    def _check_file_ownership(self) -> None:
+        """Ours: no file, an empty one, our OWNER_HEADER, or our private key (the original agent's file)."""
+        try:
+            text = self.conf_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WireGuardError(f"cannot read {self.conf_path}: {exc}; refusing to manage {self.interface}") from exc
+        if not text.strip() or has_owner_header(text):
+            return
+        if parse_conf_private_key(text) == self.identity.wireguard_private_key:
+            return
+        raise WireGuardError(
+            f"{self.conf_path} was not written by techulus-agent (no {OWNER_HEADER!r} line) and holds another "
+            f"private key than {self.settings.data_dir}/wireguard.key: refusing to manage {self.interface} "
+            f"(nothing was changed); move that file away or set wireguard_interface to another name"
+        )
+
+    def _check_live_ownership(self, live: LiveInterface) -> None:
+        """Ours: our key, or no key at all (just created, by us or by an interrupted start)."""
+        ours = self.identity
+        if live.private_key == ours.wireguard_private_key or live.public_key == ours.wireguard_public_key:
+            return
+        if live.key_unset:
+            return
+        raise WireGuardError(
+            f"{self.interface} already runs with another key (public key {live.public_key}), not the one in "
+            f"{self.settings.data_dir}/wireguard.key: refusing to manage it (nothing was changed); remove it "
+            f"or set wireguard_interface to another name"
+        )
+
+    def _dump(self) -> LiveInterface:
+        # check=False: a failure here means "not a WireGuard interface", said below in those words.
+        key = self.identity.wireguard_private_key
+        result = self._run(["wg", "show", self.interface, "dump"], secrets=(key,), check=False)
+        if result.returncode != 0:
+            raise WireGuardError(
+                f"{self.interface} exists but `wg show` cannot read it as a WireGuard interface "
+                f"({result.stderr.strip()[:300]}): refusing to manage it (nothing was changed)"
+            )
+        return parse_dump(result.stdout)
 
     # Reading the live state -------------------------------------------------------------------
 
@@ -379,10 +467,14 @@ class WireGuardSync:
         return parse_conf_peers(text)
 
     def actual_peers(self) -> list[WireGuardPeer]:
-        """The peers as the live interface applies them; raises when the interface is not usable."""
+        """The peers as the live interface applies them; raises when the interface is not usable
+        (or not ours: then `apply` refuses too)."""
+        self._check_file_ownership()
         link = self._link()
         if link is None:
             raise WireGuardError(f"{self.interface} does not exist (not brought up since boot?)")
+        live = self._dump()
+        self._check_live_ownership(live)
         flags = link.get("flags") or []
         if "UP" not in flags:
             raise WireGuardError(f"{self.interface} is down")
@@ -391,9 +483,8 @@ class WireGuardSync:
         addresses = {a.get("local") for a in link.get("addr_info") or [] if a.get("family") == "inet"}
         if self.address not in addresses:
             raise WireGuardError(f"{self.interface} does not have its address {self.address}")
-        live = parse_dump(self._run(["wg", "show", self.interface, "dump"]).stdout)
         if live.public_key != self.identity.wireguard_public_key:
-            raise WireGuardError(f"{self.interface} runs with another private key than {self.settings.data_dir}/wireguard.key")
+            raise WireGuardError(f"{self.interface} has no private key set yet")
         if live.listen_port != self.settings.wireguard_port:
             raise WireGuardError(f"{self.interface} listens on port {live.listen_port}, not {self.settings.wireguard_port}")
         missing_routes = self._wanted_routes([WireGuardPeer(p.public_key, ",".join(p.allowed_ips)) for p in live.peers]) - self._routes()
