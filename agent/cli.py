@@ -116,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_agent(settings)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # Permissions, a data dir that cannot be created, a full disk: say which and stop.
+        print(f"agent: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - the known failures carry clear messages
         from agent.api import ApiError
         from agent.host.podman import PodmanError

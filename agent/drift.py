@@ -2,7 +2,9 @@
 
 No I/O here. The order of the plan is the order in which PROCESSING applies changes,
 one at a time: orphans, unexpected deployments, created/exited containers, missing
-containers, wrong images, then DNS, Caddy and WireGuard (PROTOCOL.md §9.3-9.5).
+containers, wrong images, then DNS, Caddy and WireGuard (PROTOCOL.md §9.3-9.5). This is
+the documented order; the Go code deployed missing containers before starting stopped
+ones (§9.5 note). Starting first is cheap and brings a known-good container back sooner.
 """
 
 from __future__ import annotations
@@ -106,13 +108,10 @@ def canonical_image(reference: str) -> str:
     if parts[0] == "docker.io" and len(parts) == 2:
         parts = ["docker.io", "library", parts[1]]
     result = "/".join(parts)
-    if tag:
-        result += ":" + tag
-    elif not digest:
-        result += ":latest"
     if digest:
-        result += "@" + digest
-    return result
+        # Podman drops the tag of `name:tag@digest` (the digest decides), so do we.
+        return result + "@" + digest
+    return result + ":" + (tag or "latest")
 
 
 def _is_registry(component: str) -> bool:
@@ -124,6 +123,9 @@ def images_match(expected: str, actual: str) -> bool:
 
 
 # --- hashes (PROTOCOL.md §9.3.2-9.3.5) -------------------------------------------------
+
+
+EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 
 
 def _sha(text: str) -> str:

@@ -40,6 +40,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._include_resources = False
         self._last_containers: list[ContainerInfo] | None = None
+        self._last_health: dict[str, str] = {}
         self.sent = 0
         self.last_report: dict[str, Any] | None = None
         self.last_ok_at: float | None = None
@@ -57,12 +58,21 @@ class Heartbeat:
         try:
             containers = self.podman.list_containers()
             self._last_containers = containers
-            running = [c.id for c in containers if c.running]
-            health = self.podman.health(running)
         except Exception as exc:  # noqa: BLE001 - report what we last knew instead of nothing
+            if self._last_containers is None:
+                # An empty list would tell the control plane every deployment is gone.
+                log.warning("cannot list containers for the status report (%s); not reporting yet", exc)
+                return
             log.warning("cannot list containers for the status report (%s); reporting the last known list", exc)
-            containers = self._last_containers or []
-            health = {}
+            containers = self._last_containers
+        running = [c.id for c in containers if c.running]
+        try:
+            health = self.podman.health(running)
+            self._last_health = dict(health)
+        except Exception as exc:  # noqa: BLE001
+            # Never guess "none" (the control plane counts it as healthy): last known, else "starting".
+            log.warning("cannot read container health (%s); reporting the last known", exc)
+            health = {cid: self._last_health.get(cid, "starting") for cid in running}
         report = status.build_report(containers, health, self.public_ip(), include_resources)
         self.last_report = report
         if self._send is None:
@@ -77,15 +87,16 @@ class Heartbeat:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            # The next beat is due `interval` after this one started, however long it takes.
+            deadline = time.monotonic() + self.interval
             self._wake.clear()
+            if self.on_beat is not None:
+                self.on_beat()
             try:
                 self.send_once()
             except Exception:  # noqa: BLE001 - the heartbeat thread must never die
                 log.exception("status report crashed")
-            if self.on_beat is not None:
-                self.on_beat()
             # Wake early for a triggered report (never more than ~4 per second) or to stop.
-            deadline = time.monotonic() + self.interval
+            stop.wait(0.25)
             while not stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
                 self._wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-            stop.wait(0.25)

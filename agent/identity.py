@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ class AgentConfig:
     server_id: str
     subnet_id: int
     wireguard_ip: str
-    encryption_key: str = ""
+    encryption_key: str = field(default="", repr=False)
 
     def to_json(self) -> str:
         # Go's MarshalIndent(…, "", "  "): this key order, 2-space indent, no trailing newline.
@@ -68,7 +68,8 @@ class AgentConfig:
             try:
                 crypto.parse_encryption_key(encryption_key)
             except crypto.SecretError as exc:
-                raise IdentityError(f"{source}: {exc}") from exc
+                # Kept as received (the Go agent does the same): only secrets fail, later.
+                log.warning("%s: %s; encrypted environment variables will fail to decrypt", source, exc)
         return cls(server_id, subnet_id, wireguard_ip, encryption_key)
 
     @property
@@ -82,8 +83,8 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class Identity:
-    signing_key: Ed25519PrivateKey
-    wireguard_private_key: str
+    signing_key: Ed25519PrivateKey = field(repr=False)
+    wireguard_private_key: str = field(repr=False)
     config: AgentConfig
 
     @property
@@ -95,8 +96,8 @@ class Identity:
 class PendingKeys:
     """Keys generated for a registration attempt, not yet on disk."""
 
-    signing_key: Ed25519PrivateKey
-    wireguard_private_key: str
+    signing_key: Ed25519PrivateKey = field(repr=False)
+    wireguard_private_key: str = field(repr=False)
 
     @classmethod
     def generate(cls) -> PendingKeys:

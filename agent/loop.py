@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from agent import crypto
 from agent.configsync import ConfigSync
-from agent.drift import CONFIG_KINDS, Change, ChangeKind, ContainerInfo, canonical_image, plan
+from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, canonical_image, plan
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman
 from agent.model import ExpectedContainer, ExpectedState, ModelError, parse_expected_state
@@ -125,7 +125,9 @@ class Reconciler:
         self.clock = clock
         self.state = IDLE
         self.backoff = Backoff(clock)
-        self._empty_polls = 0
+        self._empty_streak: dict[str, int] = {}
+        self._deadline: float | None = None
+        self._live_empty: dict[str, bool] = {}
         self._pulled: set[str] = set()
         self.last_plan: list[Change] = []
         # Deployments a user stopped through a `stop` work item. The control plane keeps
@@ -138,19 +140,37 @@ class Reconciler:
         containers = self.podman.list_containers()
         drifted = []
         for name, sync in self.syncs.items():
+            if name not in expected.sections:
+                continue  # the document did not carry this section: unknown, not empty
             try:
-                if sync.actual_hash() != sync.expected_hash(expected):
-                    drifted.append(name)
+                live = sync.actual_hash()
             except Exception as exc:  # noqa: BLE001 - any failure to read back counts as drift
                 log.warning("%s: cannot read the live configuration (%s); treating it as drift", name, exc)
+                self._live_empty[name] = False
+                drifted.append(name)
+                continue
+            self._live_empty[name] = live == EMPTY_HASH
+            if live != sync.expected_hash(expected):
                 drifted.append(name)
         return containers, drifted
+
+    def note_fetch(self, expected: ExpectedState) -> None:
+        """Count, once per fetched document, how many polls in a row left each section empty."""
+        sizes = {
+            "containers": len(expected.containers),
+            "dns": len(expected.dns_records),
+            "caddy": len(expected.caddy_routes),
+            "wireguard": len(expected.wireguard_peers),
+        }
+        for section, size in sizes.items():
+            empty = section in expected.sections and size == 0
+            self._empty_streak[section] = self._empty_streak.get(section, 0) + 1 if empty else 0
 
     def compute_plan(self, expected: ExpectedState) -> list[Change]:
         expected = self._without_stopped(expected)
         containers, drifted = self.observe(expected)
         changes = plan(expected, containers, drifted)
-        return self._guard_empty(expected, containers, changes)
+        return self._guard(expected, containers, changes)
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()
@@ -163,20 +183,42 @@ class Reconciler:
             expected, containers=kept, protected_deployments=expected.protected_deployments | ignored
         )
 
-    def _guard_empty(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
-        """An expected state that suddenly lists nothing must be confirmed by a second poll."""
+    def _guard(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
+        """Bad input destroys nothing: a section that suddenly became empty must be confirmed
+        by a second poll, a missing section is left alone, and a config section with an
+        invalid entry is not rewritten (that would remove the entry's live counterpart)."""
+        dropped: set[ChangeKind] = set()
         ours = [c for c in containers if c.deployment_id]
-        if expected.containers or not ours:
-            self._empty_polls = 0
-            return changes
-        self._empty_polls += 1
-        if self._empty_polls >= 2:
-            return changes
-        log.warning(
-            "expected state lists no containers while %d of ours exist; waiting for the next poll to confirm before removing any",
-            len(ours),
-        )
-        return [c for c in changes if c.kind not in REMOVALS]
+        if "containers" not in expected.sections:
+            dropped |= REMOVALS
+        elif not expected.containers and ours and self._empty_streak.get("containers", 0) < 2:
+            log.warning(
+                "expected state lists no containers while %d of ours exist; waiting for the next poll to confirm before removing any",
+                len(ours),
+            )
+            dropped |= REMOVALS
+        for section, kind in CONFIG_KINDS.items():
+            if not any(c.kind is kind for c in changes):
+                continue
+            if section in expected.invalid_sections:
+                log.error("%s: not applied while the expected state has invalid entries (see above); the live configuration stays", section)
+                dropped.add(kind)
+            elif (
+                self._expected_empty(section, expected)
+                and not self._live_empty.get(section, False)
+                and self._empty_streak.get(section, 0) < 2
+            ):
+                log.warning("%s: expected state suddenly lists nothing; waiting for the next poll to confirm", section)
+                dropped.add(kind)
+        return [c for c in changes if c.kind not in dropped]
+
+    @staticmethod
+    def _expected_empty(section: str, expected: ExpectedState) -> bool:
+        return not {
+            "dns": expected.dns_records,
+            "caddy": expected.caddy_routes,
+            "wireguard": expected.wireguard_peers,
+        }[section]
 
     # --- the state machine -----------------------------------------------------------------
 
@@ -187,6 +229,7 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - a failed poll never changes anything
             log.error("expected state unavailable, changing nothing: %s", exc)
             return
+        self.note_fetch(expected)
         try:
             changes = self.compute_plan(expected)
         except Exception as exc:  # noqa: BLE001
@@ -210,6 +253,7 @@ class Reconciler:
         self.state = PROCESSING
         self.reporter.trigger()
         started = self.clock()
+        self._deadline = started + self.settings.processing_timeout
         snapshot_at = started
         skipped: set[str] = set()
         self._pulled = set()
@@ -219,6 +263,7 @@ class Reconciler:
                     try:
                         snapshot = self.source.fetch()
                         snapshot_at = self.clock()
+                        self.note_fetch(snapshot)
                     except Exception as exc:  # noqa: BLE001
                         log.warning("could not refresh the expected state, continuing with the snapshot: %s", exc)
                 try:
@@ -258,7 +303,7 @@ class Reconciler:
             return
         self.backoff.record(key)
         try:
-            self.apply(change, snapshot)
+            self.apply(change, snapshot, self._deadline)
         except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
             log.error("failed: %s: %s", change.describe(), exc)
         else:
@@ -270,8 +315,18 @@ class Reconciler:
 
     # --- applying one change -----------------------------------------------------------------
 
-    def apply(self, change: Change, snapshot: ExpectedState) -> None:
+    def apply(self, change: Change, snapshot: ExpectedState, deadline: float | None = None) -> None:
+        """Apply one change. Slow preparation (decrypting, pulling) happens before taking
+        `host_lock`, so a long pull never holds up work items; the lock covers only the
+        podman calls that change containers."""
+        env: dict[str, str] = {}
+        if change.expected is not None and change.kind in (ChangeKind.DEPLOY, ChangeKind.REDEPLOY):
+            env = decrypt_env(change.expected, self.encryption_key)
+            self._pull(change.expected.image, deadline)
         with self.host_lock:
+            if change.expected is not None and change.expected.deployment_id in self.stopped_deployments():
+                log.info("skipped: deployment %s was stopped by a work item meanwhile", change.expected.deployment_id)
+                return
             if change.kind in REMOVALS:
                 assert change.container is not None
                 if change.container.running:
@@ -280,33 +335,40 @@ class Reconciler:
                     self.podman.force_remove(change.container.id)
             elif change.kind is ChangeKind.START:
                 assert change.container is not None and change.expected is not None
-                try:
-                    self.podman.start(change.container.id)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("start of %s failed (%s); re-creating it", change.container.name, exc)
-                    self._deploy(change.expected, replace=change.container)
-            elif change.kind is ChangeKind.DEPLOY:
+                self._start(change.container, change.expected)
+            elif change.kind in (ChangeKind.DEPLOY, ChangeKind.REDEPLOY):
                 assert change.expected is not None
-                self._deploy(change.expected)
-            elif change.kind is ChangeKind.REDEPLOY:
-                assert change.expected is not None
-                self._deploy(change.expected, replace=change.container)
+                if change.container is not None:
+                    self.podman.stop_and_remove(change.container.id)
+                self.podman.run_container(change.expected, env, self.settings.volumes_dir)
             else:
                 section = next(name for name, kind in CONFIG_KINDS.items() if kind is change.kind)
                 self.syncs[section].apply(snapshot)
 
-    def _deploy(self, spec: ExpectedContainer, replace: ContainerInfo | None = None) -> None:
+    def _start(self, container: ContainerInfo, spec: ExpectedContainer) -> None:
+        try:
+            self.podman.start(container.id)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if self.podman.inspect(container.id) is None:
+                # Gone meanwhile (a work item, a user): the next plan decides, not a stale one.
+                log.info("container %s vanished before it could be started; leaving it to the next pass", container.name)
+                return
+            log.warning("start of %s failed (%s); re-creating it", container.name, exc)
         env = decrypt_env(spec, self.encryption_key)
-        self._pull(spec.image)
-        if replace is not None:
-            self.podman.stop_and_remove(replace.id)
+        self._pull(spec.image, None)
+        self.podman.stop_and_remove(container.id)
         self.podman.run_container(spec, env, self.settings.volumes_dir)
 
-    def _pull(self, image: str) -> None:
+    def _pull(self, image: str, deadline: float | None) -> None:
         if image in self._pulled or not needs_pull(image, self.podman):
             return
+        timeout = None
+        if deadline is not None:
+            # A pull may not outlast the pass (PROTOCOL.md §17.21), but gets at least 30 s.
+            timeout = max(30.0, deadline - self.clock())
         try:
-            self.podman.pull(image)
+            self.podman.pull(image, timeout=timeout)
         except Exception as exc:  # noqa: BLE001
             if not self.podman.image_exists(image):
                 raise
@@ -373,13 +435,16 @@ class ControlPlaneSource:
         self.client = client
         self.subnet = subnet
         self.cache_path = cache_path
+        self._cached_text = ""
 
     def fetch(self) -> ExpectedState:
         data = self.client.expected_state()
         state = parse_expected_state(data, self.subnet)
-        if self.cache_path is not None:
+        text = json.dumps(data, sort_keys=True)
+        if self.cache_path is not None and text != self._cached_text:
             try:
-                atomic_write(self.cache_path, json.dumps(data), 0o600)
+                atomic_write(self.cache_path, text, 0o600)
+                self._cached_text = text
             except OSError as exc:
                 log.warning("cannot cache the expected state in %s: %s", self.cache_path, exc)
         return state

@@ -22,6 +22,9 @@ from agent.validate import InvalidValue
 log = logging.getLogger(__name__)
 
 
+SECTIONS = ("containers", "dns", "caddy", "wireguard")
+
+
 class ModelError(ValueError):
     """The document as a whole is unusable (not an object, wrong top-level types)."""
 
@@ -95,6 +98,12 @@ class ExpectedState:
     # Deployment ids whose entries were invalid: their containers must be left alone.
     protected_deployments: frozenset[str] = frozenset()
     problems: tuple[str, ...] = ()
+    # Top-level sections the document actually carried ("containers", "dns", "caddy",
+    # "wireguard"). A missing one is unknown, not empty: nothing acts on it.
+    sections: frozenset[str] = frozenset(SECTIONS)
+    # Config sections with an invalid entry: left as they are live until the entry is fixed,
+    # so a rejected peer, route or record never removes the running one.
+    invalid_sections: frozenset[str] = frozenset()
 
     def container(self, deployment_id: str) -> ExpectedContainer | None:
         for item in self.containers:
@@ -140,18 +149,28 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
             seen_ips[item.ip_address] = item.deployment_id
         parsed_containers.append(item)
 
-    parsed_dns = _entries(dns, "dns record", _dns_record, problems)
-    parsed_routes = _entries(routes, "caddy route", _caddy_route, problems)
-    parsed_peers = _entries(peers, "wireguard peer", _wireguard_peer, problems)
+    invalid: set[str] = set()
+    parsed_sections = []
+    for name, raw_items, what, parse in (
+        ("dns", dns, "dns record", _dns_record),
+        ("caddy", routes, "caddy route", _caddy_route),
+        ("wireguard", peers, "wireguard peer", _wireguard_peer),
+    ):
+        before = len(problems)
+        parsed_sections.append(_entries(raw_items, what, parse, problems))
+        if len(problems) > before:
+            invalid.add(name)
     for problem in problems:
         log.error("expected state: %s", problem)
     return ExpectedState(
         tuple(parsed_containers),
-        tuple(parsed_dns),
-        tuple(parsed_routes),
-        tuple(parsed_peers),
+        tuple(parsed_sections[0]),
+        tuple(parsed_sections[1]),
+        tuple(parsed_sections[2]),
         frozenset(protected),
         tuple(problems),
+        frozenset(section for section in SECTIONS if data.get(section) is not None),
+        frozenset(invalid),
     )
 
 

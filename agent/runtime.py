@@ -161,7 +161,8 @@ def assemble(settings: Settings, public_ip: str = "") -> Components:
         reporting_client = client
 
         def send(report: dict[str, Any]) -> None:
-            reporting_client.report_status(report, retries=1)
+            # No retry: the next beat, due within the interval, is the retry.
+            reporting_client.report_status(report, retries=0)
 
     heartbeat = Heartbeat(
         send,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,12 +186,20 @@ class Settings:
                 raise SettingsError(f"{name} must be positive")
         if self.heartbeat_interval > 25:
             raise SettingsError("heartbeat_interval must stay under the control plane's 30 s offline threshold")
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise SettingsError(f"--url must start with http:// or https://, got {self.url!r}")
-        if self.logs_endpoint and not self.logs_endpoint.startswith(("http://", "https://")):
-            raise SettingsError(f"--logs-endpoint must start with http:// or https://, got {self.logs_endpoint!r}")
+        for flag, value in (("--url", self.url), ("--logs-endpoint", self.logs_endpoint), ("caddy_admin_url", self.caddy_admin_url)):
+            if value and not _is_http_url(value):
+                raise SettingsError(f"{flag} must be an http:// or https:// URL with a host, got {value!r}")
         if self.scope_label and "=" not in self.scope_label:
             raise SettingsError("scope_label must look like key=value")
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in value)
 
 
 def _from_toml(path: Path) -> dict[str, Any]:

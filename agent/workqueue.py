@@ -139,7 +139,8 @@ class WorkQueue:
                 except Exception:  # noqa: BLE001 - isolate items from each other
                     log.exception("work queue: item #%d failed unexpectedly", index)
             # Items the CP no longer lists (deleted by an aborted rollout) stop waiting.
-            listed = {raw.get("id") for raw in items if isinstance(raw, Mapping)}
+            # Only string ids can match what we recorded (an odd id must not crash the poll).
+            listed = {raw.get("id") for raw in items if isinstance(raw, Mapping) and isinstance(raw.get("id"), str)}
             for item_id in list(self._deferred_since):
                 if item_id not in listed:
                     del self._deferred_since[item_id]

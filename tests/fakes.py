@@ -20,6 +20,7 @@ class FakePodman:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
         self.run_delay = 0.0
+        self.pull_timeouts: list[float | None] = []
         self._ids = itertools.count(1)
         self.lock = threading.Lock()
 
@@ -45,8 +46,9 @@ class FakePodman:
     def health(self, ids):
         return {i: "none" for i in ids}
 
-    def pull(self, image: str) -> None:
+    def pull(self, image: str, timeout: float | None = None) -> None:
         self._maybe_fail("pull", image)
+        self.pull_timeouts.append(timeout)
 
     def image_exists(self, image: str) -> bool:
         return True
@@ -63,6 +65,9 @@ class FakePodman:
         self.containers[cid] = ContainerInfo(cid, spec.name, canonical_image(spec.image), "running", labels)
         self.last_env = dict(env)
         return cid
+
+    def inspect(self, ref: str):
+        return {"Id": ref} if ref in self.containers else None
 
     def start(self, ref: str) -> None:
         self._maybe_fail("start", ref)

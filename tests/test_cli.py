@@ -37,7 +37,7 @@ def test_unknown_flag_and_command():
 
 def test_bad_url_and_config(run_cli, tmp_path):
     code, output = run_cli("--url", "cp.example.com")
-    assert code == 2 and "must start with http" in output
+    assert code == 2 and "must be an http" in output
     bad = tmp_path / "agent.toml"
     bad.write_text("tick_interval = 'soon'\n")
     code, output = run_cli("--config", str(bad), "--url", "http://127.0.0.1:9")
@@ -73,3 +73,14 @@ def test_unregistered_run_without_token_says_how(run_cli, tmp_path, monkeypatch)
 def test_version_as_a_process():
     out = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True, text=True, check=True).stdout
     assert __version__ in out
+
+
+@pytest.mark.parametrize("url", ["http://", "https://:80", "http://host:notaport", "http://a b"])
+def test_unusable_urls_are_usage_errors(run_cli, url):
+    code, output = run_cli("--url", url)
+    assert code == 2 and "must be an http:// or https:// URL" in output and "Traceback" not in output
+
+
+def test_data_dir_that_cannot_be_created(run_cli):
+    code, output = run_cli("--url", "http://127.0.0.1:9", "--data-dir", "/proc/nope/x", "--token", "t")
+    assert code == 1 and "/proc/nope" in output and "Traceback" not in output

@@ -46,6 +46,8 @@ def test_duplicate_dns_names_merge():
         ("user/app:1.2", "docker.io/user/app:1.2"),
         ("nginx@sha256:" + "a" * 64, "docker.io/library/nginx@sha256:" + "a" * 64),
         ("localhost/bb", "localhost/bb:latest"),
+        # podman drops the tag of name:tag@digest
+        ("nginx:1.27@sha256:" + "c" * 64, "docker.io/library/nginx@sha256:" + "c" * 64),
     ],
 )
 def test_images_that_match(expected, actual):

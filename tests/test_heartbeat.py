@@ -118,3 +118,30 @@ def test_public_ip_detection_validates_the_answer():
             server.shutdown()
     assert status.detect_public_ip("") == ""
     assert status.detect_public_ip("http://127.0.0.1:9/", timeout=1) == ""
+
+
+def test_health_read_failure_never_reports_none():
+    podman = FakePodman()
+    podman.add("d1")
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    podman.health = lambda ids: {i: "starting" for i in ids}
+    heartbeat.send_once()
+
+    def broken(ids):
+        raise RuntimeError("inspect timed out")
+
+    podman.health = broken
+    heartbeat.send_once()
+    assert reports[-1]["containers"][0]["healthStatus"] == "starting"
+    podman.add("d2")
+    heartbeat.send_once()
+    assert {c["healthStatus"] for c in reports[-1]["containers"]} == {"starting"}
+
+
+def test_first_listing_failure_sends_nothing():
+    podman = FakePodman()
+    podman.fail["list"] = RuntimeError("podman hung")
+    reports = []
+    Heartbeat(reports.append, podman, interval=10).send_once()
+    assert reports == []

@@ -126,3 +126,15 @@ def test_unusable_answer_writes_nothing(tmp_path):
 def test_missing_token_is_a_clear_error(tmp_path):
     with pytest.raises(RegistrationError, match="--token"):
         ensure_registered(Settings.load({}, environ={}), DataDir(tmp_path), FakeRegisterClient(ANSWER), "")
+
+
+def test_go_config_with_an_odd_encryption_key_still_loads(tmp_path):
+    write_go_data_dir(tmp_path)
+    (tmp_path / "config.json").write_text(GO_CONFIG.replace("ab" * 32, "not-hex"))
+    assert DataDir(tmp_path).load().config.encryption_key == "not-hex"
+
+
+def test_secrets_are_not_in_reprs(tmp_path):
+    write_go_data_dir(tmp_path)
+    identity = DataDir(tmp_path).load()
+    assert "ab" * 32 not in repr(identity) and WG_PRIVATE not in repr(identity)

@@ -8,7 +8,7 @@ import pytest
 from agent import crypto
 from agent.api import BadResponse, Unavailable
 from agent.loop import IDLE, RESTORE_KINDS, Reconciler, decrypt_env
-from agent.model import ExpectedContainer, ExpectedState, ModelError
+from agent.model import DnsRecord, ExpectedContainer, ExpectedState, ModelError
 from agent.settings import Settings
 from tests.fakes import FakePodman, ListSource, RecordingReporter
 
@@ -179,9 +179,12 @@ class FakeSync:
         self.live = "new"
 
 
+RECORD = (DnsRecord("a.internal", ("10.200.1.2",)),)
+
+
 def test_config_drift_applies_after_containers():
     sync = FakeSync()
-    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a"),))), syncs=[sync])
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a"),), dns_records=RECORD)), syncs=[sync])
     reconciler.tick()
     assert len(sync.applied) == 1 and len(podman.containers) == 1
     reconciler.tick()
@@ -191,7 +194,7 @@ def test_config_drift_applies_after_containers():
 def test_unreadable_config_counts_as_drift():
     sync = FakeSync()
     sync.live = None
-    reconciler, _, _ = make(ListSource(ExpectedState()), syncs=[sync])
+    reconciler, _, _ = make(ListSource(ExpectedState(dns_records=RECORD)), syncs=[sync])
     reconciler.tick()
     assert len(sync.applied) == 1
 
@@ -244,3 +247,110 @@ def test_deployment_stopped_by_a_work_item_is_not_recreated():
     reconciler.stopped_deployments = lambda: frozenset({"stopped"})
     reconciler.tick()
     assert {c.deployment_id for c in podman.containers.values()} == {"a"}
+
+
+def test_one_empty_poll_removes_nothing_even_with_other_changes_pending():
+    podman = FakePodman()
+    podman.add("a")
+    podman.add("b")
+    sync = FakeSync()
+    source = ListSource(ExpectedState(), ExpectedState(containers=(spec("a"), spec("b"))))
+    reconciler, podman, _ = make(source, podman, syncs=[sync])
+    reconciler.tick()  # the config change makes it process the same snapshot again
+    assert len(podman.containers) == 2
+    assert sync.applied == [], "a config section that suddenly empties waits for a second poll too"
+
+
+def test_config_section_emptied_twice_is_applied():
+    sync = FakeSync()
+    reconciler, _, _ = make(ListSource(ExpectedState()), syncs=[sync])
+    reconciler.tick()
+    assert sync.applied == []
+    reconciler.tick()
+    assert len(sync.applied) == 1
+
+
+def test_missing_sections_are_unknown_not_empty():
+    from agent.model import parse_expected_state
+
+    podman = FakePodman()
+    podman.add("a")
+    sync = FakeSync()
+    state = parse_expected_state({"dns": {"records": []}}, None)
+    reconciler, podman, _ = make(ListSource(state), podman, syncs=[sync])
+    for _ in range(3):
+        reconciler.tick()
+    assert len(podman.containers) == 1, "no containers key: nothing is removed"
+    caddy_sync = FakeSync()
+    caddy_sync.name = "caddy"
+    reconciler, _, _ = make(ListSource(parse_expected_state({"containers": []}, None)), syncs=[caddy_sync])
+    for _ in range(3):
+        reconciler.tick()
+    assert caddy_sync.applied == [], "no caddy key: Caddy is left alone"
+
+
+def test_section_with_an_invalid_entry_is_not_rewritten():
+    from agent.model import parse_expected_state
+
+    sync = FakeSync()
+    state = parse_expected_state(
+        {"dns": {"records": [{"name": "a.internal", "ips": ["10.200.1.2"]}, {"name": "bad name", "ips": ["1.2.3.4"]}]}}, None
+    )
+    reconciler, _, _ = make(ListSource(state), syncs=[sync])
+    reconciler.tick()
+    assert sync.applied == []
+
+
+def test_a_slow_pull_does_not_hold_the_host_lock():
+    podman = ImagesPodman(set())
+    release = threading.Event()
+    pulling = threading.Event()
+    original = podman.pull
+
+    def slow_pull(image, timeout=None):
+        pulling.set()
+        release.wait(10)
+        original(image, timeout)
+
+    podman.pull = slow_pull
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a", image="docker.io/library/nginx:1.27"),))), podman)
+    worker = threading.Thread(target=reconciler.tick)
+    worker.start()
+    try:
+        assert pulling.wait(5)
+        assert reconciler.host_lock.acquire(timeout=1), "a work item must not wait for a pull"
+        reconciler.host_lock.release()
+    finally:
+        release.set()
+        worker.join(10)
+    assert len(podman.containers) == 1
+
+
+def test_start_of_a_vanished_container_does_not_redeploy():
+    podman = FakePodman()
+    gone = podman.add("a", "exited")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a"),))), podman)
+    podman.fail["start"] = RuntimeError("no such container")
+    del podman.containers[gone.id]  # removed between plan and step (e.g. a stop work item)
+    from agent.drift import Change, ChangeKind
+
+    reconciler.apply(Change(ChangeKind.START, "exited", gone, spec("a")), ExpectedState())
+    assert not any(op == "run" for op, _ in podman.calls)
+
+
+def test_change_for_a_deployment_stopped_meanwhile_is_skipped():
+    from agent.drift import Change, ChangeKind
+
+    reconciler, podman, _ = make(ListSource(ExpectedState()))
+    reconciler.stopped_deployments = lambda: frozenset({"a"})
+    reconciler.apply(Change(ChangeKind.DEPLOY, "missing", expected=spec("a")), ExpectedState())
+    assert podman.containers == {}
+
+
+def test_pull_timeout_is_capped_by_the_processing_deadline():
+    clock = [1000.0]
+    podman = ImagesPodman(set())
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a", image="docker.io/library/nginx:1.27"),))), podman)
+    reconciler.clock = lambda: clock[0]
+    reconciler.tick()
+    assert podman.pull_timeouts == [300.0]

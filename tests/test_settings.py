@@ -47,7 +47,7 @@ def test_environment_lists_and_buildkit_host():
         ("nonsense = 1\n", "unknown setting"),
         ("stop_timeout = 'ten'\n", "stop_timeout"),
         ("manage_dns = 'maybe'\n", "manage_dns"),
-        ("url = 'ftp://x'\n", "--url must start"),
+        ("url = 'ftp://x'\n", "--url must be an http"),
         ("heartbeat_interval = 40\n", "heartbeat_interval"),
         ("url = [\n", "not valid TOML"),
     ],

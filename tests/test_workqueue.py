@@ -811,3 +811,11 @@ def test_long_error_is_cut_before_it_is_stored_and_sent(h: Harness, caplog: pyte
     assert "END" in caplog.text
     stored = json.loads((h.settings.data_dir / DONE_FILE).read_text())["items"]["w1"]["error"]
     assert stored == error
+
+
+def test_items_with_odd_ids_do_not_break_the_poll(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    h.client.items = [{"id": ["x"], "type": "deploy", "payload": "{}"}, {"id": {"a": 1}}, item("ok", "deploy", {})]
+    h.queue.poll_once()
+    h.queue.poll_once()
+    assert h.outcome("ok") == ("completed", "")
+    assert "Traceback" not in caplog.text

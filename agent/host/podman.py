@@ -278,18 +278,20 @@ class Podman:
 
     # --- changes ----------------------------------------------------------------------------
 
-    def pull(self, image: str) -> None:
-        """Pull with a timeout; TLS verification is off only for listed insecure registries."""
+    def pull(self, image: str, timeout: float | None = None) -> None:
+        """Pull with a timeout (`pull_timeout` unless a shorter one is given); TLS
+        verification is off only for listed insecure registries."""
+        limit = self.options.pull_timeout if timeout is None else min(timeout, self.options.pull_timeout)
         reference = canonical_image(_checked_image(image))
         args = ["pull", "--quiet"]
         if registry_of(reference) in self.options.insecure_registries:
             args.append("--tls-verify=false")
         started = time.monotonic()
         try:
-            self._run(*args, "--", reference, timeout=self.options.pull_timeout)
+            self._run(*args, "--", reference, timeout=limit)
         except PodmanCommandError as exc:
             if exc.timed_out:
-                raise PodmanError(f"pull of {reference} took longer than {self.options.pull_timeout:g}s and was stopped") from exc
+                raise PodmanError(f"pull of {reference} took longer than {limit:g}s and was stopped") from exc
             raise
         log.info("pulled %s in %.1fs", reference, time.monotonic() - started)
 
