@@ -4,7 +4,8 @@
 #   curl -fsSL https://<control-plane>/install.sh | sudo bash -s -- --url https://<control-plane> --token <token>
 #
 # It installs WireGuard, Podman, dnsmasq, git, Caddy (built with xcaddy and the Cloudflare DNS
-# module), BuildKit's buildctl plus a podman-run `buildkit` daemon on 127.0.0.1:1234, Railpack
+# module), BuildKit's buildctl plus a BuildKit daemon (podman container `techulus-buildkit`,
+# unit buildkit.service) on 127.0.0.1:1234 whose build steps get their own network, Railpack
 # and the agent (a shiv zipapp), writes the systemd units, enables IP forwarding, starts
 # everything and finishes with `techulus-agent doctor`. Run it again at any time: a second
 # run changes nothing and says so; a run with a new agent binary upgrades it in place
@@ -471,6 +472,7 @@ install_binary() {  # install_binary SRC DEST: atomic, only when different
 # ----------------------------------------------------------------------------------------
 # The steps.
 CHANGED_UNITS=""
+LEGACY_BUILDKIT=0
 
 do_packages() {
   local missing=() pkg
@@ -551,6 +553,11 @@ do_build_tools() {
   [ -n "$railpack" ] || die "the Railpack archive ${DL_FILE[railpack]} holds no 'railpack' binary"
   install_binary "$railpack" /usr/local/bin/railpack && n=1
   rm -rf "$work"
+  # Earlier versions of install.sh named the daemon's container plain "buildkit": remember to remove
+  # that one (our own unit created it) before the renamed container starts.
+  if [ -f "$UNIT_DIR/buildkit.service" ] && grep -q -- '--name buildkit ' "$UNIT_DIR/buildkit.service"; then
+    LEGACY_BUILDKIT=1
+  fi
   put buildkitd.toml /etc/buildkit/buildkitd.toml 644 && { n=1; CHANGED_UNITS+=" buildkit"; }
   put buildkit.service "$UNIT_DIR/buildkit.service" 644 && { n=1; CHANGED_UNITS+=" buildkit"; }
   step_done "$([ "$n" = 1 ] && echo installed || echo unchanged)"
@@ -631,6 +638,13 @@ do_services() {
   if systemctl cat podman-restart.service >/dev/null 2>&1 && ! systemctl is-enabled --quiet podman-restart 2>/dev/null; then
     run systemctl enable podman-restart
     changed "enabled podman-restart"
+  fi
+  if [ "$LEGACY_BUILDKIT" = 1 ]; then
+    # Stop the old unit's container "buildkit" (it holds 127.0.0.1:1234) and remove it;
+    # the name is only touched here, where our own earlier unit is proof that it is ours.
+    run systemctl stop buildkit || true
+    run podman rm --force --ignore buildkit || true
+    changed "removed the podman container buildkit (renamed techulus-buildkit)"
   fi
   local services=(dnsmasq)
   [ "$SKIP_BUILD" = 0 ] && services+=(buildkit)

@@ -142,7 +142,7 @@ def check_buildkit(settings: Settings) -> Check:
     except OSError as exc:
         return Check(
             WARN, "buildkit", f"{address}: {exc.strerror or exc} (builds will fail)",
-            "systemctl status buildkit; journalctl -u buildkit",
+            "systemctl status buildkit; journalctl -u buildkit (podman container techulus-buildkit)",
         )
     return Check(OK, "buildkit", f"{address} accepts connections")
 

@@ -12,13 +12,20 @@ import hashlib
 import http.server
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 pytestmark = pytest.mark.real
 
@@ -138,10 +145,41 @@ def test_rendered_files_carry_the_settings_and_keep_secrets_private(tmp_path: Pa
     toml = (root / "etc/buildkit/buildkitd.toml").read_text()
     assert '[registry."10.100.1.1:5000"]' in toml and "http = true" in toml and "insecure = true" in toml
     buildkit = (root / "etc/systemd/system/buildkit.service").read_text()
-    assert "--name buildkit" in buildkit and "tcp://127.0.0.1:1234" in buildkit
+    assert "--name techulus-buildkit" in buildkit and "tcp://127.0.0.1:1234" in buildkit
     assert (root / "etc/sysctl.d/99-techulus-forwarding.conf").read_text().count("net.ipv4.ip_forward = 1") == 1
     placeholders = [p for p in root.rglob("*") if p.is_file() and re.search(r"@[A-Z][A-Z0-9_]*@", p.read_text())]
     assert not placeholders
+
+
+def exec_argv(unit_text: str, key: str) -> list[list[str]]:
+    """The argv of each `key=` line of a unit (continuation lines joined, `-` prefix dropped)."""
+    joined = unit_text.replace("\\\n", " ")
+    return [shlex.split(line.split("=", 1)[1].lstrip("-")) for line in joined.splitlines() if line.startswith(key + "=")]
+
+
+def test_buildkit_build_steps_get_their_own_network(tmp_path: Path, templates: Path) -> None:
+    root = render(tmp_path, templates, "--registry", "10.100.1.1:5000")
+    config = tomllib.loads((root / "etc/buildkit/buildkitd.toml").read_text())
+    # "auto" (the default) means host networking without a CNI config: RUN steps could then
+    # reach Caddy's admin API and this daemon on 127.0.0.1.
+    assert config["worker"]["oci"]["networkMode"] == "bridge"
+    assert config["worker"]["oci"]["enabled"] is True and config["worker"]["containerd"]["enabled"] is False
+    assert "insecure-entitlements" not in config, "no build may ask for network.host or security.insecure"
+    assert "grpc" not in config, "the listen address is the unit's --addr, loopback only"
+    assert config["registry"] == {"10.100.1.1:5000": {"http": True, "insecure": True}}
+
+    unit = (root / "etc/systemd/system/buildkit.service").read_text()
+    [run] = exec_argv(unit, "ExecStart")
+    assert run[:3] == ["/usr/bin/podman", "run", "--rm"]
+    assert run[run.index("--name") + 1] == "techulus-buildkit"
+    addresses = [run[i + 1] for i, arg in enumerate(run) if arg == "--addr"]
+    assert addresses == ["tcp://127.0.0.1:1234"]
+    assert not any(arg.startswith(("--oci-worker-net", "--allow-insecure-entitlement")) for arg in run)
+    # Every podman command of the unit names our container, never a bare "buildkit".
+    commands = exec_argv(unit, "ExecStartPre") + exec_argv(unit, "ExecStop")
+    assert commands == [["/usr/bin/podman", "rm", "--force", "--ignore", "techulus-buildkit"],
+                        ["/usr/bin/podman", "stop", "--time", "10", "techulus-buildkit"]]
+    assert "buildkit" not in run
 
 
 def test_skip_switches_leave_out_caddy_and_build_tools(tmp_path: Path, templates: Path) -> None:

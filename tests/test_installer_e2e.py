@@ -38,6 +38,15 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 
 
+LEGACY_BUILDKIT_UNIT = """[Unit]
+Description=BuildKit daemon (podman container buildkit) for Techulus Cloud
+[Service]
+ExecStart=/usr/bin/podman run --rm --name buildkit --privileged --network host docker.io/moby/buildkit:v0.15.2
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def fake_tool(name: str, version: str) -> bytes:
     return f"#!/bin/sh\n# fake {name} for the installer test\necho '{name} {version} (fake)'\n".encode()
 
@@ -122,6 +131,8 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
             "--agent-env", f"TECHULUS_AGENT_NETWORK_NAME={machine.name}",
         ]
         install_env = dict(env, TECHULUS_AGENT_TOKEN=token)
+        # A unit from an earlier install.sh, whose container was plain "buildkit".
+        machine.write("/etc/systemd/system/buildkit.service", LEGACY_BUILDKIT_UNIT)
 
         started = time.monotonic()
         result = machine.run(*args, env=install_env, check=False, timeout=600)
@@ -138,6 +149,9 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         assert token not in unit_argv
         assert machine.run("systemctl", "is-enabled", "dnsmasq").stdout.strip() == "enabled"
         assert machine.run("systemctl", "is-enabled", "buildkit").stdout.strip() == "enabled"
+        log = machine.run("cat", "/var/log/techulus-agent-install.log").stdout
+        assert "+ podman rm --force --ignore buildkit" in log and "changed: removed the podman container buildkit" in log
+        assert "--name techulus-buildkit " in machine.run("cat", "/etc/systemd/system/buildkit.service").stdout
         # Containers (--restart=always) come back at boot even before the agent can reach the CP.
         assert machine.run("systemctl", "is-enabled", "podman-restart").stdout.strip() == "enabled"
         machine.run("systemd-analyze", "verify", "/etc/systemd/system/techulus-agent.service",
