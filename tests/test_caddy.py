@@ -16,6 +16,7 @@ from agent.host.caddy import (
     is_ours,
     listen_matches,
     managed_routes,
+    parse_upstream_networks,
     parse_route,
     render_route,
     validate_routes,
@@ -101,6 +102,56 @@ def test_find_server_by_listen_address() -> None:
 def test_bad_routes(route: CaddyRoute, problem: str) -> None:
     problems = validate_routes([route])
     assert problems and problem in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    ("upstream", "problem"),
+    [
+        ("127.0.0.1:2019", "loopback"),  # Caddy's own admin API, published on a public domain
+        ("127.1.2.3:80", "loopback"),
+        ("169.254.169.254:80", "link-local"),  # cloud metadata
+        ("0.0.0.0:80", "unspecified"),
+        ("224.0.0.1:80", "multicast"),
+        ("255.255.255.255:80", "reserved"),
+        ("localhost:1234", "not a host name"),
+        ("app.internal:80", "not a host name"),
+        ("[::1]:80", "IPv4"),
+        ("[fd00::1]:80", "IPv4"),
+        ("192.168.1.10:80", "outside the deployment networks 10.100.0.0/16, 10.200.0.0/16"),
+        ("10.0.0.1:80", "outside the deployment networks"),
+        ("010.200.1.2:80", "not a host name"),  # not an IPv4 literal Python or Go would read alike
+    ],
+)
+def test_upstreams_must_be_deployment_addresses(upstream: str, problem: str) -> None:
+    problems = validate_routes([replace(ROUTE, upstreams=("10.200.3.2:3000", upstream))])
+    assert len(problems) == 1 and problem in problems[0] and upstream in problems[0], problems
+
+
+def test_loopback_only_when_a_loopback_network_is_configured() -> None:
+    route = replace(ROUTE, upstreams=("127.0.0.1:8080",))
+    assert validate_routes([route], parse_upstream_networks(["10.200.0.0/16", "127.0.0.0/8"])) == []
+    # A wide range is not a way around it; nor is it for link-local addresses.
+    wide = parse_upstream_networks(["0.0.0.0/0"])
+    assert "loopback" in " ".join(validate_routes([route], wide))
+    assert "link-local" in " ".join(validate_routes([replace(ROUTE, upstreams=("169.254.169.254:80",))], wide))
+    assert validate_routes([replace(ROUTE, upstreams=("192.168.1.10:80",))], wide) == []
+
+
+def test_upstream_network_settings_are_checked() -> None:
+    settings = replace(Settings(), caddy_admin_url="http://127.0.0.1:9")
+    assert [str(n) for n in CaddySync(settings, _identity()).upstream_networks] == ["10.100.0.0/16", "10.200.0.0/16"]
+    narrow = CaddySync(replace(settings, wireguard_allowed_networks=("10.200.0.0/16",)), _identity())
+    assert "outside" in " ".join(validate_routes([replace(ROUTE, upstreams=("10.100.1.1:80",))], narrow.upstream_networks))
+    for bad in (("10.200.0.1/16",), ("fd00::/8",), ("nonsense",)):
+        with pytest.raises(CaddyError, match="not an IPv4 network"):
+            CaddySync(settings, _identity(), upstream_networks=bad)
+
+
+def test_a_bad_upstream_is_refused_before_caddy_is_asked() -> None:
+    # The admin API is unreachable: a refusal that names the upstream proves nothing was sent.
+    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"), _identity())
+    with pytest.raises(CaddyError, match=r"nothing was changed.*127\.0\.0\.1:2019.*loopback"):
+        sync.apply(ExpectedState(caddy_routes=(replace(ROUTE, upstreams=("127.0.0.1:2019",)),)))
 
 
 def test_duplicate_ids_rejected() -> None:

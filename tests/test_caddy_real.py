@@ -20,7 +20,7 @@ import pytest
 
 from agent import crypto
 from agent.host import caddy as caddy_module
-from agent.host.caddy import CaddyError, CaddySync, find_server
+from agent.host.caddy import DEFAULT_UPSTREAM_NETWORKS, CaddyError, CaddySync, find_server
 from agent.identity import AgentConfig, Identity
 from agent.model import CaddyRoute, ExpectedState
 from agent.settings import Settings
@@ -160,11 +160,15 @@ def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
         b.close()
 
 
-def make_sync(caddy: CaddyProcess, **extra: object) -> CaddySync:
+# The upstreams here are local HTTP servers: loopback is allowed explicitly, as nowhere else.
+TEST_UPSTREAM_NETWORKS = (*DEFAULT_UPSTREAM_NETWORKS, "127.0.0.0/8")
+
+
+def make_sync(caddy: CaddyProcess, networks: tuple[str, ...] | None = TEST_UPSTREAM_NETWORKS, **extra: object) -> CaddySync:
     settings = replace(Settings(), caddy_admin_url=caddy.admin_url, caddy_https_listen=f"127.0.0.1:{caddy.https_port}")
     settings = replace(settings, **extra)
     identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 1, "10.100.1.1"))
-    return CaddySync(settings, identity)
+    return CaddySync(settings, identity, upstream_networks=networks)
 
 
 def test_routes_reach_upstreams_keep_foreign_routes_and_heal_after_restart(
@@ -258,6 +262,21 @@ def test_caddy_errors_surface_and_keep_the_running_config(
         with pytest.raises(CaddyError, match="log_append"):
             forced.apply(good)
         assert caddy.routes() == before
+
+
+def test_upstreams_outside_the_deployment_networks_never_reach_caddy(caddy: CaddyProcess) -> None:
+    # With the production defaults, Caddy's own admin API, cloud metadata or a host name as
+    # an upstream would publish them on a public domain: refused before Caddy is asked.
+    sync = make_sync(caddy, networks=None)
+    assert [str(n) for n in sync.upstream_networks] == ["10.100.0.0/16", "10.200.0.0/16"]
+    before = caddy.routes()
+    for upstream in (f"127.0.0.1:{caddy.admin_port}", "169.254.169.254:80", "localhost:1234", "0.0.0.0:80", "192.0.2.1:80"):
+        with pytest.raises(CaddyError, match=r"nothing was changed.*upstream"):
+            sync.apply(ExpectedState(caddy_routes=(CaddyRoute("x", "app.example.com", (upstream,), "svc"),)))
+    assert caddy.routes() == before
+    # A deployment address is accepted (nothing listens there: the route is only written).
+    sync.apply(ExpectedState(caddy_routes=(CaddyRoute("x", "app.example.com", ("10.200.3.2:3000",), "svc"),)))
+    assert [route.get("@id") for route in caddy.routes()] == [None, "someone-else", "x"]
 
 
 def test_wrong_listen_address_is_a_clear_error(caddy: CaddyProcess) -> None:

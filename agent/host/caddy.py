@@ -11,11 +11,15 @@ Differences from the original agent, on purpose (§17 items 10, 20, 23):
 * routes with no upstream are neither written nor hashed, so they cause no perpetual drift;
 * `log_append` is used when the Caddy build has it and left out when it does not;
 * every request has a timeout; domains, ids and upstreams are validated before anything
-  is sent, and a non-200 answer raises with Caddy's own error text.
+  is sent, and a non-200 answer raises with Caddy's own error text;
+* an upstream must be `<IPv4>:<port>` inside the deployment networks (§9.9.4): a host name,
+  loopback (`127.0.0.1:2019` would publish Caddy's own admin API on a public domain),
+  link-local (`169.254.169.254`, cloud metadata) or `0.0.0.0` is refused.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Sequence
@@ -34,6 +38,10 @@ from agent.validate import InvalidValue
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024
+# Deployment IPs live in 10.200.0.0/16 and server (WireGuard) addresses in 10.100.0.0/16,
+# the same ranges the mesh carries (Settings.wireguard_allowed_networks by default).
+DEFAULT_UPSTREAM_NETWORKS = ("10.100.0.0/16", "10.200.0.0/16")
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 
 
 class CaddyError(RuntimeError):
@@ -48,7 +56,48 @@ def managed_routes(routes: Sequence[CaddyRoute]) -> list[CaddyRoute]:
     return [route for route in routes if route.upstreams]
 
 
-def validate_routes(routes: Sequence[CaddyRoute]) -> list[str]:
+def parse_upstream_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network, ...]:
+    """The upstream ranges of a setting; raises CaddyError naming a bad one."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.IPv4Network(str(value).strip()))
+        except ValueError as exc:
+            raise CaddyError(f"caddy upstream network {value!r} is not an IPv4 network: {exc}") from exc
+    if not networks:
+        raise CaddyError("no caddy upstream networks configured: every route would be refused")
+    return tuple(networks)
+
+
+def check_upstream(value: str, networks: Sequence[ipaddress.IPv4Network]) -> None:
+    """`<IPv4>:<port>` inside `networks`; raises InvalidValue saying why not.
+
+    Addresses that reach this host or its provider rather than a deployment are refused
+    even when a wide network (0.0.0.0/0) is configured; loopback only passes when a
+    configured network is itself loopback (tests, with local HTTP servers as upstreams).
+    """
+    host, _ = validate.host_port(value, "upstream")
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise InvalidValue(f"upstream {value!r} must be an IPv4 deployment address with a port, not a host name") from None
+    for kind, bad in (("unspecified", address.is_unspecified), ("link-local", address.is_link_local),
+                      ("multicast", address.is_multicast), ("reserved", address.is_reserved)):
+        if bad:
+            raise InvalidValue(f"upstream {value!r} is a {kind} address, never a deployment")
+    inside = [network for network in networks if address in network]
+    if address.is_loopback and not any(network.subnet_of(_LOOPBACK) for network in inside):
+        raise InvalidValue(f"upstream {value!r} is a loopback address (it would publish a local service of this server)")
+    if not inside:
+        allowed = ", ".join(map(str, networks))
+        raise InvalidValue(f"upstream {value!r} is outside the deployment networks {allowed}")
+
+
+def validate_routes(
+    routes: Sequence[CaddyRoute], networks: Sequence[ipaddress.IPv4Network] | None = None
+) -> list[str]:
+    if networks is None:
+        networks = parse_upstream_networks(DEFAULT_UPSTREAM_NETWORKS)
     problems = []
     seen: dict[str, str] = {}
     for index, route in enumerate(routes):
@@ -76,7 +125,7 @@ def validate_routes(routes: Sequence[CaddyRoute]) -> list[str]:
                 problems.append(f"{label}: {exc}")
         for upstream in route.upstreams:
             try:
-                validate.host_port(upstream, "upstream")
+                check_upstream(upstream, networks)
             except InvalidValue as exc:
                 problems.append(f"{label}: {exc}")
     return problems
@@ -155,9 +204,18 @@ class CaddySync:
 
     name = "caddy"
 
-    def __init__(self, settings: Settings, identity: Identity) -> None:
+    def __init__(
+        self, settings: Settings, identity: Identity, *, upstream_networks: Sequence[str] | None = None
+    ) -> None:
         self.settings = settings
         self.identity = identity
+        # Where upstreams may point. A dedicated `caddy_upstream_networks` setting is picked up
+        # once Settings has one; until then the mesh ranges, which hold every deployment IP.
+        # The override is for tests that proxy to local HTTP servers on 127.0.0.0/8.
+        configured = upstream_networks
+        if configured is None:
+            configured = getattr(settings, "caddy_upstream_networks", None) or settings.wireguard_allowed_networks
+        self.upstream_networks = parse_upstream_networks(tuple(configured or DEFAULT_UPSTREAM_NETWORKS))
         url = settings.caddy_admin_url.rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -208,7 +266,7 @@ class CaddySync:
         return [parse_route(route) for route in routes if is_ours(route)]
 
     def apply_routes(self, routes: Sequence[CaddyRoute]) -> None:
-        problems = validate_routes(routes)
+        problems = validate_routes(routes, self.upstream_networks)
         if problems:
             raise CaddyError("refusing to change Caddy routes (nothing was changed): " + "; ".join(problems))
         wanted = managed_routes(routes)
