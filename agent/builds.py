@@ -12,6 +12,9 @@ Why it is shaped like this (fixing §17 items 4, 10 and 15):
   value from the environment; `buildctl --secret id=NAME,env=NAME` likewise).
 * Every command runs in its own process group under the whole-build deadline; timeout,
   cancellation in the UI (polled while the build runs) and agent shutdown kill the group.
+* The tools run as root over the tenant's checkout and follow symlinks, so a checkout
+  with a link that is absolute or leads outside it is refused before any tool reads it,
+  and railpack writes its plan into a directory of the agent's, not into the checkout.
 * A small record in the data dir says which build this server holds, so a build that an
   agent crash interrupted is reported `failed` on the next start instead of staying
   `claimed` forever, and a final status the control plane did not receive is re-sent.
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 RAILPACK_FRONTEND = "ghcr.io/railwayapp/railpack-frontend:v0.15.4"
 PLAN_FILE = "railpack-plan.json"
+PLAN_DIR_PREFIX = ".plan-"
 STATE_FILE = "build-in-progress.json"
 CLEANUP_INTERVAL = 3600.0
 STALE_AFTER = 3600.0
@@ -191,21 +195,75 @@ def dockerfile_argv(addr: str, output: str, secret_names: list[str], buildctl: s
     return argv
 
 
-def railpack_prepare_argv(secret_names: list[str], railpack: str = "railpack") -> list[str]:
-    argv = [railpack, "prepare", ".", "--plan-out", PLAN_FILE]
+def railpack_prepare_argv(secret_names: list[str], plan_dir: str, railpack: str = "railpack") -> list[str]:
+    # Deviation from §13.4 (`--plan-out railpack-plan.json`, inside the checkout): railpack
+    # runs as root and writes the plan with a plain open-and-truncate that follows symlinks,
+    # so a committed `railpack-plan.json -> /etc/passwd` would overwrite a host file. The
+    # plan goes to a directory the agent owns instead.
+    argv = [railpack, "prepare", ".", "--plan-out", os.path.join(plan_dir, PLAN_FILE)]
     for name in secret_names:
         argv += ["--env", name]  # bare name: railpack reads the value from its environment
     return argv
 
 
-def railpack_build_argv(addr: str, output: str, secrets: Mapping[str, str], buildctl: str = "buildctl") -> list[str]:
+def railpack_build_argv(addr: str, output: str, secrets: Mapping[str, str], plan_dir: str, buildctl: str = "buildctl") -> list[str]:
+    # As §13.4 except `--local dockerfile=<plan_dir>` (not `.`): the plan is read from the
+    # agent's own directory, never from the tenant's checkout (see railpack_prepare_argv).
     argv = [buildctl, "--addr", addr, "build", "--frontend", "gateway.v0", "--opt", f"source={RAILPACK_FRONTEND}",
-            "--local", "context=.", "--local", "dockerfile=.", "--opt", f"filename={PLAN_FILE}", "--output", output]
+            "--local", "context=.", "--local", f"dockerfile={plan_dir}", "--opt", f"filename={PLAN_FILE}", "--output", output]
     if secrets:
         argv += ["--opt", f"build-arg:secrets-hash={secrets_hash(secrets)}"]
     for name in sorted(secrets):
         argv += ["--secret", f"id={name},env={name}"]
     return argv
+
+
+def check_symlinks(root: Path) -> None:
+    """Refuse a checkout with a symlink that is absolute or resolves outside it.
+
+    railpack (and anything else we run as root over the tree) reads and writes files by
+    name and follows links: `.nvmrc -> /var/lib/techulus-agent/config.json` would copy the
+    encryption key into the tenant-visible build log. Links inside the tree are fine.
+    The top-level `.git` is git's own, written by us, and not walked.
+    """
+    top = str(root)
+    real_root = os.path.realpath(top)
+
+    def fail(error: OSError) -> None:
+        raise BuildError(f"cannot inspect the checkout: {error.strerror or error}")
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=fail, followlinks=False):
+        if dirpath == top and ".git" in dirnames and not os.path.islink(os.path.join(top, ".git")):
+            dirnames.remove(".git")
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                continue
+            rel = os.path.relpath(path, top)
+            try:
+                target = os.readlink(path)
+            except OSError as exc:
+                raise BuildError(f"cannot read the symbolic link {rel!r} in the repository: {exc.strerror}") from exc
+            resolved = os.path.realpath(path)
+            inside = resolved == real_root or resolved.startswith(real_root.rstrip(os.sep) + os.sep)
+            if os.path.isabs(target) or not inside:
+                raise BuildError(
+                    f"the repository contains a symbolic link that points outside it: {rel[:200]!r} -> {target[:200]!r}; "
+                    "builds refuse such links (replace it with a copy of the file or a link inside the repository)"
+                )
+
+
+def _remove_no_follow(path: Path) -> bool:
+    """Remove `path` itself (a link is unlinked, never followed); True when something was there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(path)  # rmtree does not follow links inside it either
+    else:
+        os.unlink(path)
+    return True
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -328,7 +386,13 @@ class BuildWorker:
         self._clear_state()
         if _safe_name(build_id):
             shutil.rmtree(Path(self.settings.builds_dir) / build_id, ignore_errors=True)
+            shutil.rmtree(self._plan_dir(build_id), ignore_errors=True)
         return True
+
+    def _plan_dir(self, build_id: str) -> Path:
+        """Where railpack writes the plan: the agent's, beside (not inside) the checkout.
+        The leading dot keeps it from ever being a build id (those start with a letter or digit)."""
+        return Path(self.settings.builds_dir) / f"{PLAN_DIR_PREFIX}{build_id}"
 
     # -- one build --
 
@@ -417,6 +481,7 @@ class BuildWorker:
             watcher_stop.set()
             self._current = None
             shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(self._plan_dir(build.id), ignore_errors=True)
             logs.close()
 
     def _report(self, ctx: _Context, status: str) -> None:
@@ -502,6 +567,9 @@ class BuildWorker:
             head = self._git_head(ctx, env)
             if build.commit_sha != "HEAD" and not head.startswith(build.commit_sha):
                 raise BuildError(f"checked out {head} but the build asked for {build.commit_sha}")
+            # Before any tool reads the tree, in both build modes (§17 item 4's cousin: root
+            # tools following tenant symlinks).
+            check_symlinks(ctx.workdir)
             ctx.logs.line(f"Clone completed at commit {head}")
         finally:
             shutil.rmtree(askpass_dir, ignore_errors=True)
@@ -559,9 +627,20 @@ class BuildWorker:
             return
         ctx.logs.line("No Dockerfile found, using Railpack...")
         self._require_tool("railpack")
-        self._step(ctx, railpack_prepare_argv(names), "railpack prepare", env=env)
+        try:
+            if _remove_no_follow(ctx.workdir / PLAN_FILE):
+                ctx.logs.line(f"Ignoring the {PLAN_FILE} committed in the repository: Railpack writes its own plan")
+        except OSError as exc:
+            raise BuildError(f"cannot remove {PLAN_FILE} from the checkout: {exc.strerror}") from exc
+        plan_dir = self._plan_dir(build.id)
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        os.mkdir(plan_dir, 0o700)
+        self._step(ctx, railpack_prepare_argv(names, str(plan_dir)), "railpack prepare", env=env)
+        plan = plan_dir / PLAN_FILE
+        if not plan.is_file() or plan.is_symlink():
+            raise BuildError("railpack prepare wrote no build plan")
         ctx.logs.line(f"Building and pushing {build.image_uri}")
-        self._step(ctx, railpack_build_argv(addr, output, plaintext), "buildctl build", env=env, watch_push=True)
+        self._step(ctx, railpack_build_argv(addr, output, plaintext, str(plan_dir)), "buildctl build", env=env, watch_push=True)
 
     def _step(self, ctx: _Context, argv: list[str], what: str, *, env: Mapping[str, str], watch_push: bool = False) -> None:
         """Run one command of the build in its own process group, streaming its output."""
@@ -635,7 +714,7 @@ class BuildWorker:
         except FileNotFoundError:
             entries = []
         for entry in entries:
-            if entry.name == self._current:
+            if self._current is not None and entry.name in (self._current, f"{PLAN_DIR_PREFIX}{self._current}"):
                 continue
             try:
                 info = entry.stat(follow_symlinks=False)

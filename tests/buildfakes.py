@@ -25,15 +25,25 @@ def git(*args: str, cwd: Path | None = None) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
+class Link(str):
+    """A file content that make_repo commits as a symbolic link to this target."""
+
+
 def make_repo(root: Path, files_by_commit: list[dict[str, str]], name: str = "app.git") -> tuple[Path, list[str]]:
-    """A bare repo served from `root/name` with one commit per dict on branch main."""
+    """A bare repo served from `root/name` with one commit per dict on branch main
+    (a `Link` value becomes a committed symlink)."""
     work = root / (name + "-work")
     work.mkdir(parents=True)
     git("init", "-q", "-b", "main", str(work))
     shas = []
     for files in files_by_commit:
         for rel, content in files.items():
-            (work / rel).write_text(content)
+            path = work / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Link):
+                os.symlink(content, path)
+            else:
+                path.write_text(content)
         git("add", "-A", cwd=work)
         git("commit", "-q", "-m", f"commit {len(shas)}", cwd=work)
         shas.append(git("rev-parse", "HEAD", cwd=work))
@@ -133,6 +143,12 @@ record = {{"tool": name, "argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.get
           "env": {{k: v for k, v in os.environ.items() if k in control.get("env_keys", [])}}}}
 if name == "buildctl" and os.path.exists("version.txt"):
     record["version"] = open("version.txt").read()
+if name == "railpack":
+    record["plan_in_checkout"] = os.path.lexists("railpack-plan.json")
+if name == "buildctl":
+    for arg in sys.argv:
+        if arg.startswith("dockerfile=") and os.path.isfile(os.path.join(arg[11:], "railpack-plan.json")):
+            record["plan"] = open(os.path.join(arg[11:], "railpack-plan.json")).read()
 mode = control.get(name, "ok")
 if mode == "sleep":
     child = subprocess.Popen(["sleep", "300"])
@@ -151,7 +167,13 @@ if mode == "fail":
     print("error: failed to solve: something broke", file=sys.stderr)
     sys.exit(1)
 if name == "railpack":
-    open("railpack-plan.json", "w").write("{{}}")
+    # Like the real one: reads version files by name and prints what it found, then writes
+    # --plan-out with a plain open-and-truncate (both follow symlinks).
+    for version_file in (".nvmrc", ".python-version"):
+        if os.path.exists(version_file):
+            print(f"Detected version from {{version_file}}: {{open(version_file).read().strip()}}")
+    plan_out = sys.argv[sys.argv.index("--plan-out") + 1]
+    open(plan_out, "w").write('{{"steps": []}}')
 if name == "buildctl":
     print("#1 [internal] load build definition")
     print("")

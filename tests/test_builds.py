@@ -27,7 +27,7 @@ from agent.builds import (
 )
 from agent.settings import Settings
 from tests.fakevlogs import FakeVictoriaLogs
-from tests.buildfakes import FakeTools, GitHttpServer, StubControlPlane, make_repo
+from tests.buildfakes import FakeTools, GitHttpServer, Link, StubControlPlane, make_repo
 
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 TOKEN = "ghs_TopSecretInstallationToken123"
@@ -90,7 +90,7 @@ def test_parse_claim_defaults_and_validation():
 
 
 def test_railpack_argv_puts_no_secret_value_on_the_command_line():
-    argv = railpack_build_argv("tcp://bk:1234", "type=image,name=x,push=true", {"NPM_TOKEN": "s3cr3t", "A": "1"})
+    argv = railpack_build_argv("tcp://bk:1234", "type=image,name=x,push=true", {"NPM_TOKEN": "s3cr3t", "A": "1"}, "/data/builds/.plan-b")
     assert "s3cr3t" not in " ".join(argv)
     assert argv[-4:] == ["--secret", "id=A,env=A", "--secret", "id=NPM_TOKEN,env=NPM_TOKEN"]
 
@@ -209,12 +209,14 @@ def test_railpack_build_gets_secrets_through_the_environment_only(env, caplog):
     env.worker().poll_once()
     assert env.cp.final("b-2") == ("completed", "")
     railpack = env.tools.records("railpack")[0]
-    assert railpack["argv"] == ["prepare", ".", "--plan-out", "railpack-plan.json", "--env", "A", "--env", "NPM_TOKEN"]
+    plan_dir = str(env.settings.builds_dir / ".plan-b-2")  # the agent's, not inside the checkout
+    assert railpack["argv"] == ["prepare", ".", "--plan-out", f"{plan_dir}/railpack-plan.json", "--env", "A", "--env", "NPM_TOKEN"]
     assert railpack["env"]["NPM_TOKEN"] == "s3cr3t-npm-value" and railpack["env"]["A"] == "1"
     buildctl = env.tools.records("buildctl")[0]
+    assert buildctl["plan"] == '{"steps": []}'
     assert buildctl["argv"] == [
         "--addr", "tcp://127.0.0.1:1234", "build", "--frontend", "gateway.v0",
-        "--opt", "source=ghcr.io/railwayapp/railpack-frontend:v0.15.4", "--local", "context=.", "--local", "dockerfile=.",
+        "--opt", "source=ghcr.io/railwayapp/railpack-frontend:v0.15.4", "--local", "context=.", "--local", f"dockerfile={plan_dir}",
         "--opt", "filename=railpack-plan.json", "--output", f"type=image,name={IMAGE},push=true,registry.insecure=true",
         "--opt", f"build-arg:secrets-hash={secrets_hash({'A': '1', 'NPM_TOKEN': 's3cr3t-npm-value'})}",
         "--secret", "id=A,env=A", "--secret", "id=NPM_TOKEN,env=NPM_TOKEN",
@@ -227,6 +229,50 @@ def test_railpack_build_gets_secrets_through_the_environment_only(env, caplog):
     assert "Skipping secret BROKEN" in messages and "Skipping secret 'bad-name'" in messages
     assert "s3cr3t-npm-value" not in messages
     assert_no_token_anywhere(env, caplog)
+    assert list(env.settings.builds_dir.iterdir()) == []  # checkout and plan directory both gone
+
+
+@pytest.mark.real
+def test_symlinks_out_of_the_checkout_are_refused_before_any_tool_runs(env, caplog):
+    """railpack runs as root and follows links: a committed `railpack-plan.json -> <host
+    file>` would be overwritten by its --plan-out, and `.nvmrc -> <secret>` would print the
+    secret into the build log. Both are refused by name; nothing outside is touched."""
+    victim = env.tmp / "victim"
+    victim.write_text("original host file\n")
+    secret = env.tmp / "secret"
+    secret.write_text("ENCRYPTION-KEY-0123456789abcdef\n")
+    make_repo(env.repos, [{"package.json": "{}", "railpack-plan.json": Link(str(victim))}], "plan-link.git")
+    make_repo(env.repos, [{"package.json": "{}", "sub/.nvmrc": Link("../../../../secret")}], "nvmrc-link.git")
+    make_repo(env.repos, [{"package.json": "{}", ".nvmrc": Link(str(secret))}], "nvmrc-abs.git")
+    make_repo(env.repos, [{"Dockerfile": "FROM scratch\n", "etc": Link("/etc")}], "docker-link.git")
+    for build_id, repo in (("s-1", "plan-link.git"), ("s-2", "nvmrc-link.git"), ("s-3", "nvmrc-abs.git"), ("s-4", "docker-link.git")):
+        env.cp.add(build_id, claim(build_id, url=env.url(repo)))
+    worker = env.worker()
+    for _ in range(4):
+        worker.poll_once()
+    assert victim.read_text() == "original host file\n"
+    for build_id, name in (("s-1", "'railpack-plan.json'"), ("s-2", "'sub/.nvmrc'"), ("s-3", "'.nvmrc'"), ("s-4", "'etc'")):
+        status, error = env.cp.final(build_id)
+        assert status == "failed" and "symbolic link that points outside" in error and name in error, (build_id, error)
+    assert env.tools.records("railpack") == [] and env.tools.records("buildctl") == []
+    assert "ENCRYPTION-KEY" not in env.everything_said() and "ENCRYPTION-KEY" not in caplog.text
+    assert list(env.settings.builds_dir.iterdir()) == []
+
+
+@pytest.mark.real
+def test_links_inside_the_checkout_are_fine_and_a_committed_plan_is_not_used(env):
+    make_repo(env.repos, [{
+        "package.json": "{}", "app/.nvmrc": "20\n", ".nvmrc": Link("app/.nvmrc"), "lib": Link("app"),
+        "railpack-plan.json": Link("package.json"),  # inside, but still never written through
+    }], "inside.git")
+    env.cp.add("s-5", claim("s-5", url=env.url("inside.git")))
+    env.worker().poll_once()
+    assert env.cp.final("s-5") == ("completed", "")
+    assert env.tools.records("railpack")[0]["plan_in_checkout"] is False
+    messages = env.vlogs.messages("build")
+    assert "Detected version from .nvmrc: 20" in messages
+    assert "Ignoring the railpack-plan.json committed in the repository: Railpack writes its own plan" in messages
+    assert env.tools.records("buildctl")[0]["plan"] == '{"steps": []}'
 
 
 @pytest.mark.real
