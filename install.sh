@@ -36,9 +36,21 @@ umask 022
 GO_VERSION=${TECHULUS_GO_VERSION:-1.22.5}
 XCADDY_VERSION=${TECHULUS_XCADDY_VERSION:-0.4.2}
 CADDY_VERSION=${TECHULUS_CADDY_VERSION:-v2.8.4}
+# The Cloudflare DNS module, pinned: unpinned, xcaddy takes its newest release, and the
+# v0.2.x line needs libdns 1.x and Caddy >= 2.10, so the build of v2.8.4 would fail (or,
+# after a Caddy bump, change under us). This pseudo-version is the module's commit of
+# 2024-07-03 (89f16b99c18e): older than Caddy 2.9.0, so it cannot require more than
+# 2.8.x, and widely built with Caddy 2.8.4/2.9.1 (e.g. NixOS `caddy.withPlugins` configs).
+CADDY_CLOUDFLARE_VERSION=${TECHULUS_CADDY_CLOUDFLARE_VERSION:-v0.0.0-20240703190432-89f16b99c18e}
 BUILDKIT_VERSION=${TECHULUS_BUILDKIT_VERSION:-v0.15.2}
-RAILPACK_VERSION=${TECHULUS_RAILPACK_VERSION:-0.2.2}
+# The Railpack CLI goes with the frontend image the agent builds with
+# (ghcr.io/railwayapp/railpack-frontend:v0.15.4, PROTOCOL.md §13.4): the same release
+# makes both (railpack's .goreleaser.yml), so plans and frontend agree.
+RAILPACK_VERSION=${TECHULUS_RAILPACK_VERSION:-0.15.4}
+# The BuildKit image by tag; TECHULUS_BUILDKIT_IMAGE_DIGEST=sha256:<hex> pins it to one
+# exact image (podman then pulls by digest and refuses anything else).
 BUILDKIT_IMAGE=${TECHULUS_BUILDKIT_IMAGE:-docker.io/moby/buildkit:$BUILDKIT_VERSION}
+BUILDKIT_IMAGE_DIGEST=${TECHULUS_BUILDKIT_IMAGE_DIGEST:-}
 
 OS_RELEASE=${TECHULUS_OS_RELEASE:-/etc/os-release}
 LOG_FILE=${TECHULUS_INSTALL_LOG:-/var/log/techulus-agent-install.log}
@@ -127,8 +139,13 @@ Downloads (URL and SHA-256 of each can be overridden in the environment):
   TECHULUS_GO_URL / _SHA256, TECHULUS_XCADDY_URL / _SHA256, TECHULUS_BUILDKIT_URL / _SHA256,
   TECHULUS_RAILPACK_URL / _SHA256. Without a _SHA256 the checksum comes from the project's
   published checksum file (TECHULUS_<NAME>_SHA256_URL).
+Versions: TECHULUS_GO_VERSION, TECHULUS_XCADDY_VERSION, TECHULUS_CADDY_VERSION,
+  TECHULUS_CADDY_CLOUDFLARE_VERSION, TECHULUS_BUILDKIT_VERSION, TECHULUS_RAILPACK_VERSION.
+BuildKit image: TECHULUS_BUILDKIT_IMAGE (default docker.io/moby/buildkit:<version>),
+  TECHULUS_BUILDKIT_IMAGE_DIGEST=sha256:HEX to pin it to one exact image.
 Other environment: TECHULUS_INSTALL_LOG (log file), TECHULUS_INSTALL_CACHE (download cache),
-  TECHULUS_OS_RELEASE (os-release file), TECHULUS_BUILDKIT_IMAGE, TECHULUS_TEMPLATE_DIR.
+  TECHULUS_OS_RELEASE (os-release file), TECHULUS_TEMPLATE_DIR, TECHULUS_ARCH (amd64 or
+  arm64: fetch or render for another CPU, only with --download-only or --render-only).
 EOF
 }
 
@@ -205,6 +222,27 @@ done
 if [ -n "$RENDER_DIR" ] && [ "$DOWNLOAD_ONLY" = 1 ]; then
   usage_error "--render-only and --download-only exclude each other"
 fi
+# Versions and the image end up in URLs and in the BuildKit unit's command line.
+for pair in "GO_VERSION=$GO_VERSION" "XCADDY_VERSION=$XCADDY_VERSION" "CADDY_VERSION=$CADDY_VERSION" \
+  "CADDY_CLOUDFLARE_VERSION=$CADDY_CLOUDFLARE_VERSION" "BUILDKIT_VERSION=$BUILDKIT_VERSION" \
+  "RAILPACK_VERSION=$RAILPACK_VERSION"; do
+  [[ ${pair#*=} =~ ^v?[0-9]+\.[0-9]+\.[0-9]+([.+-][0-9A-Za-z.-]+)?$ ]] ||
+    usage_error "TECHULUS_${pair%%=*} '${pair#*=}' is not a version like 1.2.3"
+done
+if [ -n "$BUILDKIT_IMAGE_DIGEST" ]; then
+  [[ $BUILDKIT_IMAGE_DIGEST =~ ^sha256:[0-9a-f]{64}$ ]] ||
+    usage_error "TECHULUS_BUILDKIT_IMAGE_DIGEST must be sha256: and 64 lowercase hex digits"
+  [[ $BUILDKIT_IMAGE != *@* ]] ||
+    usage_error "TECHULUS_BUILDKIT_IMAGE already has a digest; do not also set TECHULUS_BUILDKIT_IMAGE_DIGEST"
+  BUILDKIT_IMAGE=$BUILDKIT_IMAGE@$BUILDKIT_IMAGE_DIGEST
+fi
+[[ $BUILDKIT_IMAGE =~ ^[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)+(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?(@sha256:[0-9a-f]{64})?$ ]] ||
+  usage_error "TECHULUS_BUILDKIT_IMAGE '$BUILDKIT_IMAGE' is not an image reference like docker.io/moby/buildkit:v0.15.2"
+if [ -n "${TECHULUS_ARCH:-}" ]; then
+  [[ $TECHULUS_ARCH =~ ^(amd64|arm64)$ ]] || usage_error "TECHULUS_ARCH must be amd64 or arm64"
+  [ "$DOWNLOAD_ONLY" = 1 ] || [ -n "$RENDER_DIR" ] ||
+    usage_error "TECHULUS_ARCH only goes with --download-only or --render-only (an install is for this machine's CPU)"
+fi
 
 # ----------------------------------------------------------------------------------------
 # Templates: installer/<name> on disk, else the copy build.sh embedded below.
@@ -243,7 +281,7 @@ render() {  # render TEMPLATE -> stdout, @NAME@ replaced by ${VARS[NAME]}
 # Platform.
 ARCH=""
 detect_arch() {
-  case "$(uname -m)" in
+  case "${TECHULUS_ARCH:-$(uname -m)}" in
     x86_64 | amd64) ARCH=amd64 ;;
     aarch64 | arm64) ARCH=arm64 ;;
     *) die "unsupported CPU architecture $(uname -m): only x86_64 (amd64) and aarch64 (arm64)" ;;
@@ -328,8 +366,9 @@ plan_downloads() {
   local go_name="go$GO_VERSION.linux-$ARCH.tar.gz"
   local xc_name="xcaddy_${XCADDY_VERSION}_linux_$ARCH.tar.gz"
   local bk_name="buildkit-$BUILDKIT_VERSION.linux-$ARCH.tar.gz"
+  # Railpack's release names (its .goreleaser.yml): x86_64-… and arm64-… (not aarch64).
   local rp_arch=x86_64
-  [ "$ARCH" = arm64 ] && rp_arch=aarch64
+  [ "$ARCH" = arm64 ] && rp_arch=arm64
   local rp_name="railpack-v$RAILPACK_VERSION-$rp_arch-unknown-linux-musl.tar.gz"
   if [ "$SKIP_CADDY" = 0 ]; then
     add_download go "$go_name" "${TECHULUS_GO_URL:-https://go.dev/dl/$go_name}" \
@@ -502,15 +541,17 @@ do_forwarding() {
   fi
 }
 
-caddy_is_current() {
+caddy_is_current() {  # the pinned Caddy with the pinned Cloudflare module (a new pin rebuilds)
   [ -x /usr/local/bin/caddy ] || return 1
   /usr/local/bin/caddy version 2>/dev/null | grep -q "^$CADDY_VERSION" || return 1
   /usr/local/bin/caddy list-modules 2>/dev/null | grep -q '^dns.providers.cloudflare' || return 1
+  [ "$(/usr/local/bin/caddy build-info 2>/dev/null |
+    awk '$1 == "dep" && $2 == "github.com/caddy-dns/cloudflare" {print $3; exit}')" = "$CADDY_CLOUDFLARE_VERSION" ]
 }
 
 do_caddy_build() {
   if caddy_is_current; then
-    step_done "caddy $CADDY_VERSION with the Cloudflare module present"
+    step_done "caddy $CADDY_VERSION with the Cloudflare module $CADDY_CLOUDFLARE_VERSION present"
     return
   fi
   local work
@@ -519,7 +560,8 @@ do_caddy_build() {
   run tar -C "$work" -xzf "${DL_FILE[xcaddy]}" xcaddy
   # xcaddy needs `go` on PATH; everything it writes stays in the work dir.
   run env PATH="$work/go/bin:$PATH" GOPATH="$work/gopath" GOCACHE="$work/gocache" GOFLAGS=-modcacherw \
-    "$work/xcaddy" build "$CADDY_VERSION" --with github.com/caddy-dns/cloudflare --output "$work/caddy"
+    "$work/xcaddy" build "$CADDY_VERSION" --with "github.com/caddy-dns/cloudflare@$CADDY_CLOUDFLARE_VERSION" \
+    --output "$work/caddy"
   "$work/caddy" list-modules 2>>"$LOG_FILE" | grep -q '^dns.providers.cloudflare' ||
     die "the Caddy built by xcaddy lacks dns.providers.cloudflare"
   install_binary "$work/caddy" /usr/local/bin/caddy || true

@@ -335,3 +335,87 @@ def test_missing_agent_binary_file(sandbox: dict[str, str], tmp_path: Path) -> N
     result = install_sh("--url", "https://cp.example.com", "--agent-binary", str(tmp_path / "nope"), "--skip-caddy",
                         "--skip-build-tools", "--download-only", env=sandbox)
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+# --- pinned versions ----------------------------------------------------------------------
+
+
+def install_default(name: str) -> str:
+    """The default of a `NAME=${TECHULUS_NAME:-default}` line of install.sh."""
+    match = re.search(rf"^{name}=\$\{{TECHULUS_{name}:-([^}}]*)\}}$", INSTALL.read_text(), re.M)
+    assert match, f"install.sh has no default for {name}"
+    return match.group(1)
+
+
+def test_railpack_cli_matches_the_frontend_image_the_agent_builds_with() -> None:
+    from agent.builds import RAILPACK_FRONTEND
+
+    assert RAILPACK_FRONTEND.startswith("ghcr.io/railwayapp/railpack-frontend:v")
+    assert install_default("RAILPACK_VERSION") == RAILPACK_FRONTEND.rsplit(":v", 1)[1]
+
+
+def test_caddy_dns_module_is_built_at_a_pinned_version() -> None:
+    assert re.fullmatch(r"v\d+\.\d+\.\d+(-[0-9]{14}-[0-9a-f]{12})?", install_default("CADDY_CLOUDFLARE_VERSION"))
+    builds = [line for line in INSTALL.read_text().splitlines() if "--with " in line]
+    assert builds and all('--with "github.com/caddy-dns/cloudflare@$CADDY_CLOUDFLARE_VERSION"' in line for line in builds)
+
+
+def railpack_fixture(fixtures: Fixtures, sandbox: dict[str, str]) -> tuple[dict[str, str], bytes]:
+    """Railpack served from loopback, its checksum file in the release's format (both CPUs)."""
+    payload = b"railpack release archive"
+    (fixtures.root / "railpack.tar.gz").write_bytes(payload)
+    version = install_default("RAILPACK_VERSION")
+    (fixtures.root / "checksums.txt").write_text(
+        f"{hashlib.sha256(payload).hexdigest()}  railpack-v{version}-arm64-unknown-linux-musl.tar.gz\n"
+        f"{'0' * 64}  railpack-v{version}-x86_64-unknown-linux-musl.tar.gz\n")
+    (fixtures.root / "buildkit.tar.gz").write_bytes(b"buildkit")
+    env = dict(sandbox, TECHULUS_RAILPACK_URL=f"{fixtures.url}/railpack.tar.gz",
+               TECHULUS_RAILPACK_SHA256_URL=f"{fixtures.url}/checksums.txt",
+               TECHULUS_BUILDKIT_URL=f"{fixtures.url}/buildkit.tar.gz",
+               TECHULUS_BUILDKIT_SHA256=hashlib.sha256(b"buildkit").hexdigest())
+    return env, payload
+
+
+def test_railpack_arm64_uses_the_release_asset_name(fixtures: Fixtures, sandbox: dict[str, str]) -> None:
+    env, payload = railpack_fixture(fixtures, sandbox)
+    version = install_default("RAILPACK_VERSION")
+    result = install_sh("--url", fixtures.url, "--agent-binary", str(INSTALL), "--skip-caddy", "--download-only",
+                        env=dict(env, TECHULUS_ARCH="arm64"))
+    assert result.returncode == 0, result.stderr
+    cached = Path(sandbox["TECHULUS_INSTALL_CACHE"]) / f"railpack-v{version}-arm64-unknown-linux-musl.tar.gz"
+    assert cached.read_bytes() == payload
+    # The same file for amd64 is checked against the x86_64 entry, which does not match.
+    other = install_sh("--url", fixtures.url, "--agent-binary", str(INSTALL), "--skip-caddy", "--download-only",
+                       env=dict(env, TECHULUS_ARCH="amd64"))
+    assert other.returncode == 1 and "checksum mismatch for railpack" in other.stderr
+
+
+def test_buildkit_image_can_be_pinned_by_digest(tmp_path: Path, templates: Path) -> None:
+    digest = "sha256:" + "ab" * 32
+    out = tmp_path / "r"
+    result = install_sh("--url", "https://cp.example.com", "--render-only", str(out),
+                        env={"TECHULUS_TEMPLATE_DIR": str(templates), "TECHULUS_BUILDKIT_IMAGE_DIGEST": digest})
+    assert result.returncode == 0, result.stderr
+    [run] = exec_argv((out / "etc/systemd/system/buildkit.service").read_text(), "ExecStart")
+    assert f"docker.io/moby/buildkit:{install_default('BUILDKIT_VERSION')}@{digest}" in run
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TECHULUS_BUILDKIT_IMAGE_DIGEST": "sha256:abc"}, "64 lowercase hex digits"),
+        ({"TECHULUS_BUILDKIT_IMAGE_DIGEST": "ab" * 32}, "64 lowercase hex digits"),
+        ({"TECHULUS_BUILDKIT_IMAGE": "docker.io/moby/buildkit:v1 --privileged"}, "is not an image reference"),
+        ({"TECHULUS_BUILDKIT_IMAGE": "docker.io/moby/buildkit@sha256:" + "0" * 64,
+          "TECHULUS_BUILDKIT_IMAGE_DIGEST": "sha256:" + "1" * 64}, "already has a digest"),
+        ({"TECHULUS_RAILPACK_VERSION": "0.15.4/../../x"}, "is not a version"),
+        ({"TECHULUS_CADDY_CLOUDFLARE_VERSION": "latest"}, "is not a version"),
+        ({"TECHULUS_ARCH": "riscv64"}, "amd64 or arm64"),
+        ({"TECHULUS_ARCH": "arm64"}, "only goes with --download-only or --render-only"),
+    ],
+)
+def test_bad_version_and_image_overrides(env: dict[str, str], message: str, sandbox: dict[str, str]) -> None:
+    result = install_sh("--url", "https://cp.example.com", env=dict(sandbox, **env))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not Path(sandbox["TECHULUS_INSTALL_LOG"]).exists()

@@ -18,7 +18,7 @@ from agent.settings import Settings
 from tests.fakecp import FakeControlPlane
 
 TOOLS = {"podman": "podman version 4.3.1", "wg": "wireguard-tools v1.0", "dnsmasq": "Dnsmasq version 2.90",
-         "git": "git version 2.39", "buildctl": "buildctl v0.15.2", "railpack": "railpack 0.2.2"}
+         "git": "git version 2.39", "buildctl": "buildctl v0.15.2", "railpack": "railpack 0.15.4"}
 
 
 def fake_tools(fp, present: dict[str, str]) -> None:  # type: ignore[no-untyped-def]

@@ -96,7 +96,7 @@ def downloads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fixtur
     artefacts = {
         "BUILDKIT": ("buildkit.tar.gz", tarball({"bin/buildctl": fake_tool("buildctl", "v0.15.2"),
                                                  "bin/buildkitd": fake_tool("buildkitd", "v0.15.2")})),
-        "RAILPACK": ("railpack.tar.gz", tarball({"railpack": fake_tool("railpack", "0.2.2")})),
+        "RAILPACK": ("railpack.tar.gz", tarball({"railpack": fake_tool("railpack", "0.15.4")})),
     }
     for key, (name, data) in artefacts.items():
         (root / name).write_bytes(data)
