@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import struct
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from agent.drift import dns_hash
 from agent.host.dns import (
     TYPE_A,
     TYPE_AAAA,
+    DnsError,
     DnsSync,
     build_query,
     check_upstream,
@@ -138,3 +141,31 @@ def test_dns_wire_format() -> None:
     assert parse_answer(answer, 0x1234, TYPE_A) == (0, ["10.200.1.2"])
     with pytest.raises(ValueError):
         parse_answer(answer, 0x9999, TYPE_A)
+
+
+def test_verification_against_a_silent_server_ends_at_the_timeout(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    # A hung dnsmasq: the port is bound (no ICMP refusal) but nothing ever answers. Each
+    # silent name used to cost up to 2 s and the deadline was only checked after a full
+    # pass, so 250 names took minutes; now the whole apply() ends at dns_verify_timeout.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        dns = make(tmp_path, dns_port=silent.getsockname()[1], dns_verify_timeout=1.0, dnsmasq_restart_command=(),
+                   resolved_restart_command=(), dns_upstream_servers=("192.0.2.53",))
+        records = tuple(DnsRecord(f"svc{i}.internal", (f"10.200.1.{i % 250 + 2}",)) for i in range(250))
+        outcome: list[BaseException] = []
+
+        def apply() -> None:
+            try:
+                dns.apply(ExpectedState(dns_records=records))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=apply, daemon=True)
+        worker.start()
+        worker.join(timeout=1.0 + 3.0)  # generous slack over the 1 s timeout; the old code needed ~500 s
+        assert not worker.is_alive(), "apply() is still verifying long after dns_verify_timeout"
+    assert len(outcome) == 1 and isinstance(outcome[0], DnsError), outcome
+    message = str(outcome[0])
+    assert "does not serve the new records for svc0.internal" in message
+    assert "and 230 more after 1s" in message and "no answer from 127.0.0.1" in message
+

@@ -205,25 +205,33 @@ def parse_answer(packet: bytes, query_id: int, qtype: int) -> tuple[int, list[st
 
 
 def lookup(server: str, port: int, name: str, timeout: float = 2.0) -> list[str]:
-    """All A and AAAA addresses `server` answers for `name` (sorted)."""
+    """All A and AAAA addresses `server` answers for `name` (sorted).
+
+    `timeout` bounds the whole lookup (both queries): a server that never answers costs
+    exactly that, so callers can keep an overall deadline. Raises TimeoutError then.
+    """
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    deadline = time.monotonic() + timeout
     found: list[str] = []
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
+        sock.settimeout(max(0.001, timeout))
         sock.connect((server, port))
         for qtype in (TYPE_A, TYPE_AAAA):
             query_id = secrets.randbelow(65536)
             sock.send(build_query(name, qtype, query_id))
-            deadline = time.monotonic() + timeout
             while True:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                packet = sock.recv(4096)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no answer from {server}:{port} for {name} within {timeout:g}s")
+                sock.settimeout(remaining)
+                try:
+                    packet = sock.recv(4096)
+                except TimeoutError:
+                    raise TimeoutError(f"no answer from {server}:{port} for {name} within {timeout:g}s") from None
                 try:
                     _, addresses = parse_answer(packet, query_id, qtype)
                 except ValueError:
-                    if time.monotonic() > deadline:
-                        raise
-                    continue
+                    continue  # a late answer to an earlier query, or garbage: keep waiting
                 found += addresses
                 break
     return sorted(found)
@@ -382,26 +390,34 @@ class DnsSync:
                 log.warning("dns: systemd-resolved did not restart: %s", exc)
 
     def _verify(self, records: Sequence[DnsRecord], removed: Iterable[str]) -> None:
-        """Ask dnsmasq until every record answers exactly its ips and removed names answer nothing."""
+        """Ask dnsmasq until every record answers exactly its ips and removed names answer nothing.
+
+        The deadline is checked before every name and bounds every lookup, so a dnsmasq that
+        accepts queries but never answers costs `dns_verify_timeout` in all, not a second per name.
+        """
         wanted = {record.name: sorted(record.ips) for record in records}
         wanted.update({name: [] for name in removed})
         deadline = time.monotonic() + self.verify_timeout
         pending = dict(wanted)
         last_error = ""
-        while True:
+        while pending:
             for name, ips in list(pending.items()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
                 try:
-                    if lookup(self.listen_host, self.settings.dns_port, name, timeout=1.0) == ips:
+                    if lookup(self.listen_host, self.settings.dns_port, name, timeout=min(1.0, remaining)) == ips:
                         del pending[name]
                 except (OSError, ValueError) as exc:
                     last_error = f" ({exc})"
-            if not pending or time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
                 break
-            time.sleep(0.02)
+            time.sleep(min(0.02, remaining))
         if pending:
             names = ", ".join(sorted(pending)[:20])
+            more = f" and {len(pending) - 20} more" if len(pending) > 20 else ""
             raise DnsError(
                 f"dnsmasq at {self.listen_host}:{self.settings.dns_port} does not serve the new records for "
-                f"{names} after {self.verify_timeout:g}s{last_error}"
+                f"{names}{more} after {self.verify_timeout:g}s{last_error}"
             )
-
