@@ -65,6 +65,9 @@ AGENT_PYZ=$LIB_DIR/agent.pyz
 UNIT_DIR=/etc/systemd/system
 
 APT_PACKAGES=(wireguard-tools podman dnsmasq git curl ca-certificates python3 iproute2 iptables tar)
+# On a fresh cloud VM unattended-upgrades (or cloud-init) usually holds the apt/dpkg locks
+# for minutes: wait for them this long instead of failing at once.
+APT_LOCK_TIMEOUT=600
 
 # ----------------------------------------------------------------------------------------
 # Output: one line per step on the terminal, everything else in the log file.
@@ -513,6 +516,33 @@ install_binary() {  # install_binary SRC DEST: atomic, only when different
 CHANGED_UNITS=""
 LEGACY_BUILDKIT=0
 
+apt_get() {  # apt-get, waiting up to APT_LOCK_TIMEOUT s for the dpkg lock (DPkg::Lock::Timeout)
+  # LC_ALL=C: apt_get_update reads apt's (otherwise translated) lock message.
+  run env LC_ALL=C apt-get -o DPkg::Lock::Timeout="$APT_LOCK_TIMEOUT" "$@"
+}
+
+apt_get_update() {
+  # `apt-get update` takes /var/lib/apt/lists/lock without waiting: apt 2.6 applies
+  # DPkg::Lock::Timeout to the dpkg locks only (measured). So retry while the lock is the
+  # reason, up to the same limit; any other failure stops at once.
+  local deadline=$((SECONDS + APT_LOCK_TIMEOUT)) mark
+  while :; do
+    mark=$(wc -l <"$LOG_FILE")
+    if apt_get update -q; then
+      return 0
+    fi
+    if ! tail -n "+$((mark + 1))" "$LOG_FILE" | grep -q 'Could not get lock'; then
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "the apt lists lock was still held after ${APT_LOCK_TIMEOUT}s"
+      return 1
+    fi
+    log "waiting for the apt lists lock (another apt run, e.g. unattended-upgrades)"
+    sleep 5
+  done
+}
+
 do_packages() {
   local missing=() pkg
   for pkg in "${APT_PACKAGES[@]}"; do
@@ -523,8 +553,8 @@ do_packages() {
     return
   fi
   export DEBIAN_FRONTEND=noninteractive
-  run apt-get update -q
-  run apt-get install -y -q --no-install-recommends "${missing[@]}"
+  apt_get_update
+  apt_get install -y -q --no-install-recommends "${missing[@]}"
   changed "packages: ${missing[*]}"
   step_done "installed ${missing[*]}"
 }

@@ -419,3 +419,13 @@ def test_bad_version_and_image_overrides(env: dict[str, str], message: str, sand
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert not Path(sandbox["TECHULUS_INSTALL_LOG"]).exists()
+
+
+def test_every_apt_get_call_waits_for_the_dpkg_lock() -> None:
+    # A fresh cloud VM's unattended-upgrades holds the lock for minutes; apt-get gives up at
+    # once unless told to wait. Each command that runs apt-get must go through apt_get().
+    calls = [line.strip() for line in INSTALL.read_text().splitlines()
+             if not line.lstrip().startswith("#") and re.search(r"(^\s*|\brun\s+(env\s+\S+\s+)?|[;&|]\s*)apt-get\s", line)]
+    assert calls == ['run env LC_ALL=C apt-get -o DPkg::Lock::Timeout="$APT_LOCK_TIMEOUT" "$@"']
+    assert re.search(r"^APT_LOCK_TIMEOUT=600$", INSTALL.read_text(), re.M)
+    assert "\n  apt_get_update\n  apt_get install " in INSTALL.read_text()

@@ -47,6 +47,20 @@ WantedBy=multi-user.target
 """
 
 
+# Holds apt's lists lock for 6 s and dpkg's frontend lock for 25 s (fcntl locks, as apt takes them).
+HOLD_APT_LOCKS = """import fcntl, os, time
+fds = []
+for path in ("/var/lib/apt/lists/lock", "/var/lib/dpkg/lock-frontend"):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    fds.append(fd)
+open("/run/e2e-apt-locks-held", "w").close()
+time.sleep(6)
+os.close(fds[0])
+time.sleep(19)
+"""
+
+
 def fake_tool(name: str, version: str) -> bytes:
     return f"#!/bin/sh\n# fake {name} for the installer test\necho '{name} {version} (fake)'\n".encode()
 
@@ -134,6 +148,11 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         # A unit from an earlier install.sh, whose container was plain "buildkit".
         machine.write("/etc/systemd/system/buildkit.service", LEGACY_BUILDKIT_UNIT)
 
+        # Like unattended-upgrades on a fresh VM: another apt run holds the locks for a while.
+        machine.write("/run/e2e-hold-apt-locks.py", HOLD_APT_LOCKS)
+        machine.run("sh", "-c", "setsid python3 /run/e2e-hold-apt-locks.py >/dev/null 2>&1 &")
+        machine.run("sh", "-c", "for i in $(seq 100); do [ -e /run/e2e-apt-locks-held ] && exit 0; sleep 0.1; done; exit 1")
+
         started = time.monotonic()
         result = machine.run(*args, env=install_env, check=False, timeout=600)
         first_run = time.monotonic() - started
@@ -150,6 +169,8 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         assert machine.run("systemctl", "is-enabled", "dnsmasq").stdout.strip() == "enabled"
         assert machine.run("systemctl", "is-enabled", "buildkit").stdout.strip() == "enabled"
         log = machine.run("cat", "/var/log/techulus-agent-install.log").stdout
+        assert "waiting for the apt lists lock" in log, "apt-get update should have waited for the held lists lock"
+        assert "-o DPkg::Lock::Timeout=600 install" in log
         assert "+ podman rm --force --ignore buildkit" in log and "changed: removed the podman container buildkit" in log
         assert "--name techulus-buildkit " in machine.run("cat", "/etc/systemd/system/buildkit.service").stdout
         # Containers (--restart=always) come back at boot even before the agent can reach the CP.
