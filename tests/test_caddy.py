@@ -12,6 +12,7 @@ from agent.drift import caddy_hash
 from agent.host.caddy import (
     CaddyError,
     CaddySync,
+    config_etag,
     find_server,
     is_ours,
     listen_matches,
@@ -177,3 +178,13 @@ def test_settings_are_checked() -> None:
 
 def _identity() -> Identity:
     return Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 1, "10.100.1.1"))
+
+
+def test_config_etag_is_caddys() -> None:
+    # Values Caddy 2.6.2 sent (in its ETag trailer) for these exact bodies.
+    path = "/config/apps/http/servers/s/routes"
+    assert config_etag(path, b"[]\n") == f'"{path} 6dfb3b7d"'
+    body = b'[{"@id":"x","handle":[{"handler":"static_response"}]}]\n'
+    assert config_etag(path, body) == f'"{path} 306784a6"'
+    # If-Match is split on white space by Caddy: such a path cannot be sent conditionally.
+    assert config_etag("/config/apps/http/servers/my server/routes", b"[]\n") is None

@@ -279,6 +279,75 @@ def test_upstreams_outside_the_deployment_networks_never_reach_caddy(caddy: Cadd
     assert [route.get("@id") for route in caddy.routes()] == [None, "someone-else", "x"]
 
 
+def add_route_behind_our_back(caddy: CaddyProcess, route_id: str) -> None:
+    """Another admin client appends a route (POST to a list appends)."""
+    route = {"@id": route_id, "match": [{"host": [f"{route_id}.test"]}], "handle": [{"handler": "static_response", "body": route_id}]}
+    request = urllib.request.Request(
+        f"{caddy.admin_url}/config/apps/http/servers/srv1/routes", data=json.dumps(route).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    for attempt in range(3):  # the admin listener restarts around config loads
+        try:
+            urllib.request.urlopen(request, timeout=5).read()
+            return
+        except ConnectionError:
+            if attempt == 2:
+                raise
+            time.sleep(0.1)
+
+
+def interleave(monkeypatch: pytest.MonkeyPatch, sync: CaddySync, caddy: CaddyProcess, times: int) -> list[str]:
+    """After each of our next `times` reads of the routes, somebody else adds a route."""
+    added: list[str] = []
+    real_get = sync._get_for_update
+
+    def racing_get(path: str, config_path: str) -> tuple[Any, bytes, str | None]:
+        result = real_get(path, config_path)
+        if len(added) < times:
+            added.append(f"race{len(added)}")
+            add_route_behind_our_back(caddy, added[-1])
+        return result
+
+    monkeypatch.setattr(sync, "_get_for_update", racing_get)
+    return added
+
+
+def test_a_route_added_between_our_read_and_write_is_kept(
+    caddy: CaddyProcess, upstreams: tuple[Upstream, Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = upstreams
+    sync = make_sync(caddy)
+    state = ExpectedState(caddy_routes=(CaddyRoute("app.example.com", "app.example.com", (a.address,), "svc-1"),))
+    added = interleave(monkeypatch, sync, caddy, times=2)
+    sync.apply(state)  # two 412s (Caddy 2.6 checks If-Match), then a write on fresh data
+    assert added == ["race0", "race1"]
+    assert [route.get("@id") for route in caddy.routes()] == [None, "someone-else", "race0", "race1", "app.example.com"]
+    assert caddy.get("race0.test") == (200, "race0") and caddy.get("app.example.com") == (200, "upstream-a")
+
+    # Somebody who never stops changing the routes: bounded, and nothing of ours is written.
+    before = caddy.routes()
+    monkeypatch.undo()
+    added = interleave(monkeypatch, sync, caddy, times=100)
+    with pytest.raises(CaddyError, match=r"changed under every one of 5 writes; nothing was changed"):
+        sync.apply(ExpectedState())
+    assert len(added) == 5
+    assert [route.get("@id") for route in caddy.routes()] == [route.get("@id") for route in before] + added
+
+
+def test_a_caddy_with_other_etags_is_written_unconditionally(
+    caddy: CaddyProcess, upstreams: tuple[Upstream, Upstream], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Should a Caddy hash its config differently, an If-Match that can never match must
+    # not block every write forever.
+    a, _ = upstreams
+    sync = make_sync(caddy)
+    monkeypatch.setattr(caddy_module, "config_etag", lambda path, body: f'"{path} 00000000"')
+    state = ExpectedState(caddy_routes=(CaddyRoute("app.example.com", "app.example.com", (a.address,), "svc-1"),))
+    sync.apply(state)
+    assert caddy.get("app.example.com") == (200, "upstream-a")
+    assert "writing without it" in caplog.text
+
+
 def test_wrong_listen_address_is_a_clear_error(caddy: CaddyProcess) -> None:
     sync = make_sync(caddy)
     sync.listen = "127.0.0.1:1"

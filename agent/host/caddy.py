@@ -14,7 +14,9 @@ Differences from the original agent, on purpose (§17 items 10, 20, 23):
   is sent, and a non-200 answer raises with Caddy's own error text;
 * an upstream must be `<IPv4>:<port>` inside the deployment networks (§9.9.4): a host name,
   loopback (`127.0.0.1:2019` would publish Caddy's own admin API on a public domain),
-  link-local (`169.254.169.254`, cloud metadata) or `0.0.0.0` is refused.
+  link-local (`169.254.169.254`, cloud metadata) or `0.0.0.0` is refused;
+* the read-modify-write of the route list is conditional (`If-Match` with the ETag of our
+  read, retried on 412), so a route someone adds between our GET and PATCH is not lost.
 """
 
 from __future__ import annotations
@@ -42,10 +44,16 @@ MAX_BODY = 64 * 1024 * 1024
 # the same ranges the mesh carries (Settings.wireguard_allowed_networks by default).
 DEFAULT_UPSTREAM_NETWORKS = ("10.100.0.0/16", "10.200.0.0/16")
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+# Reads and writes of the route list when somebody else keeps changing it in between.
+WRITE_ATTEMPTS = 5
 
 
 class CaddyError(RuntimeError):
     """The admin API is unreachable, refused a change, or does not show what we sent."""
+
+
+class ConfigChanged(CaddyError):
+    """Caddy answered 412: the config changed since we read it (our write was not applied)."""
 
 
 # --- pure parts --------------------------------------------------------------------------------
@@ -171,6 +179,21 @@ def parse_route(route: dict[str, Any]) -> CaddyRoute:
     return CaddyRoute(route["@id"], domain, tuple(upstreams), service_id)
 
 
+def config_etag(path: str, body: bytes) -> str | None:
+    """The ETag Caddy gives `GET <path>`: `"<path> <FNV-1a 32 of the body, hex>"`.
+
+    Caddy 2.6 sends it as an HTTP trailer, which urllib3 drops, so it is computed from the
+    exact bytes received (Caddy hashes what it writes). None when `If-Match` cannot carry
+    the path (Caddy splits the header on white space).
+    """
+    if any(ch.isspace() or ch == '"' for ch in path):
+        return None
+    value = 0x811C9DC5
+    for byte in body:
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return f'"{path} {value:08x}"'
+
+
 def listen_matches(entry: str, wanted: str) -> bool:
     """Does a server `listen` entry serve `wanted` (`:443`, `0.0.0.0:443`, `tcp/:443`...)?"""
     if "/" in entry:
@@ -239,6 +262,8 @@ class CaddySync:
             raise CaddyError(f"caddy_log_append must be auto, true or false, got {mode!r}")
         # None = not known yet: try it, and fall back once if this Caddy build lacks the module.
         self._log_append: bool | None = None if mode == "auto" else mode == "true"
+        # Conditional writes; turned off for good if this Caddy's ETags are not what we compute.
+        self._if_match = True
 
     # ConfigSync ---------------------------------------------------------------------------------
 
@@ -271,26 +296,31 @@ class CaddySync:
             raise CaddyError("refusing to change Caddy routes (nothing was changed): " + "; ".join(problems))
         wanted = managed_routes(routes)
         server = self.server_name()
+        config_path = f"/config/apps/http/servers/{server}/routes"
         path = f"/config/apps/http/servers/{quote(server, safe='')}/routes"
-        raw = self._get(path)
-        exists = raw is not None
-        existing = self._route_list(raw, server)
-        foreign = [route for route in existing if not is_ours(route)]
-        clash = {r.get("@id") for r in foreign if isinstance(r, dict)} & {r.id for r in wanted}
-        if clash:
-            raise CaddyError(f"routes not written by the agent already use the @id {', '.join(sorted(map(str, clash)))}")
-        use_log_append = self._log_append is not False
-        try:
-            self._put_routes(path, foreign, wanted, use_log_append, exists)
-        except CaddyError as exc:
-            if not (self._log_append is None and "log_append" in str(exc)):
-                raise
-            log.warning("caddy: this Caddy build has no log_append handler; routes are written without it")
-            self._log_append = False
-            self._put_routes(path, foreign, wanted, False, exists)
+        refused_body: bytes | None = None
+        for _attempt in range(WRITE_ATTEMPTS):
+            raw, body, etag = self._get_for_update(path, config_path)
+            existing = self._route_list(raw, server)
+            foreign = [route for route in existing if not is_ours(route)]
+            clash = {r.get("@id") for r in foreign if isinstance(r, dict)} & {r.id for r in wanted}
+            if clash:
+                raise CaddyError(f"routes not written by the agent already use the @id {', '.join(sorted(map(str, clash)))}")
+            try:
+                self._write_routes(path, foreign, wanted, raw is not None, etag)
+                break
+            except ConfigChanged:
+                if body == refused_body and self._if_match:
+                    # The same bytes were refused twice: this Caddy hashes differently from
+                    # config_etag(). Write unconditionally rather than never at all.
+                    log.warning("caddy: If-Match is refused although the routes did not change; writing without it")
+                    self._if_match = False
+                refused_body = body
+                log.info("caddy: the routes of %s changed between our read and our write; reading them again", server)
         else:
-            if use_log_append and wanted:
-                self._log_append = True
+            raise CaddyError(
+                f"the routes of Caddy server {server} changed under every one of {WRITE_ATTEMPTS} writes; nothing was changed"
+            )
         live = self.live_routes()
         if caddy_hash(live) != caddy_hash(wanted):
             missing = sorted({r.id for r in wanted} - {r.id for r in live})
@@ -299,10 +329,46 @@ class CaddySync:
 
     # HTTP ----------------------------------------------------------------------------------------
 
-    def _put_routes(self, path: str, foreign: list[Any], wanted: list[CaddyRoute], log_append: bool, exists: bool) -> None:
+    def _write_routes(self, path: str, foreign: list[Any], wanted: list[CaddyRoute], exists: bool, etag: str | None) -> None:
+        """One conditional write; falls back once without log_append when this Caddy lacks it."""
+        use_log_append = self._log_append is not False
+        try:
+            self._put_routes(path, foreign, wanted, use_log_append, exists, etag)
+        except ConfigChanged:
+            raise
+        except CaddyError as exc:
+            if not (self._log_append is None and "log_append" in str(exc)):
+                raise
+            log.warning("caddy: this Caddy build has no log_append handler; routes are written without it")
+            self._log_append = False
+            # A refused write changed nothing, so the ETag still holds.
+            self._put_routes(path, foreign, wanted, False, exists, etag)
+        else:
+            if use_log_append and wanted:
+                self._log_append = True
+
+    def _put_routes(
+        self, path: str, foreign: list[Any], wanted: list[CaddyRoute], log_append: bool, exists: bool, etag: str | None
+    ) -> None:
         body = foreign + [render_route(route, log_append) for route in wanted]
-        # PATCH replaces an existing value; PUT creates a missing one. Both get a JSON array.
-        self._send("PATCH" if exists else "PUT", path, body)
+        # PATCH replaces an existing value, only if it is still what we read (If-Match: Caddy
+        # answers 412 otherwise); PUT creates a missing one and fails (409) if it appeared
+        # meanwhile. Both get a JSON array.
+        if exists:
+            headers = {"If-Match": etag} if etag and self._if_match else {}
+            self._send("PATCH", path, body, headers)
+        else:
+            self._send("PUT", path, body, {})
+
+    def _get_for_update(self, path: str, config_path: str) -> tuple[Any, bytes, str | None]:
+        """GET `path`: (decoded value or None when missing, the raw body, its ETag)."""
+        status, data, headers = self._request("GET", path)
+        if status == 404:
+            return None, data, None
+        value = self._decode_get(path, status, data)
+        # Caddy >= 2.7 sends the ETag as a header; 2.6 only as a trailer (computed then).
+        etag = headers.get("Etag") or config_etag(config_path, data)
+        return value, data, etag
 
     def _get_routes(self, server: str) -> list[Any]:
         return self._route_list(self._get(f"/config/apps/http/servers/{quote(server, safe='')}/routes"), server)
@@ -316,9 +382,13 @@ class CaddySync:
         return routes
 
     def _get(self, path: str) -> Any:
-        status, data = self._request("GET", path)
+        status, data, _ = self._request("GET", path)
         if status == 404:
             return None
+        return self._decode_get(path, status, data)
+
+    @staticmethod
+    def _decode_get(path: str, status: int, data: bytes) -> Any:
         if status != 200:
             raise CaddyError(f"GET {path} from Caddy answered {status}: {_error_text(data)}")
         try:
@@ -326,14 +396,18 @@ class CaddySync:
         except json.JSONDecodeError as exc:
             raise CaddyError(f"GET {path} from Caddy returned invalid JSON: {exc}") from exc
 
-    def _send(self, method: str, path: str, body: list[Any]) -> None:
-        status, data = self._request(method, path, json.dumps(body).encode())
+    def _send(self, method: str, path: str, body: list[Any], headers: dict[str, str]) -> None:
+        status, data, _ = self._request(method, path, json.dumps(body).encode(), headers)
+        if status == 412 or (status == 409 and method == "PUT"):
+            raise ConfigChanged(f"Caddy refused {method} {path} ({status}): {_error_text(data)}")
         if status != 200:
             raise CaddyError(f"Caddy refused {method} {path} ({status}): {_error_text(data)}")
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, extra_headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, Any]:
         url = self.admin_url + path
-        headers = {"Connection": "close"}
+        headers = {"Connection": "close", **(extra_headers or {})}
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
@@ -348,7 +422,7 @@ class CaddySync:
             raise CaddyError(f"{method} {path}: reading Caddy's answer failed: {exc}") from exc
         finally:
             response.release_conn()
-        return response.status, data
+        return response.status, data, response.headers
 
 
 def _error_text(data: bytes) -> str:
