@@ -18,6 +18,8 @@ Why it is shaped like this (fixing §17 items 4, 10 and 15):
 * A small record in the data dir says which build this server holds, so a build that an
   agent crash interrupted is reported `failed` on the next start instead of staying
   `claimed` forever, and a final status the control plane did not receive is re-sent.
+  The record also names the running step's process group, so the step a killed agent
+  left behind (the unit uses KillMode=process) is killed first, once proven ours.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 RAILPACK_FRONTEND = "ghcr.io/railwayapp/railpack-frontend:v0.15.4"
 PLAN_FILE = "railpack-plan.json"
 PLAN_DIR_PREFIX = ".plan-"
+#: Put into every build step's environment (value: the build id) to recognise it after a restart.
+BUILD_MARKER = "TECHULUS_BUILD_ID"
+_STEP_COMMANDS = frozenset({"git", "railpack", "buildctl"})
 STATE_FILE = "build-in-progress.json"
 CLEANUP_INTERVAL = 3600.0
 STALE_AFTER = 3600.0
@@ -347,9 +352,9 @@ class BuildWorker:
 
     # -- the on-disk record --
 
-    def _write_state(self, build_id: str, phase: str, status: str = "", error: str = "") -> None:
+    def _write_state(self, build_id: str, phase: str, status: str = "", error: str = "", **extra: Any) -> None:
         fsutil.ensure_dir(self.state_path.parent, 0o700)
-        fsutil.atomic_write_json(self.state_path, {"buildId": build_id, "phase": phase, "status": status, "error": error})
+        fsutil.atomic_write_json(self.state_path, {"buildId": build_id, "phase": phase, "status": status, "error": error, **extra})
 
     def _clear_state(self) -> None:
         try:
@@ -371,6 +376,9 @@ class BuildWorker:
         if not isinstance(build_id, str) or not build_id:
             self._clear_state()
             return True
+        # The unit stops only the agent's own process (KillMode=process) and a crash kills
+        # nothing: the step that was running may still be, under nobody's deadline.
+        _kill_orphaned_step(state, build_id)
         if state.get("phase") == "finished" and state.get("status") in ("completed", "failed"):
             status, error = state["status"], str(state.get("error") or "")
         else:
@@ -647,12 +655,32 @@ class BuildWorker:
         self._check_cancel(ctx, ask=False)
         if time.monotonic() >= ctx.deadline:
             raise BuildAborted(f"build timed out after {self.settings.build_timeout:g}s (before {what})")
+        # The marker lets a restarted agent tell this step's processes from whatever reuses
+        # their ids later (see _kill_orphaned_step).
+        child_env = {**env, BUILD_MARKER: ctx.build.id}
         try:
-            proc = popen(argv, env=env, cwd=str(ctx.workdir) if ctx.workdir.is_dir() else None, merge_stderr=True)
+            proc = popen(argv, env=child_env, cwd=str(ctx.workdir) if ctx.workdir.is_dir() else None, merge_stderr=True)
         except CommandNotFound as exc:
             raise BuildError(f"{argv[0]} is not installed on this server (not found on PATH)") from exc
         except OSError as exc:
             raise BuildError(f"cannot start {what}: {exc}") from exc
+        try:
+            # popen makes the child a session (and so process group) leader: pgid == pid.
+            self._write_state(ctx.build.id, "running", pgid=proc.pid, command=os.path.basename(argv[0]))
+        except OSError as exc:
+            log.warning("cannot record the running build step in %s: %s", self.state_path, exc)
+        try:
+            self._wait_step(ctx, proc, what, watch_push)
+        finally:
+            if proc.poll() is None:  # only on an unexpected error: never leave it running
+                kill_group(proc)
+                proc.wait()
+            try:
+                self._write_state(ctx.build.id, "running")
+            except OSError as exc:
+                log.warning("cannot update %s: %s", self.state_path, exc)
+
+    def _wait_step(self, ctx: _Context, proc: Any, what: str, watch_push: bool) -> None:
         tail: list[str] = []
         reader = threading.Thread(target=self._pump, args=(proc, ctx, tail, watch_push), name="build-output", daemon=True)
         reader.start()
@@ -736,6 +764,82 @@ class BuildWorker:
             except CommandError as exc:
                 log.warning("podman image prune failed: %s", exc)
         return removed
+
+
+def _kill_orphaned_step(state: Mapping[str, Any], build_id: str) -> list[int]:
+    """Kill the process group of a step an earlier agent run left behind; returns the pids.
+
+    Only what provably is ours dies: the group leader must still be the recorded command
+    (git/railpack/buildctl) and carry our marker for this build in its environment; without
+    a leader, only members carrying the marker are killed, one by one. A pid reused by
+    anything else after a reboot or a long outage never matches.
+    """
+    pgid, command = state.get("pgid"), state.get("command")
+    if not isinstance(pgid, int) or isinstance(pgid, bool) or pgid <= 1 or command not in _STEP_COMMANDS:
+        return []
+    members = _process_group(pgid)
+    if not members:
+        return []
+    marker = f"{BUILD_MARKER}={build_id}".encode()
+    if pgid in members and _runs(pgid, str(command)) and _has_env(pgid, marker):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError as exc:
+            log.warning("cannot kill the orphaned %s of build %s (process group %d): %s", command, build_id, pgid, exc)
+            return []
+        log.warning("killed the %s of build %s left running by an earlier agent run (process group %d)", command, build_id, pgid)
+        return members
+    killed = []
+    for pid in members:
+        if _has_env(pid, marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                continue
+    if killed:
+        log.warning("killed %d leftover process(es) of build %s (process group %d)", len(killed), build_id, pgid)
+    return killed
+
+
+def _process_group(pgid: int, proc_root: str = "/proc") -> list[int]:
+    """Pids of the live processes in process group `pgid`."""
+    members = []
+    try:
+        names = os.listdir(proc_root)
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc_root}/{name}/stat", "rb") as handle:
+                text = handle.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = text[text.rfind(b")") + 1:].split()
+        if len(fields) > 2 and fields[0] != b"Z" and fields[2] == str(pgid).encode():
+            members.append(int(name))
+    return members
+
+
+def _runs(pid: int, command: str) -> bool:
+    """The process runs `command` (argv[0], or the script an interpreter runs)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return command.encode() in {os.path.basename(arg) for arg in argv[:2]}
+
+
+def _has_env(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return marker in handle.read().split(b"\0")
+    except OSError:
+        return False
 
 
 def _kill_leftovers(pgid: int) -> None:

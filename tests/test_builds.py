@@ -4,10 +4,14 @@ a fake VictoriaLogs, and an in-memory control plane (plus one run against tests/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -478,3 +482,90 @@ def test_against_the_fake_control_plane_with_a_lost_claim_race(env, caplog):
         assert BuildWorker(env.settings, racing, KEY, prune_images=False).poll_once() is False
         assert len(cp.build_updates) == updates and cp.build(lost).status == "claimed"
     assert_no_token_anywhere(env, caplog)
+
+
+WORKER_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from agent.builds import BuildWorker
+from agent.settings import Settings
+from tests.buildfakes import StubControlPlane
+cp = StubControlPlane()
+cp.add({build_id!r}, json.loads({claim!r}))
+settings = Settings(data_dir=Path({data!r}), logs_endpoint={logs!r}, build_timeout=60, buildkit_host="tcp://127.0.0.1:1234")
+BuildWorker(settings, cp, {key!r}, prune_images=False).poll_once()
+"""
+
+
+@pytest.mark.real
+def test_a_restarted_agent_kills_the_build_step_an_agent_kill_left_running(env):
+    """KillMode=process (or a crash) leaves the step running; the next start kills its
+    process group before reporting the build failed."""
+    env.tools.set(buildctl="sleep")
+    build_claim = claim("b-orphan", url=env.url())
+    script = env.tmp / "worker.py"
+    script.write_text(WORKER_SCRIPT.format(
+        root=str(Path(__file__).resolve().parents[1]), build_id="b-orphan", claim=json.dumps(build_claim),
+        data=str(env.settings.data_dir), logs=env.vlogs.url, key=KEY,
+    ))
+    agent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: env.tools.records("buildctl") or agent.poll() is not None)
+        assert agent.poll() is None, agent.stderr.read().decode() if agent.stderr else ""
+        record = env.tools.records("buildctl")[0]
+        state = json.loads((env.settings.data_dir / STATE_FILE).read_text())
+        assert (state["pgid"], state["command"]) == (record["pid"], "buildctl")
+    finally:
+        agent.kill()  # SIGKILL: no cleanup of any kind runs
+        agent.wait(10)
+    try:
+        os.kill(record["pid"], 0)  # the orphan really is still there
+        os.kill(record["child"], 0)
+        env.cp.status["b-orphan"] = "building"  # what the control plane knows of it
+        assert env.worker().poll_once() is False
+        assert_dead(record["pid"]) and assert_dead(record["child"])
+    finally:
+        for pid in (record["pid"], record["child"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    status, error = env.cp.final("b-orphan")
+    assert status == "failed" and "interrupted" in error
+    assert not (env.settings.data_dir / STATE_FILE).exists()
+
+
+@pytest.mark.real
+def test_recovery_kills_nothing_that_is_not_provably_the_recorded_step(env):
+    env.tools.set(buildctl="sleep")
+    state = env.settings.data_dir / STATE_FILE
+    state.parent.mkdir(parents=True)
+    # A buildctl that is not ours (no marker for this build: e.g. a reused pid) ...
+    stranger = subprocess.Popen([str(env.tools.bin / "buildctl")], start_new_session=True,
+                                stdout=subprocess.DEVNULL, env={**os.environ, "TECHULUS_BUILD_ID": "another-build"})
+    # ... and a process group whose leader (ours) died, leaving a marked child behind.
+    marked = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; print(subprocess.Popen(['sleep', '300']).pid, flush=True)"],
+        start_new_session=True, stdout=subprocess.PIPE, env={**os.environ, "TECHULUS_BUILD_ID": "b-left"})
+    try:
+        assert marked.stdout is not None
+        marked_child = int(marked.stdout.readline())
+        marked.wait(10)
+        wait_for(lambda: env.tools.records("buildctl"))
+        for build_id, pgid in (("b-strange", stranger.pid), ("b-left", marked.pid)):
+            env.cp.status[build_id] = "building"
+            state.write_text(json.dumps({"buildId": build_id, "phase": "running", "pgid": pgid, "command": "buildctl"}))
+            env.worker().poll_once()
+            assert env.cp.final(build_id)[0] == "failed"
+        assert stranger.poll() is None, "a process without this build's marker was killed"
+        assert_dead(marked_child)
+        # Garbage in the record is ignored, not trusted.
+        for bad in ({"pgid": 1, "command": "buildctl"}, {"pgid": stranger.pid, "command": "sleep"}, {"pgid": "x", "command": "git"}):
+            state.write_text(json.dumps({"buildId": "b-strange", "phase": "running", **bad}))
+            env.worker().poll_once()
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait(10)
+        for row in env.tools.records("buildctl"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(row["child"], signal.SIGKILL)
