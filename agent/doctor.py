@@ -35,6 +35,8 @@ MAX_SKEW = 60.0
 SKEW_WARN = 10.0
 PROBE_TIMEOUT = 5.0
 REQUIRED_CADDY_MODULES = ("dns.providers.cloudflare", "http.handlers.vars", "http.handlers.log_append")
+#: Where install.sh writes agent.env and caddy.env (its CONF_DIR).
+CONF_DIR = Path("/etc/techulus-agent")
 
 
 @dataclass(frozen=True)
@@ -179,12 +181,50 @@ def check_data_dir(settings: Settings) -> list[Check]:
         ))
     else:
         checks.append(Check(OK, "data dir", f"{root} (mode {mode:04o})"))
-    key = root / "keys" / "private.key"
-    if key.exists():
-        key_mode = stat.S_IMODE(key.stat().st_mode)
-        if key_mode & 0o077:
-            checks.append(Check(FAIL, "signing key", f"{key} is mode {key_mode:04o}", f"chmod 600 {key}"))
     return checks
+
+
+def secret_files(settings: Settings, conf_dir: Path) -> list[tuple[str, Path]]:
+    """The files that hold a secret, each with what it holds (all optional: any may be absent)."""
+    from agent.identity import DataDir
+
+    data_dir = DataDir(settings.data_dir)
+    return [
+        ("signing key", data_dir.private_key),
+        ("wireguard key", data_dir.wireguard_key),
+        ("agent config (encryption key)", data_dir.config),
+        ("wireguard config", settings.wireguard_config_dir / f"{settings.wireguard_interface}.conf"),
+        ("agent env file (registration token)", conf_dir / "agent.env"),
+        ("caddy env file (Cloudflare API token)", conf_dir / "caddy.env"),
+    ]
+
+
+def check_secret_files(settings: Settings, conf_dir: Path) -> list[Check]:
+    """FAIL for each secret file that group or others can access; one OK line when none can.
+
+    Missing files are skipped: before registration there are no keys, and --skip-caddy or
+    manage_wireguard=false leave the others out. stat() follows symlinks, so a link to an
+    open file is caught too.
+    """
+    private: list[str] = []
+    problems: list[Check] = []
+    for what, path in secret_files(settings, conf_dir):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(Check(FAIL, what, f"{path}: {exc.strerror}", "run doctor as root"))
+            continue
+        if mode & 0o077:
+            problems.append(Check(
+                FAIL, what, f"{path} is mode {mode:04o}: group/others can read a secret", f"chmod 600 {path}",
+            ))
+        else:
+            private.append(str(path))
+    if problems or not private:
+        return problems
+    return [Check(OK, "secret files", f"{len(private)} private (no group/other access): {', '.join(private)}")]
 
 
 def check_registration(settings: Settings) -> tuple[Check, object | None]:
@@ -285,6 +325,7 @@ def collect(
     which: Callable[[str], str | None] = shutil.which,
     proc: Path = Path("/proc"),
     net: Path = Path("/sys/class/net"),
+    conf_dir: Path = CONF_DIR,
 ) -> list[Check]:
     http = urllib3.PoolManager(num_pools=2, headers={"User-Agent": f"techulus-agent-doctor/{__version__}"})
     checks: list[Check] = [Check(OK, "python", sys.version.split()[0])]
@@ -298,6 +339,7 @@ def collect(
     checks.append(check_buildkit(settings))
     checks.append(check_forwarding(proc))
     checks.extend(check_data_dir(settings))
+    checks.extend(check_secret_files(settings, conf_dir))
     registration, identity = check_registration(settings)
     checks.append(registration)
     if settings.manage_wireguard:
@@ -320,10 +362,11 @@ def run_doctor(
     which: Callable[[str], str | None] = shutil.which,
     proc: Path = Path("/proc"),
     net: Path = Path("/sys/class/net"),
+    conf_dir: Path = CONF_DIR,
 ) -> int:
     """Print one line per check; 1 when a required check failed, else 0."""
     stream = out or sys.stdout
-    checks = collect(settings, which=which, proc=proc, net=net)
+    checks = collect(settings, which=which, proc=proc, net=net, conf_dir=conf_dir)
     for check in checks:
         print(check.line(), file=stream)
     failed = [c for c in checks if c.status == FAIL]

@@ -40,18 +40,21 @@ def host(tmp_path: Path) -> tuple[Path, Path]:
     (proc / "4242/comm").write_text("dnsmasq\n")
     net = tmp_path / "net"
     net.mkdir()
+    (tmp_path / "etc-techulus").mkdir()
     return proc, net
 
 
 def doctor(settings: Settings, host: tuple[Path, Path], present: set[str]) -> tuple[int, str]:
     out = io.StringIO()
-    code = run_doctor(settings, out=out, which=which_of(present), proc=host[0], net=host[1])
+    conf_dir = host[0].parent / "etc-techulus"
+    code = run_doctor(settings, out=out, which=which_of(present), proc=host[0], net=host[1], conf_dir=conf_dir)
     return code, out.getvalue()
 
 
 def base_settings(tmp_path: Path, **extra: object) -> Settings:
     values: dict[str, object] = {"data_dir": str(tmp_path / "data"), "manage_caddy": False,
-                                 "buildkit_host": "tcp://127.0.0.1:9", "url": "http://127.0.0.1:9"}
+                                 "buildkit_host": "tcp://127.0.0.1:9", "url": "http://127.0.0.1:9",
+                                 "wireguard_config_dir": str(tmp_path / "wireguard")}
     values.update(extra)
     return Settings.from_mapping(values)
 
@@ -120,3 +123,74 @@ def test_unknown_server_is_reported(fp, tmp_path: Path, host) -> None:  # type: 
         code, text = doctor(base_settings(tmp_path, url=cp.url), host, set(TOOLS) | {"wg-quick"})
     assert code == 1
     assert "FAIL  signed request:" in text and "404" in text
+
+
+# --- files holding secrets ------------------------------------------------------------------
+
+
+def registered_server(tmp_path: Path) -> dict[str, Path]:
+    """A registered data dir plus the files install.sh and the agent write, all mode 0600."""
+    DataDir(tmp_path / "data").commit_registration(PendingKeys.generate(), AgentConfig("0" * 24, 7, "10.100.7.1"))
+    conf = tmp_path / "etc-techulus"
+    files = {
+        "signing key": tmp_path / "data/keys/private.key",
+        "wireguard key": tmp_path / "data/wireguard.key",
+        "agent config": tmp_path / "data/config.json",
+        "wireguard config": tmp_path / "wireguard/wg0.conf",
+        "agent env file": conf / "agent.env",
+        "caddy env file": conf / "caddy.env",
+    }
+    for path in files.values():
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("secret\n")
+        path.chmod(0o600)
+    return files
+
+
+def test_private_secret_files_pass(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    files = registered_server(tmp_path)
+    code, text = doctor(base_settings(tmp_path), host, set(TOOLS) | {"wg-quick"})
+    [line] = [line for line in text.splitlines() if "secret files" in line]
+    assert line.startswith("OK    secret files: 6 private")
+    assert all(str(path) in line for path in files.values())
+    assert "chmod 600" not in text
+
+
+@pytest.mark.parametrize("which", ["signing key", "wireguard key", "agent config", "wireguard config",
+                                   "agent env file", "caddy env file"])
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_secret_file_readable_by_group_or_others_fails(which: str, mode: int, fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    files = registered_server(tmp_path)
+    files[which].chmod(mode)
+    code, text = doctor(base_settings(tmp_path), host, set(TOOLS) | {"wg-quick"})
+    assert code == 1
+    failed = [line for line in text.splitlines() if line.startswith("FAIL  ") and "chmod 600" in line]
+    assert len(failed) == 1 and failed[0].startswith(f"FAIL  {which}"), text
+    assert f"{files[which]} is mode {mode:04o}: group/others can read a secret -- fix: chmod 600 {files[which]}" in failed[0]
+    assert "OK    secret files" not in text
+
+
+def test_missing_optional_secret_files_are_skipped(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    files = registered_server(tmp_path)
+    for name in ("wireguard config", "caddy env file", "agent env file"):
+        files[name].unlink()
+    code, text = doctor(base_settings(tmp_path), host, set(TOOLS) | {"wg-quick"})
+    assert "OK    secret files: 3 private" in text
+    assert "wg0.conf" not in text and "caddy.env" not in text
+
+
+def test_symlink_to_an_open_file_fails(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    fake_tools(fp, TOOLS)
+    files = registered_server(tmp_path)
+    exposed = tmp_path / "exposed.env"
+    exposed.write_text("TECHULUS_AGENT_TOKEN='x'\n")
+    exposed.chmod(0o644)
+    files["agent env file"].unlink()
+    files["agent env file"].symlink_to(exposed)
+    code, text = doctor(base_settings(tmp_path), host, set(TOOLS) | {"wg-quick"})
+    assert code == 1
+    assert f"FAIL  agent env file (registration token): {files['agent env file']} is mode 0644" in text
