@@ -12,14 +12,18 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import IO
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 #: What a command may print before the rest is dropped (per stream).
 MAX_OUTPUT = 8 * 1024 * 1024
+#: How long to keep reading a finished command's pipes (a descendant may still hold them).
+PIPE_GRACE = 1.0
 REDACTED = "***"
 
 
@@ -113,11 +117,19 @@ def run(
         raise CommandNotFound(shown, None, reason=f"cannot start: {argv[0]} is not installed or not on PATH") from exc
     except PermissionError as exc:
         raise CommandError(shown, None, reason=f"cannot start: {exc}") from exc
+    # The pipes are read by threads and the child is waited for on its own: a descendant
+    # that escaped the process group and keeps a pipe open can neither turn a finished
+    # command into a timeout nor block us past the deadline. What is kept is bounded
+    # while reading, not afterwards.
+    stdout, stderr = _Capture(proc.stdout, max_output), _Capture(proc.stderr, max_output)
+    if data is not None:
+        _feed(proc, data)
     try:
-        out, err = proc.communicate(data, timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        out, err = proc.communicate()
+        proc.wait()
+        out, err = _results(stdout, stderr)
         raise CommandTimeout(
             shown, None, _text(out, max_output, hidden), _text(err, max_output, hidden),
             reason=f"timed out after {timeout:g}s and was killed",
@@ -126,6 +138,7 @@ def run(
         kill_group(proc)
         proc.wait()
         raise
+    out, err = _results(stdout, stderr)
     duration = time.monotonic() - started
     result = Result(shown, proc.returncode, _text(out, max_output, hidden), _text(err, max_output, hidden), duration)
     log.debug("ran %s -> %s in %.3fs", " ".join(shown), proc.returncode, duration)
@@ -179,6 +192,68 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
     except (ProcessLookupError, OSError):
         pass
+
+
+class _Capture:
+    """Reads one pipe to its end on a daemon thread, keeping at most `limit` bytes."""
+
+    def __init__(self, stream: IO[bytes] | None, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._kept = 0
+        self._limit = limit
+        # An in-memory stream (a test double of Popen) is complete once the child has
+        # exited and has no descriptor to wait on: it is read whole in result().
+        self._memory = stream if hasattr(stream, "getvalue") else None
+        self._thread = threading.Thread(target=self._read, args=(None if self._memory else stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[bytes] | None) -> None:
+        if stream is None:
+            return
+        try:
+            read = getattr(stream, "read1", stream.read)
+            while True:
+                chunk = read(65536)
+                if not chunk:
+                    break
+                room = self._limit - self._kept
+                if room > 0:
+                    self._chunks.append(chunk[:room])
+                    self._kept += min(len(chunk), room)
+                # Past the limit keep draining, or the child would block on a full pipe.
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+
+    def result(self, deadline: float) -> bytes:
+        if self._memory is not None:
+            return bytes(self._memory.getvalue())[: self._limit]  # type: ignore[attr-defined]
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return b"".join(list(self._chunks))
+
+
+def _results(stdout: _Capture, stderr: _Capture) -> tuple[bytes, bytes]:
+    """Both pipes' output, waiting at most PIPE_GRACE in all for them to close."""
+    deadline = time.monotonic() + PIPE_GRACE
+    return stdout.result(deadline), stderr.result(deadline)
+
+
+def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    """Write stdin on a thread: a child that does not read it must not block us."""
+
+    def write() -> None:
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(data)
+            proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    threading.Thread(target=write, daemon=True).start()
 
 
 def _text(raw: bytes | None, limit: int, secrets: tuple[str, ...]) -> str:
