@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, SettingsError) as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # The token now lives in `settings`; no child process (git, podman, …) inherits it.
+    os.environ.pop("TECHULUS_AGENT_TOKEN", None)
     setup_logging(settings.log_level)
     if args.command == "doctor":
         from agent.doctor import run_doctor

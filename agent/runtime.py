@@ -181,6 +181,7 @@ def assemble(settings: Settings, public_ip: str = "") -> Components:
 def prepare_host(components: Components) -> None:
     """Start-up work whose failure is logged, not fatal: the network, the config services."""
     config = components.config
+    components.podman.remove_stale_env_files(older_than=0)
     try:
         components.podman.ensure_network(config.container_subnet, config.container_gateway)
     except Exception as exc:  # noqa: BLE001

@@ -84,3 +84,11 @@ def test_unusable_urls_are_usage_errors(run_cli, url):
 def test_data_dir_that_cannot_be_created(run_cli):
     code, output = run_cli("--url", "http://127.0.0.1:9", "--data-dir", "/proc/nope/x", "--token", "t")
     assert code == 1 and "/proc/nope" in output and "Traceback" not in output
+
+
+def test_token_is_removed_from_the_environment_children_inherit(run_cli, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("TECHULUS_AGENT_TOKEN", "secret-token")
+    run_cli("plan", "--url", "http://127.0.0.1:9", "--data-dir", str(tmp_path))
+    assert "TECHULUS_AGENT_TOKEN" not in os.environ

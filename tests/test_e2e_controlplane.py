@@ -187,9 +187,13 @@ def test_register_reconcile_report_and_survive_bad_answers(cp, podman_net, tmp_p
         assert agent.stop() == 0
         assert all(c["State"] == "running" for c in ours(net).values()), "stopping the agent leaves workloads running"
         podman("rm", "-f", "-t", "0", *[c["Id"] for c in ours(net).values()])
+        leftover = agent.run_dir / "env-crashed" / "env"  # as a kill -9 mid-deploy would leave it
+        leftover.parent.mkdir(parents=True)
+        leftover.write_text("SECRET=x\n")
         agent.start(f"http://127.0.0.1:{free_port()}")
         wait_for(lambda: len([c for c in ours(net).values() if c["State"] == "running"]) == 2, 45, "restore from cache", agent)
         assert "restoring workloads from the cached expected state" in agent.log()
+        assert not leftover.parent.exists(), "secret env files left by a crash are removed at start"
         agent.stop()
 
         # Back with the control plane, an empty expected state removes the containers

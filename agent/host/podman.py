@@ -312,7 +312,7 @@ class Podman:
         _checked_image(spec.image)
         for volume in spec.volumes:
             _make_volume_dir(volumes_dir, spec.volume_host_path(volumes_dir, volume))
-        self._remove_stale_env_files()
+        self.remove_stale_env_files()
         env_dir = self._env_file(env) if env else None
         try:
             argv = self._run_argv(spec, volumes_dir, env_dir / "env" if env_dir else None)
@@ -437,8 +437,9 @@ class Podman:
             raise
         return directory
 
-    def _remove_stale_env_files(self) -> None:
-        """Env files a crashed agent left behind hold secrets: remove them."""
+    def remove_stale_env_files(self, older_than: float = STALE_ENV_SECONDS) -> None:
+        """Env files a crashed agent left behind hold secrets: remove them. At start-up no
+        deploy is running, so the agent removes them all (`older_than=0`)."""
         try:
             entries = list(self.options.run_dir.glob("env-*"))
         except OSError:
@@ -446,7 +447,7 @@ class Podman:
         now = time.time()
         for entry in entries:
             try:
-                if now - entry.lstat().st_mtime > STALE_ENV_SECONDS:
+                if now - entry.lstat().st_mtime >= older_than:
                     shutil.rmtree(entry, ignore_errors=True)
             except OSError:
                 continue
