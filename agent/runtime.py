@@ -129,7 +129,7 @@ def container_dns(settings: Settings, identity: Identity | None) -> tuple[str, .
     return tuple(container_dns_servers(settings, identity))
 
 
-def assemble(settings: Settings, public_ip: str = "") -> Components:
+def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "") -> Components:
     """Everything needed to run, registering first if needed. Raises with a clear message."""
     data_dir = DataDir(settings.data_dir)
     data_dir.ensure()
@@ -139,7 +139,7 @@ def assemble(settings: Settings, public_ip: str = "") -> Components:
     if settings.standalone:
         config = standalone_config(settings)
     else:
-        registration = ensure_registered(settings, data_dir, make_client(settings, None), public_ip)
+        registration = ensure_registered(settings, data_dir, make_client(settings, None), public_ip())
         identity = registration.identity
         initial_peers = registration.initial_peers
         config = identity.config
@@ -168,7 +168,7 @@ def assemble(settings: Settings, public_ip: str = "") -> Components:
         send,
         reader,
         settings.heartbeat_interval,
-        public_ip=lambda: public_ip,
+        public_ip=public_ip,
         on_beat=lambda: sdnotify.notify("WATCHDOG=1"),
     )
     host_lock = threading.Lock()
@@ -242,9 +242,7 @@ def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
 
 
 def _run(settings: Settings, stop: threading.Event) -> int:
-    public_ip = ""
-    if not settings.standalone:
-        public_ip = settings.public_ip or status.detect_public_ip(settings.public_ip_url)
+    public_ip = status.PublicIp(settings.public_ip, "" if settings.standalone else settings.public_ip_url)
     components = assemble(settings, public_ip)
     prepare_host(components)
     threads = []

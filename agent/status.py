@@ -12,7 +12,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import urllib3
@@ -108,3 +109,29 @@ def detect_public_ip(url: str, timeout: float = 5.0) -> str:
         log.warning("public IP lookup at %s returned something that is not an IP address: %r", url, text[:40])
         return ""
     return str(address)
+
+
+class PublicIp:
+    """This server's public address, looked up again every `refresh` seconds (PROTOCOL.md
+    §17.28: the original asked once at start). A failed lookup keeps the last good answer."""
+
+    def __init__(self, fixed: str, url: str, refresh: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.fixed = fixed
+        self.url = url
+        self.refresh = refresh
+        self._clock = clock
+        self._value = ""
+        self._checked_at: float | None = None
+
+    def __call__(self) -> str:
+        if self.fixed:
+            return self.fixed
+        now = self._clock()
+        if self._checked_at is None or now - self._checked_at >= self.refresh:
+            self._checked_at = now
+            found = detect_public_ip(self.url)
+            if found:
+                if found != self._value and self._value:
+                    log.info("public IP changed from %s to %s", self._value, found)
+                self._value = found
+        return self._value

@@ -145,3 +145,17 @@ def test_first_listing_failure_sends_nothing():
     reports = []
     Heartbeat(reports.append, podman, interval=10).send_once()
     assert reports == []
+
+
+def test_public_ip_is_refreshed_and_a_failed_lookup_keeps_the_last(monkeypatch):
+    answers = iter(["203.0.113.1", "", "203.0.113.2"])
+    monkeypatch.setattr(status, "detect_public_ip", lambda url: next(answers))
+    clock = [0.0]
+    ip = status.PublicIp("", "http://lookup.invalid/", refresh=60, clock=lambda: clock[0])
+    assert ip() == "203.0.113.1"
+    assert ip() == "203.0.113.1"  # cached within the refresh interval
+    clock[0] = 61
+    assert ip() == "203.0.113.1"  # lookup failed: keep the last good one
+    clock[0] = 122
+    assert ip() == "203.0.113.2"
+    assert status.PublicIp("198.51.100.1", "http://unused.invalid/")() == "198.51.100.1"
