@@ -7,7 +7,9 @@ Why it is shaped like this (fixing §17 items 4, 10 and 15):
 * The GitHub token never reaches an argv, a log line or an error: it is cut out of the
   clone URL and handed to git through `GIT_ASKPASS` (a tiny script in a 0700 directory
   that prints environment variables), with `HOME` pointed at that directory and
-  credential helpers disabled so git stores it nowhere. Secret values reach `railpack`
+  credential helpers disabled so git stores it nowhere. The helper answers only prompts
+  for the clone URL's own origin, git follows no redirect, and a URL that would send
+  credentials over plain http:// is refused. Secret values reach `railpack`
   and `buildctl` through their environment only (`railpack prepare --env NAME` reads the
   value from the environment; `buildctl --secret id=NAME,env=NAME` likewise).
 * Every command runs in its own process group under the whole-build deadline; timeout,
@@ -71,11 +73,20 @@ _RESERVED_ENV = frozenset({
 })
 _RESERVED_PREFIXES = ("LD_", "GIT_", "BUILDKIT_", "BUILDCTL_", "DOCKER_", "XDG_", "TECHULUS_", "GCONV_", "MALLOC_")
 
+# Answers git's credential prompts from the environment (nothing secret is in this file),
+# and only for the clone URL's own origin: git's prompt is `Password for
+# 'https://user@host:port': `, and a prompt for any other origin (a redirect, a submodule)
+# gets no answer, so git fails instead of handing the token to someone else.
 ASKPASS_SCRIPT = """#!/bin/sh
-# Answers git's credential prompts from the environment; nothing secret is in this file.
+url=${1#*\\'}
+url=${url%\\'*}
+rest=${url#*://}
+origin="${url%%://*}://${rest##*@}"
+[ "$origin" = "$TECHULUS_GIT_ORIGIN" ] || exit 1
 case "$1" in
   Username*) printf '%s\\n' "$TECHULUS_GIT_USERNAME" ;;
-  *) printf '%s\\n' "$TECHULUS_GIT_PASSWORD" ;;
+  Password*) printf '%s\\n' "$TECHULUS_GIT_PASSWORD" ;;
+  *) exit 1 ;;
 esac
 """
 
@@ -131,7 +142,16 @@ def split_credentials(url: Any) -> tuple[str, Credentials]:
     if port is not None:
         netloc += f":{port}"
     creds = Credentials(unquote(parts.username or ""), unquote(parts.password or ""))
+    if creds and parts.scheme != "https":
+        # Anyone on the path would read the installation token off the wire.
+        raise BuildError("cloneUrl carries credentials over plain http://; refusing to send them unencrypted (use https://)")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), creds
+
+
+def askpass_origin(clone_url: str) -> str:
+    """`scheme://host[:port]` of a credential-free clone URL, as git names it in its prompts."""
+    parts = urlsplit(clone_url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def parse_claim(answer: Any, build_id: str) -> ClaimedBuild:
@@ -554,7 +574,7 @@ class BuildWorker:
         fsutil.ensure_dir(ctx.workdir.parent, 0o700)
         askpass_dir = Path(tempfile.mkdtemp(prefix=".git-auth-", dir=ctx.workdir.parent))  # 0700
         try:
-            env = self._git_env(askpass_dir, build.credentials)
+            env = self._git_env(askpass_dir, build.credentials, build.clone_url)
             target = f"commit {build.commit_sha}" if build.commit_sha != "HEAD" else "latest commit"
             ctx.logs.line(f"Cloning {build.clone_url} (branch {build.branch}, {target})")
             self._step(ctx, ["git", "clone", "--depth", "1", "--branch", build.branch, "--", build.clone_url, str(ctx.workdir)], "git clone", env=env)
@@ -582,7 +602,7 @@ class BuildWorker:
         finally:
             shutil.rmtree(askpass_dir, ignore_errors=True)
 
-    def _git_env(self, private_dir: Path, creds: Credentials) -> dict[str, str]:
+    def _git_env(self, private_dir: Path, creds: Credentials, clone_url: str) -> dict[str, str]:
         env = {
             "HOME": str(private_dir),  # no ~/.gitconfig, no credential store of root's
             "XDG_CONFIG_HOME": str(private_dir),
@@ -591,9 +611,13 @@ class BuildWorker:
             "GIT_ALLOW_PROTOCOL": "http:https",
             "GIT_LFS_SKIP_SMUDGE": "1",
             # An empty helper clears any configured one: git keeps the token nowhere.
-            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_COUNT": "2",
             "GIT_CONFIG_KEY_0": "credential.helper",
             "GIT_CONFIG_VALUE_0": "",
+            # No redirect is followed, not even git's default "initial" one: the token
+            # must only ever go to the host the control plane named.
+            "GIT_CONFIG_KEY_1": "http.followRedirects",
+            "GIT_CONFIG_VALUE_1": "false",
             "GIT_ASKPASS": "",
             "SSH_ASKPASS": "",
         }
@@ -606,6 +630,7 @@ class BuildWorker:
                 "GIT_ASKPASS": str(script),
                 "TECHULUS_GIT_USERNAME": creds.username or "x-access-token",
                 "TECHULUS_GIT_PASSWORD": creds.password,
+                "TECHULUS_GIT_ORIGIN": askpass_origin(clone_url),
             })
         return env
 

@@ -5,8 +5,11 @@ wrapper put first on PATH, and a minimal in-memory control plane."""
 from __future__ import annotations
 
 import base64
+import datetime
+import ipaddress
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -53,16 +56,47 @@ def make_repo(root: Path, files_by_commit: list[dict[str, str]], name: str = "ap
     return bare, shas
 
 
-class GitHttpServer:
-    """Smart HTTP (so shallow clones and fetch-by-sha work) that demands Basic auth."""
+def make_tls_files(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (cert, key); git trusts it via GIT_SSL_CAINFO."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
-    def __init__(self, project_root: Path, username: str = "x-access-token", token: str | None = None) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class GitHttpServer:
+    """Smart HTTP (so shallow clones and fetch-by-sha work) that demands Basic auth, over
+    TLS when given a (cert, key); `redirects` maps a repo name to a URL base it 302s to."""
+
+    def __init__(self, project_root: Path, username: str = "x-access-token", token: str | None = None,
+                 tls: tuple[Path, Path] | None = None, redirects: dict[str, str] | None = None) -> None:
         self.project_root = project_root
         self.expected_auth = None
         if token is not None:
             self.expected_auth = "Basic " + base64.b64encode(f"{username}:{token}".encode()).decode()
         self.authorized = 0
         self.refused = 0
+        self.requests: list[str] = []
+        self.seen_auth: list[str] = []
+        self.redirects = dict(redirects or {})
+        self.scheme = "https" if tls else "http"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,6 +110,16 @@ class GitHttpServer:
                 self._serve(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
 
             def _serve(self, body: bytes) -> None:
+                server.requests.append(self.path)
+                if self.headers.get("Authorization"):
+                    server.seen_auth.append(self.headers["Authorization"])
+                repo, _, rest = self.path.lstrip("/").partition("/")
+                if repo in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", f"{server.redirects[repo]}/{rest}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if server.expected_auth is not None:
                     if self.headers.get("Authorization") != server.expected_auth:
                         server.refused += 1
@@ -113,12 +157,16 @@ class GitHttpServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def url(self, name: str = "app.git", userinfo: str = "") -> str:
-        return f"http://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}/{name}"
+        return f"{self.scheme}://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}/{name}"
 
     def close(self) -> None:
         self._httpd.shutdown()

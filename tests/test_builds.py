@@ -20,9 +20,11 @@ import pytest
 
 from agent import crypto
 from agent.builds import (
+    ASKPASS_SCRIPT,
     STATE_FILE,
     BuildError,
     BuildWorker,
+    askpass_origin,
     parse_claim,
     railpack_build_argv,
     secrets_hash,
@@ -31,7 +33,7 @@ from agent.builds import (
 )
 from agent.settings import Settings
 from tests.fakevlogs import FakeVictoriaLogs
-from tests.buildfakes import FakeTools, GitHttpServer, Link, StubControlPlane, make_repo
+from tests.buildfakes import FakeTools, GitHttpServer, Link, StubControlPlane, make_repo, make_tls_files
 
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 TOKEN = "ghs_TopSecretInstallationToken123"
@@ -52,6 +54,44 @@ def test_split_credentials_keeps_the_token_out_of_the_url():
     assert TOKEN not in repr(creds)
     assert split_credentials("http://127.0.0.1:8080/a.git")[0] == "http://127.0.0.1:8080/a.git"
     assert not split_credentials("https://github.com/o/r.git")[1]
+
+
+def test_credentials_are_refused_over_plain_http():
+    for url in (f"http://x-access-token:{TOKEN}@github.com/o/r.git", "http://user@host/r.git", "HTTP://u:p@host/r.git"):
+        with pytest.raises(BuildError, match=r"plain http://.*use https://") as caught:
+            split_credentials(url)
+        assert TOKEN not in str(caught.value)
+    assert split_credentials("http://host/public.git")[0] == "http://host/public.git"  # nothing to leak
+
+
+def run_askpass(tmp_path: Path, prompt: str, origin: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "askpass"
+    script.write_text(ASKPASS_SCRIPT)
+    script.chmod(0o700)
+    env = {"PATH": os.environ["PATH"], "TECHULUS_GIT_USERNAME": "x-access-token", "TECHULUS_GIT_PASSWORD": TOKEN,
+           "TECHULUS_GIT_ORIGIN": origin}
+    return subprocess.run([str(script), prompt], env=env, capture_output=True, text=True, check=False, timeout=10)
+
+
+@pytest.mark.real  # runs the helper script with /bin/sh
+def test_askpass_answers_only_prompts_for_the_clone_urls_origin(tmp_path):
+    origin = askpass_origin(split_credentials(f"https://x-access-token:{TOKEN}@GitHub.com:8443/o/r.git")[0])
+    assert origin == "https://github.com:8443"
+    ok = run_askpass(tmp_path, "Password for 'https://x-access-token@github.com:8443': ", origin)
+    assert (ok.returncode, ok.stdout) == (0, TOKEN + "\n")
+    user = run_askpass(tmp_path, "Username for 'https://github.com:8443': ", origin)
+    assert (user.returncode, user.stdout) == (0, "x-access-token\n")
+    for prompt in (
+        "Password for 'https://x-access-token@evil.example': ",  # a redirect elsewhere
+        "Password for 'https://x-access-token@github.com': ",  # same host, other port
+        "Password for 'http://x-access-token@github.com:8443': ",  # downgraded scheme
+        "Password for 'https://github.com:8443@evil.example': ",  # user part dressed as the host
+        "Password for 'https://x-access-token@github.com:8443.evil.example': ",
+        "Enter passphrase for key '/root/.ssh/id_rsa': ",
+        "",
+    ):
+        refused = run_askpass(tmp_path, prompt, origin)
+        assert refused.returncode != 0 and refused.stdout == "", prompt
 
 
 @pytest.mark.parametrize("bad", ["ext::sh -c touch% /tmp/pwned", "file:///etc", "/srv/repo.git", "git@github.com:o/r.git",
@@ -132,7 +172,10 @@ class Env:
             {"version.txt": "two"},
         ])
         self.railpack_repo, self.railpack_shas = make_repo(self.repos, [{"package.json": "{}", "version.txt": "rp"}], "rp.git")
-        self.git_server = GitHttpServer(self.repos, token=TOKEN)
+        # HTTPS: a token is never sent over plain http:// (git trusts this cert through GIT_SSL_CAINFO).
+        self.tls = make_tls_files(tmp_path / "tls")
+        monkeypatch.setenv("GIT_SSL_CAINFO", str(self.tls[0]))
+        self.git_server = GitHttpServer(self.repos, token=TOKEN, tls=self.tls)
         self.tools = FakeTools(tmp_path / "tools")
         self.tools.set(secret_words=[TOKEN, "s3cr3t-npm-value"], env_keys=["NPM_TOKEN", "A", "TECHULUS_GIT_PASSWORD", "GIT_ASKPASS", "HOME"])
         monkeypatch.setenv("PATH", f"{self.tools.bin}:{os.environ['PATH']}")
@@ -192,7 +235,7 @@ def test_dockerfile_build_of_an_exact_commit_with_a_token(env, caplog):
     assert env.git_server.authorized > 0 and env.git_server.refused > 0  # git was challenged, then answered
     assert_no_token_anywhere(env, caplog)
     messages = env.vlogs.messages("build")
-    assert messages[0].startswith(f"Cloning http://127.0.0.1:{env.git_server.port}/app.git")
+    assert messages[0].startswith(f"Cloning https://127.0.0.1:{env.git_server.port}/app.git")
     assert f"Clone completed at commit {env.shas[0]}" in messages
     assert "Using existing Dockerfile" in messages and "#9 pushing layers 0.1s done" in messages
     assert "" not in messages and env.vlogs.problems == []
@@ -298,12 +341,34 @@ def test_wrong_token_and_unknown_commit_fail_with_clear_errors(env, caplog):
 def test_invalid_claim_data_fails_the_build_before_running_anything(env):
     env.cp.add("b-5", claim("b-5", url="ext::sh%20-c%20touch%20/tmp/pwned"))
     env.cp.add("b-6", claim("b-6", url=env.url(), branch="--upload-pack=touch /tmp/pwned"))
+    env.cp.add("b-6h", claim("b-6h", url=env.url().replace("https://", "http://")))
     worker = env.worker()
-    worker.poll_once()
-    worker.poll_once()
+    for _ in range(3):
+        worker.poll_once()
     assert env.cp.final("b-5")[0] == "failed" and "http(s) URL" in env.cp.final("b-5")[1]
     assert env.cp.final("b-6")[0] == "failed" and "branch" in env.cp.final("b-6")[1]
+    assert env.cp.final("b-6h")[0] == "failed" and "over plain http://" in env.cp.final("b-6h")[1]
+    assert TOKEN not in json.dumps(env.cp.updates)
     assert env.tools.records() == []
+
+
+@pytest.mark.real
+def test_git_follows_no_redirect_with_the_token(env, caplog):
+    """A redirect (here to another server that would accept any token) is not followed:
+    the token never leaves for a host the control plane did not name."""
+    elsewhere = GitHttpServer(env.repos, token="anything", tls=env.tls)
+    moved = GitHttpServer(env.repos, token=TOKEN, tls=env.tls, redirects={"moved.git": elsewhere.url("app.git")})
+    try:
+        env.cp.add("b-redir", claim("b-redir", url=moved.url("moved.git", userinfo=f"x-access-token:{TOKEN}")))
+        env.worker().poll_once()
+    finally:
+        moved.close()
+        elsewhere.close()
+    status, error = env.cp.final("b-redir")
+    assert status == "failed" and "git clone exited with code 128" in error
+    assert moved.requests and elsewhere.requests == [] and elsewhere.seen_auth == []
+    assert env.tools.records("buildctl") == []
+    assert_no_token_anywhere(env, caplog)
 
 
 @pytest.mark.real
