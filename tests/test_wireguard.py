@@ -323,6 +323,20 @@ def test_an_interface_without_a_key_is_adopted(tmp_path: Path, fp, unset: str) -
     assert wg.conf_path.read_text().startswith("# Written by techulus-agent")
 
 
+def test_an_interface_brought_up_from_our_own_file_is_ours(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    # Our header file with an older key (the data dir was registered anew) and wg0 running
+    # it: both ours, so the new key replaces the old one. Without our header it is refused.
+    wg = sync(tmp_path)
+    wg.conf_path.parent.mkdir(mode=0o700)
+    wg.conf_path.write_text(render_quick_conf(OTHER_PRIV, "10.100.1.1", 51820, 1420, [P2]))
+    fp.register(["ip", "-j", "address", "show", "dev", "wg0"], stdout=_link())
+    fp.register(["wg", "show", "wg0", "dump"], stdout=_dump(OTHER_PRIV, OTHER_PUB))
+    _bring_up_calls(fp, _link())
+    wg.prepare()
+    assert parse_conf_private_key(wg.conf_path.read_text()) == PRIV
+    assert fp.call_count(["wg", "syncconf", "wg0", "/dev/stdin"]) == 1
+
+
 def test_ownership_helpers() -> None:
     ours = render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [P2])
     assert has_owner_header(ours) and not has_owner_header(ADMIN_CONF)

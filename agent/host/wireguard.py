@@ -427,17 +427,28 @@ class WireGuardSync:
         )
 
     def _check_live_ownership(self, live: LiveInterface) -> None:
-        """Ours: our key, or no key at all (just created, by us or by an interrupted start)."""
+        """Ours: our key, no key at all (just created, by us or by an interrupted start), or
+        the key of a wg0.conf we wrote (brought up from our file, before a re-registration)."""
         ours = self.identity
         if live.private_key == ours.wireguard_private_key or live.public_key == ours.wireguard_public_key:
             return
         if live.key_unset:
+            return
+        if live.private_key and live.private_key == self._own_file_key():
             return
         raise WireGuardError(
             f"{self.interface} already runs with another key (public key {live.public_key}), not the one in "
             f"{self.settings.data_dir}/wireguard.key: refusing to manage it (nothing was changed); remove it "
             f"or set wireguard_interface to another name"
         )
+
+    def _own_file_key(self) -> str | None:
+        """The PrivateKey of our wg0.conf when the file carries our header."""
+        try:
+            text = self.conf_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return parse_conf_private_key(text) if has_owner_header(text) else None
 
     def _dump(self) -> LiveInterface:
         # check=False: a failure here means "not a WireGuard interface", said below in those words.
@@ -484,7 +495,7 @@ class WireGuardSync:
         if self.address not in addresses:
             raise WireGuardError(f"{self.interface} does not have its address {self.address}")
         if live.public_key != self.identity.wireguard_public_key:
-            raise WireGuardError(f"{self.interface} has no private key set yet")
+            raise WireGuardError(f"{self.interface} does not run with the key in {self.settings.data_dir}/wireguard.key yet")
         if live.listen_port != self.settings.wireguard_port:
             raise WireGuardError(f"{self.interface} listens on port {live.listen_port}, not {self.settings.wireguard_port}")
         missing_routes = self._wanted_routes([WireGuardPeer(p.public_key, ",".join(p.allowed_ips)) for p in live.peers]) - self._routes()
