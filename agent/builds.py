@@ -49,7 +49,13 @@ from agent.logship import BuildLogStream
 
 log = logging.getLogger(__name__)
 
-RAILPACK_FRONTEND = "ghcr.io/railwayapp/railpack-frontend:v0.15.4"
+#: The BuildKit frontend of §13.4 and the railpack CLI release it belongs to: one railpack
+#: release makes both, and a plan from another CLI release may not mean the same to this
+#: frontend. What builds.py relies on in the CLI (0.15.4): `prepare DIR --plan-out FILE`
+#: (creates FILE's directory, writes JSON) and `--env NAME`, which takes NAME's value from
+#: railpack's own environment. A different installed CLI gets a warning in the build log.
+RAILPACK_VERSION = "0.15.4"
+RAILPACK_FRONTEND = f"ghcr.io/railwayapp/railpack-frontend:v{RAILPACK_VERSION}"
 PLAN_FILE = "railpack-plan.json"
 PLAN_DIR_PREFIX = ".plan-"
 #: Put into every build step's environment (value: the build id) to recognise it after a restart.
@@ -61,6 +67,7 @@ STALE_AFTER = 3600.0
 MAX_ERROR = 1000
 
 _SHA = re.compile(r"[0-9a-fA-F]{7,40}\Z")
+_VERSION = re.compile(r"\bv?(\d+\.\d+\.\d+)\b")
 _BRANCH = re.compile(r"[A-Za-z0-9._/+-]{1,255}\Z")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
@@ -665,6 +672,7 @@ class BuildWorker:
                 ctx.logs.line(f"Ignoring the {PLAN_FILE} committed in the repository: Railpack writes its own plan")
         except OSError as exc:
             raise BuildError(f"cannot remove {PLAN_FILE} from the checkout: {exc.strerror}") from exc
+        self._check_railpack_version(ctx)
         plan_dir = self._plan_dir(build.id)
         shutil.rmtree(plan_dir, ignore_errors=True)
         os.mkdir(plan_dir, 0o700)
@@ -674,6 +682,23 @@ class BuildWorker:
             raise BuildError("railpack prepare wrote no build plan")
         ctx.logs.line(f"Building and pushing {build.image_uri}")
         self._step(ctx, railpack_build_argv(addr, output, plaintext, str(plan_dir)), "buildctl build", env=env, watch_push=True)
+
+    def _check_railpack_version(self, ctx: _Context) -> None:
+        """Say so in the build log when the installed CLI is not the frontend's release."""
+        try:
+            result = run(["railpack", "--version"], timeout=max(1.0, min(30.0, ctx.deadline - time.monotonic())), check=False)
+        except CommandError as exc:
+            log.debug("cannot ask railpack for its version: %s", exc)
+            return
+        found = _VERSION.search(result.stdout or result.stderr)
+        if found is None:
+            log.debug("railpack --version printed no version: %r", (result.stdout or result.stderr)[:200])
+            return
+        if found.group(1) != RAILPACK_VERSION:
+            message = (f"Warning: the installed railpack CLI is {found.group(1)}, but builds use the {RAILPACK_VERSION} "
+                       "BuildKit frontend; their build plans may not agree (reinstall the agent's build tools)")
+            ctx.logs.line(message)
+            log.warning("build %s: %s", ctx.build.id, message)
 
     def _step(self, ctx: _Context, argv: list[str], what: str, *, env: Mapping[str, str], watch_push: bool = False) -> None:
         """Run one command of the build in its own process group, streaming its output."""

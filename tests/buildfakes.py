@@ -179,6 +179,9 @@ import json, os, signal, subprocess, sys, time
 name = os.path.basename(sys.argv[0])
 control = json.load(open({control!r}))
 secret_words = control.get("secret_words", [])
+if name == "railpack" and sys.argv[1:] == ["--version"]:
+    print(control.get("railpack_version", "railpack version 0.15.4"))
+    sys.exit(0)
 cmdlines = []
 for pid in os.listdir("/proc"):
     if pid.isdigit():

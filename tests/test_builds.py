@@ -21,6 +21,8 @@ import pytest
 from agent import crypto
 from agent.builds import (
     ASKPASS_SCRIPT,
+    RAILPACK_FRONTEND,
+    RAILPACK_VERSION,
     STATE_FILE,
     BuildError,
     BuildWorker,
@@ -272,11 +274,26 @@ def test_railpack_build_gets_secrets_through_the_environment_only(env, caplog):
     assert "s3cr3t-npm-value" not in json.dumps([r["argv"] for r in env.tools.records()])
     messages = " | ".join(env.vlogs.messages("build"))
     assert "No Dockerfile found, using Railpack..." in messages
+    assert "railpack CLI" not in messages  # the fake says it is 0.15.4, the frontend's release
     assert "Skipping secret PATH" in messages and "Skipping secret LD_PRELOAD" in messages
     assert "Skipping secret BROKEN" in messages and "Skipping secret 'bad-name'" in messages
     assert "s3cr3t-npm-value" not in messages
     assert_no_token_anywhere(env, caplog)
     assert list(env.settings.builds_dir.iterdir()) == []  # checkout and plan directory both gone
+
+
+def test_the_frontend_is_the_protocols_and_matches_the_cli_release():
+    assert RAILPACK_FRONTEND == "ghcr.io/railwayapp/railpack-frontend:v0.15.4"
+    assert RAILPACK_FRONTEND.endswith(":v" + RAILPACK_VERSION)
+
+
+@pytest.mark.real
+def test_a_railpack_cli_of_another_release_is_named_in_the_build_log(env):
+    env.tools.set(railpack_version="railpack version 0.14.0")
+    env.cp.add("b-rp", claim("b-rp", url=env.url("rp.git")))
+    env.worker().poll_once()
+    assert env.cp.final("b-rp") == ("completed", "")  # a warning, not a failure
+    assert any("railpack CLI is 0.14.0, but builds use the 0.15.4 BuildKit frontend" in m for m in env.vlogs.messages("build"))
 
 
 @pytest.mark.real
