@@ -90,6 +90,8 @@ def test_dns_caddy_and_wireguard_follow_the_expected_state(tmp_path, podman_env)
                         f'wireguard_interface = "{interface}"',
                         f'wireguard_config_dir = "{tmp_path / "wg"}"',
                         "wireguard_port = 51821",
+                        # The test's upstreams are local HTTP servers on loopback.
+                        'caddy_upstream_networks = ["10.200.0.0/16", "127.0.0.0/8"]',
                     ]
                 )
                 + "\n"

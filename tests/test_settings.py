@@ -72,3 +72,9 @@ def test_token_sources(tmp_path):
     assert "fromenv" not in repr(Settings.load({}, environ={"TECHULUS_AGENT_TOKEN": "fromenv"}))
     with pytest.raises(SettingsError, match="token_file"):
         Settings.load({"token_file": str(tmp_path / "missing")}, environ={}).resolved_token()
+
+
+def test_caddy_upstream_networks_from_toml(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('caddy_upstream_networks = ["10.200.0.0/16"]\n')
+    assert Settings.load({}, environ={}, config_file=config).caddy_upstream_networks == ("10.200.0.0/16",)

@@ -232,12 +232,11 @@ class CaddySync:
     ) -> None:
         self.settings = settings
         self.identity = identity
-        # Where upstreams may point. A dedicated `caddy_upstream_networks` setting is picked up
-        # once Settings has one; until then the mesh ranges, which hold every deployment IP.
-        # The override is for tests that proxy to local HTTP servers on 127.0.0.0/8.
+        # Where upstreams may point: `caddy_upstream_networks`, else the mesh ranges, which
+        # hold every deployment IP. The keyword override is for tests on 127.0.0.0/8.
         configured = upstream_networks
         if configured is None:
-            configured = getattr(settings, "caddy_upstream_networks", None) or settings.wireguard_allowed_networks
+            configured = settings.caddy_upstream_networks or settings.wireguard_allowed_networks
         self.upstream_networks = parse_upstream_networks(tuple(configured or DEFAULT_UPSTREAM_NETWORKS))
         url = settings.caddy_admin_url.rstrip("/")
         parts = urlsplit(url)
