@@ -54,6 +54,12 @@ POSITIONS_FILE = "log-positions.json"
 CADDY_POSITION_FILE = "caddy-log-position.json"
 #: Entries in one collection pass that make the next pass come sooner.
 BUSY_PASS = 2000
+#: Bytes one `podman logs` read may hold (then podman is killed; the rest comes next read),
+#: never less than MIN_READ_BYTES even when the queue is nearly full.
+READ_BYTES = 8 * 1024 * 1024
+MIN_READ_BYTES = 1024 * 1024
+#: What a container entry adds to its message (JSON framing, ids, time), for byte budgets.
+ENTRY_OVERHEAD = 200
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))\Z"
@@ -423,6 +429,7 @@ class ContainerLogCollector:
         *,
         read_timeout: float = 30.0,
         max_lines: int = 20_000,
+        max_bytes: int = READ_BYTES,
         first_run_window: float = 60.0,
         now_ns: Callable[[], int] = time.time_ns,
     ) -> None:
@@ -432,6 +439,7 @@ class ContainerLogCollector:
         self.positions_path = positions_path
         self.read_timeout = read_timeout
         self.max_lines = max_lines
+        self.max_bytes = max_bytes
         self.last_read_complete = True
         self.stop_event = threading.Event()  # set by the shipper at shutdown
         self.first_run_window = first_run_window
@@ -530,7 +538,8 @@ class ContainerLogCollector:
         # Never read more than the queue can take below its high-water mark: reading more
         # would only make the sender drop the oldest of it.
         room = max(1000, self.sender.max_entries // 2 - self.sender.pending())
-        lines, complete = read_podman_logs(argv, self.read_timeout, min(self.max_lines, room))
+        room_bytes = max(MIN_READ_BYTES, self.sender.max_bytes // 2 - self.sender.pending_bytes())
+        lines, complete = read_podman_logs(argv, self.read_timeout, min(self.max_lines, room), min(self.max_bytes, room_bytes))
         self.last_read_complete = complete
         cursor = self._read.get(cid)
         deployment = container.deployment_id[:_FIELD_VALUE_MAX]
@@ -600,13 +609,19 @@ class ContainerLogCollector:
         return dict(self._committed)
 
 
-def read_podman_logs(argv: Sequence[str], timeout: float, max_lines: int = 20_000) -> tuple[list[LogLine], bool]:
+def read_podman_logs(
+    argv: Sequence[str], timeout: float, max_lines: int = 20_000, max_bytes: int = READ_BYTES
+) -> tuple[list[LogLine], bool]:
     """Run `podman logs`, reading stdout and stderr concurrently; lines ordered by time.
 
-    Returns (lines, complete). At `max_lines` (bounded memory) or on timeout the child's
+    Returns (lines, complete). At `max_lines` or `max_bytes` (bounded memory: a container
+    log file holds up to 50 MB of possibly very long lines) or on timeout the child's
     process group is killed first and its pipes are then read to the end: podman writes
     lines in log order, so what we got is exactly a prefix of the log and the cursor
     taken from it skips nothing. A line cut by the kill is dropped (re-read next time).
+    Bytes count what was read plus ENTRY_OVERHEAD per line (what a queued entry adds);
+    the kill lands after the line that crossed the budget, so every read makes progress,
+    and at most a read chunk, the pipes' contents and one line more arrive after it.
     """
     proc = popen(argv)
     assert proc.stdout is not None and proc.stderr is not None
@@ -622,6 +637,7 @@ def read_podman_logs(argv: Sequence[str], timeout: float, max_lines: int = 20_00
     open_streams = set(streams)
     killed = ""
     total = 0
+    read_bytes = 0
     try:
         while open_streams:
             remaining = deadline - time.monotonic()
@@ -645,9 +661,11 @@ def read_podman_logs(argv: Sequence[str], timeout: float, max_lines: int = 20_00
                         _add_line(bytes(buffers[fd]), streams[fd], collected)
                     buffers[fd].clear()
                     continue
-                total += _split_chunk(chunk, buffers[fd], overflow, fd, streams[fd], collected)
-            if total >= max_lines and not killed:
-                killed = f"reached {max_lines} lines"
+                added = _split_chunk(chunk, buffers[fd], overflow, fd, streams[fd], collected)
+                total += added
+                read_bytes += len(chunk) + added * ENTRY_OVERHEAD
+            if (total >= max_lines or read_bytes >= max_bytes) and not killed:
+                killed = f"reached {max_lines} lines" if total >= max_lines else f"reached {read_bytes} bytes"
                 kill_group(proc)
                 deadline = time.monotonic() + 5.0
     finally:

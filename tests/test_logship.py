@@ -371,7 +371,8 @@ if args[-1] not in lines:
     sys.exit(125)
 for stream, stamp, text in lines[args[-1]]:
     if since_ns is None or parse_rfc3339_ns(stamp) > since_ns:
-        print(stamp + " " + text, file=sys.stdout if stream == "stdout" else sys.stderr)
+        # Flushed line by line, as podman writes them: the two pipes see lines in log order.
+        print(stamp + " " + text, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
 '''
 
 CID = "a" * 64
@@ -484,3 +485,54 @@ def test_a_backlog_is_read_in_bounded_slices_without_losing_lines(tmp_path, vlog
         pass
     assert sorted(vlogs.messages(), key=lambda m: int(m[1:])) == [f"m{i}" for i in range(40)]
     assert len(vlogs.messages()) == 40
+
+
+LONG = 200 * 1024
+
+
+def long_lines(count: int) -> list[tuple[str, str, str]]:
+    return [("stdout" if i % 4 else "stderr", T.format(i + 1), f"m{i} " + "x" * LONG) for i in range(count)]
+
+
+@pytest.mark.real
+def test_a_podman_logs_read_stops_at_its_byte_budget_with_an_exact_prefix(scripted_podman):
+    scripted_podman.set({CID: long_lines(40)})  # about 8 MB
+    argv = [scripted_podman.path, "logs", "--timestamps", CID]
+    got, complete = logship.read_podman_logs(argv, 30, max_lines=20_000, max_bytes=1024 * 1024)
+    assert complete is False
+    # Stopped near the budget (a read chunk, the pipes and one line may follow the kill) ...
+    held = sum(len(line.message) for line in got)
+    assert 1024 * 1024 - LONG <= held < 2 * 1024 * 1024, held
+    # ... and what it holds is the log's beginning, whole lines only: nothing skipped.
+    assert [line.message.split(" ")[0] for line in got] == [f"m{i}" for i in range(len(got))]
+    assert all(len(line.message) == len(f"m{i} ") + LONG for i, line in enumerate(got))
+    everything, complete = logship.read_podman_logs(argv, 30)
+    assert complete is True and len(everything) == 40
+
+
+@pytest.mark.real
+def test_a_backlog_of_long_lines_never_holds_more_than_the_queue_and_loses_nothing(tmp_path, vlogs, scripted_podman, monkeypatch):
+    scripted_podman.set({CID: long_lines(60)})  # about 12 MB: three times this queue
+    queue_bytes = 4 * 1024 * 1024
+    sender = LogSender(vlogs.url, max_bytes=queue_bytes, batch_bytes=1024 * 1024)
+    held: list[int] = []
+    real_read = logship.read_podman_logs
+
+    def spying_read(*args, **kwargs):
+        lines, complete = real_read(*args, **kwargs)
+        held.append(sum(len(line.message) for line in lines))
+        return lines, complete
+
+    monkeypatch.setattr(logship, "read_podman_logs", spying_read)
+    collector = ContainerLogCollector(scripted_podman.path, lambda: [_container()], sender, tmp_path / "pos.json",
+                                      now_ns=lambda: parse_rfc3339_ns(T.format(0)))
+    stop, thread = run_sender(sender)
+    try:
+        assert collector.collect_once() == 60
+    finally:
+        stop.set()
+        thread.join(30)
+    assert len(held) >= 3 and max(held) < queue_bytes, held
+    assert sender.stats.dropped == 0
+    assert [m.split(" ")[0] for m in vlogs.messages()] == [f"m{i}" for i in range(60)]
+    assert vlogs.problems == []
