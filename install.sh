@@ -27,6 +27,8 @@
 # Every download has a URL and a checksum that can be overridden (flags or TECHULUS_* env,
 # see --help). The token reaches the agent through /etc/techulus-agent/agent.env (0600),
 # never its command line; prefer TECHULUS_AGENT_TOKEN=… or --token-file over --token.
+# Once the agent has registered (its keys exist), install.sh rewrites agent.env without
+# the token, and later runs leave it out: a used one-time secret does not linger on disk.
 set -Eeuo pipefail
 shopt -u patsub_replacement 2>/dev/null || true
 umask 022
@@ -123,9 +125,13 @@ Usage: install.sh --url URL [options]
 
 Required:
   --url URL               control plane base URL (https://…)
-Registration (first install only; else the server is already registered):
-  --token TOKEN           one-time registration token (visible in `ps`; prefer the next two)
-  --token-file FILE       read the token from FILE      (or env TECHULUS_AGENT_TOKEN)
+Registration (first install only; a registered server ignores a token):
+  --token TOKEN           one-time registration token. On the command line it is kept in
+                          your shell history, sudo's log (auth.log/journal) and `ps`:
+  --token-file FILE       safer: read the token from FILE (mode 600, e.g. written with an
+                          editor; delete it afterwards), so it appears in no command line.
+                          The environment variable TECHULUS_AGENT_TOKEN works too.
+                          After registration install.sh removes the token from agent.env.
 Options:
   --logs-endpoint URL     VictoriaLogs base URL for container and Caddy logs
   --registry HOST:PORT    insecure (plain HTTP) registry that BuildKit pushes to
@@ -136,7 +142,8 @@ Options:
   --skip-build-tools      no BuildKit, buildctl, Railpack (server never builds images)
   --skip-caddy            no Caddy (server never serves public traffic)
   --download-only         download and verify everything into the cache, change nothing
-  --render-only DIR       write the rendered config files under DIR, change nothing
+  --render-only DIR       write the rendered config files under DIR as if DIR were /
+                          (registered when DIR/var/lib/techulus-agent/keys/private.key exists)
   -h, --help              this text
 Downloads (URL and SHA-256 of each can be overridden in the environment):
   TECHULUS_GO_URL / _SHA256, TECHULUS_XCADDY_URL / _SHA256, TECHULUS_BUILDKIT_URL / _SHA256,
@@ -310,13 +317,34 @@ existing_value() {  # existing_value FILE KEY: the single-quoted value install.s
   sed -n "s/^$2='\\([^']*\\)'\$/\\1/p" "$1" | head -n 1
 }
 
+is_registered() {  # the agent's signing key exists (under the --render-only root when rendering)
+  [ -f "$RENDER_DIR$DATA_DIR/keys/private.key" ]
+}
+
+token_line() {  # agent.env's token line: the token until registration, then a note instead
+  if [ -n "$TOKEN" ]; then
+    printf "TECHULUS_AGENT_TOKEN='%s'" "$TOKEN"
+  elif is_registered; then
+    printf '# TECHULUS_AGENT_TOKEN: removed by install.sh, this server is registered (%s/keys).' "$DATA_DIR"
+  else
+    printf "TECHULUS_AGENT_TOKEN=''"
+  fi
+}
+
+TOKEN_IGNORED=0
 set_vars() {
   VARS[URL]=$URL
-  # A re-run without --token/--cf-api-token keeps the values already installed, so that it
-  # changes nothing (and restarts nothing).
-  [ -n "$TOKEN" ] || TOKEN=$(existing_value "$CONF_DIR/agent.env" TECHULUS_AGENT_TOKEN)
+  # A registered server needs no token: it is left out of agent.env (and one given now is
+  # not used). Before registration, a re-run without --token keeps the one installed.
+  if is_registered; then
+    [ -z "$TOKEN" ] || TOKEN_IGNORED=1
+    TOKEN=""
+  else
+    [ -n "$TOKEN" ] || TOKEN=$(existing_value "$CONF_DIR/agent.env" TECHULUS_AGENT_TOKEN)
+  fi
+  # A re-run without --cf-api-token keeps the one installed, so that it changes nothing.
   [ -n "$CF_API_TOKEN" ] || CF_API_TOKEN=$(existing_value "$CONF_DIR/caddy.env" CF_API_TOKEN)
-  VARS[TOKEN]=$TOKEN
+  VARS[TOKEN_LINE]=$(token_line)
   VARS[LOGS_ENDPOINT]=$LOGS_ENDPOINT
   VARS[CF_API_TOKEN]=$CF_API_TOKEN
   VARS[REGISTRY]=$REGISTRY
@@ -733,7 +761,23 @@ do_services() {
     [ "$i" = 60 ] && die "the agent did not become active" "See: journalctl -u techulus-agent -n 50"
     sleep 1
   done
+  remove_used_token
   step_done "${services[*]} running"
+}
+
+remove_used_token() {
+  # The agent is active, which it reports only once registered (Type=notify): the one-time
+  # token is spent. Rewrite agent.env without it (everything else stays); the running agent
+  # keeps its environment, so nothing is restarted.
+  [ -n "$TOKEN" ] || return 0
+  if ! is_registered; then
+    log "the agent is active but $DATA_DIR/keys/private.key is missing: the token stays in agent.env"
+    return 0
+  fi
+  TOKEN=""
+  VARS[TOKEN_LINE]=$(token_line)
+  put agent.env "$CONF_DIR/agent.env" 600 || true
+  log "removed the registration token from $CONF_DIR/agent.env"
 }
 
 do_prune() {
@@ -759,6 +803,7 @@ do_prune() {
 main() {
   detect_arch
   set_vars
+  [ "$TOKEN_IGNORED" = 0 ] || say "(this server is already registered: the registration token was not used)"
   plan_files
   if [ -n "$RENDER_DIR" ]; then
     local spec name dest mode

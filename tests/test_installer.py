@@ -429,3 +429,41 @@ def test_every_apt_get_call_waits_for_the_dpkg_lock() -> None:
     assert calls == ['run env LC_ALL=C apt-get -o DPkg::Lock::Timeout="$APT_LOCK_TIMEOUT" "$@"']
     assert re.search(r"^APT_LOCK_TIMEOUT=600$", INSTALL.read_text(), re.M)
     assert "\n  apt_get_update\n  apt_get install " in INSTALL.read_text()
+
+
+# --- the registration token ---------------------------------------------------------------
+
+
+def test_registered_server_gets_no_token_in_agent_env(tmp_path: Path, templates: Path) -> None:
+    token = "0123456789abcdef" * 4
+    out = tmp_path / "root"
+    key = out / "var/lib/techulus-agent/keys/private.key"
+    key.parent.mkdir(parents=True)
+    key.write_bytes(b"key")
+    result = install_sh("--url", "https://cp.example.com", "--token", token, "--agent-env", "TECHULUS_AGENT_PUBLIC_IP=203.0.113.7",
+                        "--render-only", str(out), env={"TECHULUS_TEMPLATE_DIR": str(templates)})
+    assert result.returncode == 0, result.stderr
+    assert "already registered: the registration token was not used" in result.stdout
+    text = (out / "etc/techulus-agent/agent.env").read_text()
+    assert token not in text and not re.search(r"^TECHULUS_AGENT_TOKEN=", text, re.M)
+    assert "# TECHULUS_AGENT_TOKEN: removed by install.sh, this server is registered" in text
+    # Everything else is still there, and the wrapper can still source the file.
+    assert "TECHULUS_AGENT_URL='https://cp.example.com'" in text and "TECHULUS_AGENT_PUBLIC_IP='203.0.113.7'" in text
+    sourced = subprocess.run(["sh", "-c", 'set -a; . "$1"; printf "%s|%s" "$TECHULUS_AGENT_URL" "${TECHULUS_AGENT_TOKEN-unset}"', "sh",
+                              str(out / "etc/techulus-agent/agent.env")], capture_output=True, text=True, check=True)
+    assert sourced.stdout == "https://cp.example.com|unset"
+
+
+def test_unregistered_server_keeps_the_token(tmp_path: Path, templates: Path) -> None:
+    token = "0123456789abcdef" * 4
+    root = render(tmp_path, templates)
+    assert f"TECHULUS_AGENT_TOKEN='{token}'" in (root / "etc/techulus-agent/agent.env").read_text()
+
+
+def test_usage_explains_keeping_the_token_off_command_lines() -> None:
+    result = install_sh("--help")
+    assert result.returncode == 0
+    usage = " ".join(result.stdout.split())
+    assert "--token-file FILE safer: read the token from FILE" in usage
+    assert "shell history" in usage and "sudo's log" in usage
+    assert "After registration install.sh removes the token from agent.env" in usage

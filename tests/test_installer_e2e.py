@@ -38,6 +38,12 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 
 
+PODMAN_STORAGE_CONF = """[storage]
+driver = "vfs"
+runroot = "/run/containers/storage"
+graphroot = "/var/lib/containers/storage"
+"""
+
 LEGACY_BUILDKIT_UNIT = """[Unit]
 Description=BuildKit daemon (podman container buildkit) for Techulus Cloud
 [Service]
@@ -97,6 +103,10 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Machine
     try:
         # dnsmasq is installed for real; in the host's network namespace it must not take port 53.
         box.write("/etc/dnsmasq.d/00-e2e-test.conf", "port=0\n")
+        # The container's root is an overlayfs (--volatile=overlay), on which podman's overlay
+        # storage driver cannot run: even `podman ps` would fail, and the agent would never
+        # report status. vfs works anywhere (nothing here stores images).
+        box.write("/etc/containers/storage.conf", PODMAN_STORAGE_CONF)
         yield box
     finally:
         box.stop()
@@ -156,14 +166,23 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         started = time.monotonic()
         result = machine.run(*args, env=install_env, check=False, timeout=600)
         first_run = time.monotonic() - started
-        print(f"\nfirst install.sh run: {first_run:.1f}s\n{result.stdout}")
+        print(f"\nfirst install.sh run: {first_run:.1f}s (its apt steps waited for locks held up to 25 s)\n{result.stdout}")
         assert result.returncode == 0, result.stdout + result.stderr + machine.run("journalctl", "-u", "techulus-agent", "--no-pager", "-n", "40", check=False).stdout
         assert "[1/" in result.stdout and "Done:" in result.stdout
         assert machine.run("systemctl", "is-active", "techulus-agent").stdout.strip() == "active"
         assert machine.run("test", "-f", "/var/lib/techulus-agent/keys/private.key", check=False).returncode == 0
         registered = [s for s in cp.servers if s.signing_public_key]
-        assert len(registered) == 1 and cp.status_reports, "the agent registered and reports status"
+        assert len(registered) == 1, "the agent registered"
+        deadline = time.monotonic() + 30
+        while not cp.status_reports and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cp.status_reports, "the agent reports no status:\n" + machine.run(
+            "journalctl", "-u", "techulus-agent", "--no-pager", "-n", "60", check=False).stdout
         assert machine.run("stat", "-c", "%a", "/etc/techulus-agent/agent.env").stdout.strip() == "600"
+        # Registered: the spent one-time token is gone from agent.env, the rest stays.
+        agent_env = machine.run("cat", "/etc/techulus-agent/agent.env").stdout
+        assert token not in agent_env and "\nTECHULUS_AGENT_TOKEN=" not in agent_env
+        assert f"TECHULUS_AGENT_URL='{cp.url}'" in agent_env and "TECHULUS_AGENT_PUBLIC_IP='203.0.113.7'" in agent_env
         unit_argv = machine.run("systemctl", "show", "-p", "ExecStart", "techulus-agent").stdout
         assert token not in unit_argv
         assert machine.run("systemctl", "is-enabled", "dnsmasq").stdout.strip() == "enabled"
@@ -186,6 +205,8 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         print(f"second install.sh run: {second_run:.1f}s\n{again.stdout}")
         assert again.returncode == 0, again.stdout + again.stderr
         assert "Nothing changed: this server was already set up." in again.stdout
+        assert "already registered: the registration token was not used" in again.stdout
+        assert machine.run("cat", "/etc/techulus-agent/agent.env").stdout == agent_env
         assert machine.run("systemctl", "show", "-p", "MainPID", "--value", "techulus-agent").stdout.strip() == main_pid
 
         # A "container": a long-running process in the agent unit's cgroup, where conmon lives.
@@ -202,7 +223,8 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         old_dirs = machine.run("ls", "/var/lib/techulus-agent/shiv").stdout.split()
         second = build_agent(tmp_path / "v2", "1700000600")
         publish_agent(fixtures, second)
-        upgrade = machine.run(*args, env=install_env, check=False, timeout=600)
+        # An upgrade needs no token (the server is registered).
+        upgrade = machine.run(*args, env=env, check=False, timeout=600)
         assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
         assert "Nothing changed" not in upgrade.stdout
         new_dirs = machine.run("ls", "/var/lib/techulus-agent/shiv").stdout.split()
@@ -221,4 +243,6 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         assert "OK    signed request" in lines
         assert "OK    buildctl" in lines and "OK    railpack" in lines
         assert "WARN  buildkit: tcp://127.0.0.1:1234" in lines or "OK    buildkit" in lines
+        assert "OK    secret files: 4 private" in lines  # keys, config.json, agent.env (no wg, no caddy)
+        assert machine.run("cat", "/etc/techulus-agent/agent.env").stdout == agent_env
         machine.run("sh", "-c", f"kill {workload}", check=False)
