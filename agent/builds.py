@@ -238,10 +238,17 @@ def railpack_prepare_argv(secret_names: list[str], plan_dir: str, railpack: str 
     return argv
 
 
-def railpack_build_argv(addr: str, output: str, secrets: Mapping[str, str], plan_dir: str, buildctl: str = "buildctl") -> list[str]:
+def railpack_build_argv(
+    addr: str,
+    output: str,
+    secrets: Mapping[str, str],
+    plan_dir: str,
+    buildctl: str = "buildctl",
+    frontend: str = RAILPACK_FRONTEND,
+) -> list[str]:
     # As §13.4 except `--local dockerfile=<plan_dir>` (not `.`): the plan is read from the
     # agent's own directory, never from the tenant's checkout (see railpack_prepare_argv).
-    argv = [buildctl, "--addr", addr, "build", "--frontend", "gateway.v0", "--opt", f"source={RAILPACK_FRONTEND}",
+    argv = [buildctl, "--addr", addr, "build", "--frontend", "gateway.v0", "--opt", f"source={frontend}",
             "--local", "context=.", "--local", f"dockerfile={plan_dir}", "--opt", f"filename={PLAN_FILE}", "--output", output]
     if secrets:
         argv += ["--opt", f"build-arg:secrets-hash={secrets_hash(secrets)}"]
@@ -681,7 +688,7 @@ class BuildWorker:
         if not plan.is_file() or plan.is_symlink():
             raise BuildError("railpack prepare wrote no build plan")
         ctx.logs.line(f"Building and pushing {build.image_uri}")
-        self._step(ctx, railpack_build_argv(addr, output, plaintext, str(plan_dir)), "buildctl build", env=env, watch_push=True)
+        self._step(ctx, railpack_build_argv(addr, output, plaintext, str(plan_dir), frontend=self.settings.railpack_frontend or RAILPACK_FRONTEND), "buildctl build", env=env, watch_push=True)
 
     def _check_railpack_version(self, ctx: _Context) -> None:
         """Say so in the build log when the installed CLI is not the frontend's release."""

@@ -115,6 +115,9 @@ class Settings:
 
     # Builds.
     buildkit_host: str = "tcp://127.0.0.1:1234"
+    # The Railpack BuildKit frontend image; "" = the version the agent was made for. Set it to
+    # pin a digest (…:v0.15.4@sha256:…).
+    railpack_frontend: str = ""
     build_timeout: float = 1800.0
     registry_insecure_push: bool = True
 
@@ -191,6 +194,8 @@ class Settings:
         for flag, value in (("--url", self.url), ("--logs-endpoint", self.logs_endpoint), ("caddy_admin_url", self.caddy_admin_url)):
             if value and not _is_http_url(value):
                 raise SettingsError(f"{flag} must be an http:// or https:// URL with a host, got {value!r}")
+        if self.railpack_frontend and (self.railpack_frontend.startswith("-") or any(c.isspace() for c in self.railpack_frontend)):
+            raise SettingsError(f"railpack_frontend must be an image reference, got {self.railpack_frontend!r}")
         if self.scope_label and "=" not in self.scope_label:
             raise SettingsError("scope_label must look like key=value")
 

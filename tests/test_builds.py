@@ -651,3 +651,9 @@ def test_recovery_kills_nothing_that_is_not_provably_the_recorded_step(env):
         for row in env.tools.records("buildctl"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(row["child"], signal.SIGKILL)
+
+
+def test_railpack_frontend_can_be_pinned():
+    pinned = "ghcr.io/railwayapp/railpack-frontend:v0.15.4@sha256:" + "a" * 64
+    argv = railpack_build_argv("tcp://bk:1234", "type=image,name=x,push=true", {}, "/p", frontend=pinned)
+    assert f"source={pinned}" in argv
