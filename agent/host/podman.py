@@ -105,7 +105,7 @@ class PodmanOptions:
     verify_timeout: float = 30.0
     # A started container must still run (without a restart) this long after: catches
     # programs that exit at once, yet keeps a deploy close to the cost of `podman run`.
-    settle_time: float = 0.1
+    settle_time: float = 0.05
     # `always`: podman-restart.service brings containers back after a reboot even while
     # the control plane is down (§17.26). Podman 4 restarts without backoff, so crash loops
     # are detected here (RestartCount) and stopped.
