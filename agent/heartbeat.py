@@ -21,6 +21,9 @@ from agent.host.podman import Podman
 
 log = logging.getLogger(__name__)
 
+#: How long a container counts as crash-looping after podman restarted it.
+CRASH_LOOP_WINDOW = 300.0
+
 
 class Heartbeat:
     def __init__(
@@ -30,7 +33,9 @@ class Heartbeat:
         interval: float,
         public_ip: Callable[[], str] = lambda: "",
         on_beat: Callable[[], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self._send = send
         self.podman = podman
         self.interval = interval
@@ -41,6 +46,8 @@ class Heartbeat:
         self._include_resources = False
         self._last_containers: list[ContainerInfo] | None = None
         self._last_health: dict[str, str] = {}
+        self._restarts: dict[str, int] = {}
+        self._restarted_at: dict[str, float] = {}
         self.sent = 0
         self.last_report: dict[str, Any] | None = None
         self.last_ok_at: float | None = None
@@ -67,7 +74,8 @@ class Heartbeat:
             containers = self._last_containers
         running = [c.id for c in containers if c.running]
         try:
-            health = self.podman.health(running)
+            found = self.podman.health_and_restarts(running)
+            health = {cid: self._crash_looping(cid, status, restarts) for cid, (status, restarts) in found.items()}
             self._last_health = dict(health)
         except Exception as exc:  # noqa: BLE001
             # Never guess "none" (the control plane counts it as healthy): last known, else "starting".
@@ -84,6 +92,21 @@ class Heartbeat:
             return
         self.sent += 1
         self.last_ok_at = time.monotonic()
+
+    def _crash_looping(self, container_id: str, status: str, restarts: int) -> str:
+        """`unhealthy` for a container podman restarted within CRASH_LOOP_WINDOW: with
+        --restart=always a crash loop looks "running" at almost every look, and the control
+        plane would count it healthy (PROTOCOL.md §17.18)."""
+        now = self._clock()
+        previous = self._restarts.get(container_id)
+        self._restarts[container_id] = restarts
+        if previous is not None and restarts > previous:
+            self._restarted_at[container_id] = now
+            log.warning("container %s restarted (%d times so far); reporting it unhealthy", container_id[:12], restarts)
+        restarted_at = self._restarted_at.get(container_id)
+        if restarted_at is not None and now - restarted_at < CRASH_LOOP_WINDOW:
+            return "unhealthy"
+        return status
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

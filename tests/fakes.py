@@ -20,6 +20,8 @@ class FakePodman:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
         self.run_delay = 0.0
+        self.health_status: dict[str, str] = {}
+        self.restart_counts: dict[str, int] = {}
         self.pull_timeouts: list[float | None] = []
         self._ids = itertools.count(1)
         self.lock = threading.Lock()
@@ -44,7 +46,10 @@ class FakePodman:
         return list(self.containers.values())
 
     def health(self, ids):
-        return {i: "none" for i in ids}
+        return {i: status for i, (status, _) in self.health_and_restarts(ids).items()}
+
+    def health_and_restarts(self, ids):
+        return {i: (self.health_status.get(i, "none"), self.restart_counts.get(i, 0)) for i in ids}
 
     def pull(self, image: str, timeout: float | None = None) -> None:
         self._maybe_fail("pull", image)

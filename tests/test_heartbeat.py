@@ -125,13 +125,13 @@ def test_health_read_failure_never_reports_none():
     podman.add("d1")
     reports = []
     heartbeat = Heartbeat(reports.append, podman, interval=10)
-    podman.health = lambda ids: {i: "starting" for i in ids}
+    podman.health_and_restarts = lambda ids: {i: ("starting", 0) for i in ids}
     heartbeat.send_once()
 
     def broken(ids):
         raise RuntimeError("inspect timed out")
 
-    podman.health = broken
+    podman.health_and_restarts = broken
     heartbeat.send_once()
     assert reports[-1]["containers"][0]["healthStatus"] == "starting"
     podman.add("d2")
@@ -159,3 +159,21 @@ def test_public_ip_is_refreshed_and_a_failed_lookup_keeps_the_last(monkeypatch):
     clock[0] = 122
     assert ip() == "203.0.113.2"
     assert status.PublicIp("198.51.100.1", "http://unused.invalid/")() == "198.51.100.1"
+
+
+def test_a_container_podman_keeps_restarting_is_reported_unhealthy():
+    podman = FakePodman()
+    looping = podman.add("d1")
+    clock = [0.0]
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10, clock=lambda: clock[0])
+    podman.restart_counts[looping.id] = 2  # restarts before we first looked: no verdict
+    heartbeat.send_once()
+    assert reports[-1]["containers"][0]["healthStatus"] == "none"
+    podman.restart_counts[looping.id] = 3
+    clock[0] = 10
+    heartbeat.send_once()
+    assert reports[-1]["containers"][0]["healthStatus"] == "unhealthy"
+    clock[0] = 10 + 301  # no restart for longer than the window: its own health again
+    heartbeat.send_once()
+    assert reports[-1]["containers"][0]["healthStatus"] == "none"

@@ -227,15 +227,22 @@ def test_is_managed_and_is_running(fp: Any, podman: Podman) -> None:
 def test_health_is_one_batched_call(fp: Any, podman: Podman) -> None:
     third = "c" * 64
     fp.register(
-        ["podman", "container", "inspect", "--format", "{{.Id}} {{.Name}} {{.State.Status}} {{.State.Health.Status}}",
+        ["podman", "container", "inspect", "--format",
+         "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} {{.State.Health.Status}}",
          CID, CID2, third, "named", "vanished"],
-        stdout=f"{CID} n1 running healthy\n{CID2} n2 running \n{third} n3 exited unhealthy\n{'d' * 64} named running starting\n",
+        stdout=f"{CID} n1 running 0 healthy\n{CID2} n2 running 2 \n{third} n3 exited 0 unhealthy\n{'d' * 64} named running 0 starting\n",
         stderr="Error: inspecting object: no such container vanished\n" + WARNING,
         returncode=125,
     )
-    health = podman.health([CID, CID2, third, "named", "vanished"])
-    assert health == {CID: "healthy", CID2: "none", third: "none", "named": "starting", "vanished": "none"}
+    both = podman.health_and_restarts([CID, CID2, third, "named", "vanished"])
+    assert both == {CID: ("healthy", 0), CID2: ("none", 2), third: ("none", 0), "named": ("starting", 0), "vanished": ("none", 0)}
     assert podman.health([]) == {}
+
+
+def test_health_read_that_answers_nothing_raises(fp: Any, podman: Podman) -> None:
+    fp.register(["podman", "container", "inspect", fp.any()], stderr="Error: podman is wedged\n", returncode=125)
+    with pytest.raises(PodmanError, match="health read failed"):
+        podman.health([CID])
 
 
 def test_logs_tail(fp: Any, podman: Podman) -> None:

@@ -213,28 +213,36 @@ class Podman:
         A container that is not running, has no health check, or vanished is `none`
         (PROTOCOL.md §6.2); the status report decides what that means for the CP.
         """
+        return {ref: health for ref, (health, _restarts) in self.health_and_restarts(ids).items()}
+
+    def health_and_restarts(self, ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """Health and RestartCount of many containers in one inspect. The restart count
+        shows a crash loop that `--restart=always` otherwise hides behind "running".
+        Raises when podman answers nothing at all (the caller keeps what it knew)."""
         refs = [_checked_ref(ref) for ref in ids]
         if not refs:
             return {}
         result = self._run(
-            "container", "inspect", "--format", "{{.Id}} {{.Name}} {{.State.Status}} {{.State.Health.Status}}",
+            "container", "inspect", "--format",
+            "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} {{.State.Health.Status}}",
             *refs, check=False,
         )
-        health = {ref: "none" for ref in refs}
+        if result.returncode != 0 and not result.stdout.strip():
+            raise PodmanError(f"podman health read failed: {(result.stderr.strip() or 'no output')[-500:]}")
+        found = {ref: ("none", 0) for ref in refs}
         for line in result.stdout.splitlines():
             fields = line.split()
-            if len(fields) < 3:
+            if len(fields) < 4:
                 continue
             full_id, name, state = fields[0], fields[1], fields[2]
-            status = fields[3] if len(fields) > 3 else ""
+            restarts = int(fields[3]) if fields[3].isdigit() else 0
+            status = fields[4] if len(fields) > 4 else ""
             if state != "running" or status not in ("starting", "healthy", "unhealthy"):
                 status = "none"
             for ref in refs:
                 if ref == name or (len(ref) >= 12 and full_id.startswith(ref)):
-                    health[ref] = status
-        if result.returncode != 0 and not result.stdout.strip():
-            log.warning("podman health read failed: %s", (result.stderr.strip() or "no output")[-500:])
-        return health
+                    found[ref] = (status, restarts)
+        return found
 
     def logs_tail(self, ref: str, lines: int = 50) -> str:
         result = self._run("logs", "--tail", str(lines), _checked_ref(ref), check=False)
