@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,10 +41,11 @@ def version_text() -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="agent",
+        allow_abbrev=False,
         description="Techulus Cloud worker agent: keeps this server matching the control plane's expected state.",
     )
     p.add_argument("command", nargs="?", default="run", choices=COMMANDS, help="what to do (default: run)")
-    p.add_argument("target", nargs="?", help="the state file, for `standalone`")
+    p.add_argument("target", nargs="?", help="the state file, for `standalone` (and `plan` in standalone mode)")
     p.add_argument("--url", help="control plane base URL, e.g. https://cp.example.com")
     p.add_argument("--token", help="one-time registration token (prefer --token-file or TECHULUS_AGENT_TOKEN)")
     p.add_argument("--token-file", help="file holding the registration token")
@@ -51,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--logs-endpoint", help="VictoriaLogs base URL; empty disables log shipping")
     p.add_argument("--config", help="TOML file with settings (flags win)")
     p.add_argument("--state", help="standalone mode: reconcile from this TOML/JSON state file, no control plane")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
     p.add_argument("--version", action="version", version=version_text())
     return p
 
@@ -64,6 +66,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         if not args.target and not state:
             raise UsageError("standalone needs a state file: agent standalone FILE")
         state = args.target or state
+    elif args.command == "plan" and args.target:
+        state = args.target
     elif args.target:
         raise UsageError(f"unexpected argument {args.target!r}")
     flags = {
@@ -103,11 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     # The token now lives in `settings`; no child process (git, podman, …) inherits it.
     os.environ.pop("TECHULUS_AGENT_TOKEN", None)
+    warn_unknown_environment()
     setup_logging(settings.log_level)
     if args.command == "doctor":
         from agent.doctor import run_doctor
 
-        return run_doctor(settings)
+        try:
+            return run_doctor(settings)
+        except ImportError as exc:
+            print(f"agent: cannot load {exc.name or 'a module'} ({exc}); is this the build for {platform.machine()}?", file=sys.stderr)
+            return EXIT_FAILURE
     if not settings.standalone and not settings.url:
         print("agent: --url is required (or --state FILE / `agent standalone FILE` to run without a control plane)", file=sys.stderr)
         return EXIT_USAGE
@@ -119,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_agent(settings)
     except KeyboardInterrupt:
         return 130
+    except ImportError as exc:
+        # Almost always a zipapp built for another CPU (its native code cannot load).
+        print(
+            f"agent: cannot load {exc.name or 'a module'} ({exc}); is this the build for this machine "
+            f"({platform.machine()})? Use bin/agent-linux-{'arm64' if platform.machine() in ('aarch64', 'arm64') else 'amd64'}.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except OSError as exc:
         # Permissions, a data dir that cannot be created, a full disk: say which and stop.
         print(f"agent: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
@@ -129,11 +146,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.identity import IdentityError
         from agent.model import ModelError
         from agent.registration import RegistrationError
+        from agent.runtime import AlreadyRunning
 
-        if isinstance(exc, ApiError | IdentityError | ModelError | RegistrationError | SettingsError | PodmanError):
+        if isinstance(
+            exc, ApiError | IdentityError | ModelError | RegistrationError | SettingsError | PodmanError | AlreadyRunning
+        ):
             log.error("%s", exc)
             return EXIT_FAILURE
         raise
+
+
+def warn_unknown_environment() -> None:
+    """A mistyped TECHULUS_AGENT_* variable would otherwise be ignored without a word."""
+    import difflib
+
+    from agent.settings import ENV_PREFIX, Settings
+
+    known = {ENV_PREFIX + f.upper() for f in Settings.__dataclass_fields__}
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            print(f"agent: ignoring unknown environment variable {name}{hint}", file=sys.stderr)
 
 
 def run_plan(settings: Any) -> int:
@@ -145,7 +179,7 @@ def run_plan(settings: Any) -> int:
     if not settings.standalone and not DataDir(settings.data_dir).is_registered():
         print("agent: not registered yet; `plan` never registers (run `agent --url … --token …` first)", file=sys.stderr)
         return EXIT_FAILURE
-    components = assemble(settings)
+    components = assemble(settings, create=False)
     try:
         expected = components.source.fetch()
     except ApiError as exc:
@@ -153,8 +187,12 @@ def run_plan(settings: Any) -> int:
         return EXIT_FAILURE
     for problem in expected.problems:
         print(f"invalid: {problem}")
-    changes = components.reconciler.compute_plan(expected)
-    if not changes:
+    reconciler = components.reconciler
+    reconciler.note_fetch(expected)
+    changes = reconciler.compute_plan(expected)
+    for change in reconciler.held:
+        print(f"held back: {change.describe()} (not until a second poll confirms it, or the invalid entry is fixed)")
+    if not changes and not reconciler.held:
         print("no changes: this server matches the expected state")
     for change in changes:
         print(change.describe())

@@ -8,6 +8,8 @@ install.sh ends with it, so it must never change anything: it only reads and ask
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import shutil
@@ -64,8 +66,11 @@ class Tool:
 def tools(settings: Settings) -> list[Tool]:
     """The programs the agent runs (PROTOCOL.md §1.3), and whether this server needs each."""
     reinstall = "re-run install.sh"
+    podman = Tool("podman", ("podman", "--version"), True, "apt-get install podman")
+    if settings.standalone:
+        return [podman]  # standalone runs containers and nothing else
     return [
-        Tool("podman", ("podman", "--version"), True, "apt-get install podman"),
+        podman,
         Tool("wg", ("wg", "--version"), settings.manage_wireguard, "apt-get install wireguard-tools"),
         Tool("wg-quick", (), settings.manage_wireguard, "apt-get install wireguard-tools"),
         Tool("dnsmasq", ("dnsmasq", "--version"), settings.manage_dns, "apt-get install dnsmasq"),
@@ -327,6 +332,9 @@ def collect(
     net: Path = Path("/sys/class/net"),
     conf_dir: Path = CONF_DIR,
 ) -> list[Check]:
+    if settings.standalone:
+        # Standalone runs containers only: no mesh, DNS, Caddy, builds or registration.
+        settings = dataclasses.replace(settings, manage_wireguard=False, manage_dns=False, manage_caddy=False)
     http = urllib3.PoolManager(num_pools=2, headers={"User-Agent": f"techulus-agent-doctor/{__version__}"})
     checks: list[Check] = [Check(OK, "python", sys.version.split()[0])]
     checks.extend(check_tool(tool, which) for tool in tools(settings))
@@ -336,12 +344,15 @@ def collect(
         check_dnsmasq(settings, proc),
     )
     checks.extend(c for c in optional if c is not None)
-    checks.append(check_buildkit(settings))
+    if not settings.standalone:
+        checks.append(check_buildkit(settings))
     checks.append(check_forwarding(proc))
     checks.extend(check_data_dir(settings))
     checks.extend(check_secret_files(settings, conf_dir))
-    registration, identity = check_registration(settings)
-    checks.append(registration)
+    identity: object | None = None
+    if not settings.standalone:
+        registration, identity = check_registration(settings)
+        checks.append(registration)
     if settings.manage_wireguard:
         iface = settings.wireguard_interface
         if (net / iface).exists():

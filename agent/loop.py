@@ -11,6 +11,7 @@ Heartbeat thread, so a long step never starves them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import threading
@@ -25,7 +26,7 @@ from agent.configsync import ConfigSync
 from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, canonical_image, plan
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman
-from agent.model import ExpectedContainer, ExpectedState, ModelError, parse_expected_state
+from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, parse_expected_state
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,15 @@ class Backoff:
     attempts: dict[str, list[float]] = field(default_factory=dict)
 
     def ready(self, key: str) -> bool:
+        return self.wait(key) <= 0
+
+    def wait(self, key: str) -> float:
+        """Seconds until `key` may be tried again (0 when it may now)."""
         recent = self._recent(key)
         if not recent:
-            return True
+            return 0.0
         delay = min(BACKOFF_BASE * 2 ** (len(recent) - 1), BACKOFF_MAX)
-        return self.clock() - recent[-1] >= delay
+        return max(0.0, delay - (self.clock() - recent[-1]))
 
     def record(self, key: str) -> None:
         self._recent(key).append(self.clock())
@@ -130,6 +135,8 @@ class Reconciler:
         self._live_empty: dict[str, bool] = {}
         self._pulled: set[str] = set()
         self.last_plan: list[Change] = []
+        # Changes the last plan held back for safety (see _guard), for `agent plan`.
+        self.held: list[Change] = []
         # Deployments a user stopped through a `stop` work item. The control plane keeps
         # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
         self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
@@ -191,6 +198,10 @@ class Reconciler:
         ours = [c for c in containers if c.deployment_id]
         if "containers" not in expected.sections:
             dropped |= REMOVALS
+        elif "containers" in expected.invalid_sections:
+            if any(c.kind in REMOVALS for c in changes):
+                log.error("no container is removed while the expected state has an invalid container entry (see above)")
+            dropped |= REMOVALS
         elif not expected.containers and ours and self._empty_streak.get("containers", 0) < 2:
             log.warning(
                 "expected state lists no containers while %d of ours exist; waiting for the next poll to confirm before removing any",
@@ -210,6 +221,7 @@ class Reconciler:
             ):
                 log.warning("%s: expected state suddenly lists nothing; waiting for the next poll to confirm", section)
                 dropped.add(kind)
+        self.held = [c for c in changes if c.kind in dropped]
         return [c for c in changes if c.kind not in dropped]
 
     @staticmethod
@@ -298,8 +310,9 @@ class Reconciler:
         """Apply one change; whatever happens it is not tried again in this pass."""
         key = change_key(change)
         skipped.add(key)
-        if not self.backoff.ready(key):
-            log.info("waiting before retrying: %s", change.describe())
+        wait = self.backoff.wait(key)
+        if wait > 0:
+            log.info("retrying in %.0fs (it failed recently): %s", wait, change.describe())
             return
         self.backoff.record(key)
         try:
@@ -308,7 +321,8 @@ class Reconciler:
             log.error("failed: %s: %s", change.describe(), exc)
         else:
             log.info("applied: %s", change.describe())
-            if change.kind in REMOVALS or change.kind in CONFIG_KINDS.values():
+            if change.kind is not ChangeKind.START:
+                # Only restarts of an exited container keep counting: that is a crash loop.
                 self.backoff.clear(key)
         self.reporter.trigger()
 
@@ -395,15 +409,58 @@ def needs_pull(image: str, podman: Podman) -> bool:
     return not (pinned and podman.image_exists(image))
 
 
+STATE_FILE_KEYS = {
+    "": {"containers", "dns", "caddy", "wireguard", "subnetId", "wireguardIp", "encryptionKey"},
+    "containers": {"deploymentId", "serviceId", "serviceName", "name", "image", "ipAddress", "ports", "env",
+                   "healthCheck", "volumes"},
+    "healthCheck": {"cmd", "interval", "timeout", "retries", "startPeriod"},
+    "volumes": {"name", "hostPath", "containerPath"},
+}
+
+
 class FileSource:
-    """Standalone mode: the expected state is a local TOML or JSON file, re-read every tick."""
+    """Standalone mode: the expected state is a local TOML or JSON file, re-read every tick.
+
+    The file is the operator's whole intent: a section it leaves out is empty (deleting the
+    last [[containers]] block removes the container). Unknown keys, the typos of a hand-
+    written file, are named with a suggestion."""
 
     def __init__(self, path: Path, subnet: Any) -> None:
         self.path = path
         self.subnet = subnet
+        self._warned: set[str] = set()
 
     def fetch(self) -> ExpectedState:
-        return parse_expected_state(load_state_file(self.path), self.subnet)
+        data = load_state_file(self.path)
+        self._check_keys(data)
+        if data.get("subnetId", 1) != int(self.subnet.network_address.packed[2]):
+            self._warn_once(f"subnetId changed to {data.get('subnetId')!r} in {self.path}; restart the agent to use it")
+        state = parse_expected_state(data, self.subnet)
+        return dataclasses.replace(state, sections=frozenset(SECTIONS))
+
+    def _check_keys(self, data: dict[str, Any]) -> None:
+        self._unknown(data, STATE_FILE_KEYS[""], "the top level")
+        for index, item in enumerate(data.get("containers") or []):
+            if not isinstance(item, dict):
+                continue
+            self._unknown(item, STATE_FILE_KEYS["containers"], f"containers[{index}]")
+            if isinstance(item.get("healthCheck"), dict):
+                self._unknown(item["healthCheck"], STATE_FILE_KEYS["healthCheck"], f"containers[{index}].healthCheck")
+            for number, volume in enumerate(item.get("volumes") or []):
+                if isinstance(volume, dict):
+                    self._unknown(volume, STATE_FILE_KEYS["volumes"], f"containers[{index}].volumes[{number}]")
+
+    def _unknown(self, table: dict[str, Any], known: set[str], where: str) -> None:
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self._warn_once(f"{self.path}: unknown key {key!r} in {where}{hint}; ignored")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
 
 def load_state_file(path: Path) -> dict[str, Any]:

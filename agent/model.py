@@ -101,8 +101,9 @@ class ExpectedState:
     # Top-level sections the document actually carried ("containers", "dns", "caddy",
     # "wireguard"). A missing one is unknown, not empty: nothing acts on it.
     sections: frozenset[str] = frozenset(SECTIONS)
-    # Config sections with an invalid entry: left as they are live until the entry is fixed,
-    # so a rejected peer, route or record never removes the running one.
+    # Sections with an invalid entry: a config section is left as it is live until the
+    # entry is fixed (a rejected peer, route or record never removes the running one), and
+    # with an invalid container entry no container is removed.
     invalid_sections: frozenset[str] = frozenset()
 
     def container(self, deployment_id: str) -> ExpectedContainer | None:
@@ -128,6 +129,7 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
     routes = _list(_section(data, "caddy").get("routes"), "caddy.routes")
     peers = _list(_section(data, "wireguard").get("peers"), "wireguard.peers")
 
+    invalid: set[str] = set()
     parsed_containers: list[ExpectedContainer] = []
     seen_ids: set[str] = set()
     seen_ips: dict[str, str] = {}
@@ -141,6 +143,9 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
                 raise InvalidValue(f"ipAddress {item.ip_address} is also given to deployment {seen_ips[item.ip_address]}")
         except InvalidValue as exc:
             problems.append(f"container {label}: {exc}; skipped")
+            # Its deployment id may be the broken part, so its container cannot be told
+            # apart from an orphan: no removal at all while any entry is invalid.
+            invalid.add("containers")
             if isinstance(raw, dict) and isinstance(raw.get("deploymentId"), str) and raw["deploymentId"]:
                 protected.add(raw["deploymentId"])
             continue
@@ -149,7 +154,6 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
             seen_ips[item.ip_address] = item.deployment_id
         parsed_containers.append(item)
 
-    invalid: set[str] = set()
     parsed_sections = []
     for name, raw_items, what, parse in (
         ("dns", dns, "dns record", _dns_record),

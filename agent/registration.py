@@ -8,6 +8,7 @@ token can simply be used again. The token is never logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.api import ApiError, ControlPlane
@@ -29,7 +30,11 @@ class Registration:
     initial_peers: tuple[WireGuardPeer, ...] | None = None
 
 
-def ensure_registered(settings: Settings, data_dir: DataDir, client: ControlPlane, public_ip: str) -> Registration:
+def ensure_registered(
+    settings: Settings, data_dir: DataDir, client: ControlPlane, public_ip: str | Callable[[], str]
+) -> Registration:
+    """Load the identity, or register with the token; `public_ip` may be a callable so that
+    the lookup only happens when a registration is really about to be sent."""
     if data_dir.is_registered():
         return Registration(data_dir.load())
     token = settings.resolved_token()
@@ -40,8 +45,9 @@ def ensure_registered(settings: Settings, data_dir: DataDir, client: ControlPlan
         )
     keys = PendingKeys.generate()
     log.info("registering with %s", settings.url)
+    address = public_ip() if callable(public_ip) else public_ip
     try:
-        answer = client.register(keys.request_body(token, public_ip))
+        answer = client.register(keys.request_body(token, address))
     except ApiError as exc:
         raise RegistrationError(f"registration failed, nothing was written; fix the cause and retry: {exc}") from exc
     try:

@@ -8,13 +8,16 @@ change containers at the same time; the heartbeat only reads and never takes it.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import ipaddress
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from agent import sdnotify, status
 from agent.api import ControlPlane, Signer, Unavailable
@@ -129,17 +132,19 @@ def container_dns(settings: Settings, identity: Identity | None) -> tuple[str, .
     return tuple(container_dns_servers(settings, identity))
 
 
-def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "") -> Components:
-    """Everything needed to run, registering first if needed. Raises with a clear message."""
+def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", create: bool = True) -> Components:
+    """Everything needed to run, registering first if needed. Raises with a clear message.
+    `create=False` (for `plan`) leaves the disk alone."""
     data_dir = DataDir(settings.data_dir)
-    data_dir.ensure()
+    if create:
+        data_dir.ensure()
     identity: Identity | None = None
     client: ControlPlane | None = None
     initial_peers: tuple[WireGuardPeer, ...] | None = None
     if settings.standalone:
         config = standalone_config(settings)
     else:
-        registration = ensure_registered(settings, data_dir, make_client(settings, None), public_ip())
+        registration = ensure_registered(settings, data_dir, make_client(settings, None), public_ip)
         identity = registration.identity
         initial_peers = registration.initial_peers
         config = identity.config
@@ -231,14 +236,39 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
     return tasks
 
 
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def hold_lock(data_dir: Path) -> IO[str]:
+    """One agent per data dir: two would reconcile the same containers against each other.
+    The lock is released by the kernel when the process ends, however it ends."""
+    DataDir(data_dir).ensure()
+    handle = open(data_dir / "agent.lock", "a+", encoding="ascii")  # noqa: SIM115 - held for the process' life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise AlreadyRunning(f"another agent (pid {holder}) is already running with data dir {data_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
+    lock = hold_lock(settings.data_dir)
     previous = install_signal_handlers(stop)
     try:
         return _run(settings, stop)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        lock.close()
 
 
 def _run(settings: Settings, stop: threading.Event) -> int:

@@ -17,6 +17,11 @@ class InvalidValue(ValueError):
     pass
 
 
+def _got(value: object) -> str:
+    """How a rejected value is shown: a missing one says so instead of `got None`."""
+    return "but it is missing" if value is None else f"got {value!r}"
+
+
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}")
@@ -29,13 +34,13 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def identifier(value: object, what: str = "id") -> str:
     """Ids used in labels, names and paths: no `/`, no leading `-` or `.`, not `..`."""
     if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value:
-        raise InvalidValue(f"{what} must be 1-128 characters of [A-Za-z0-9_.-] starting with a letter or digit, got {value!r}")
+        raise InvalidValue(f"{what} must be 1-128 characters of [A-Za-z0-9_.-] starting with a letter or digit, {_got(value)}")
     return value
 
 
 def container_name(value: object) -> str:
     if not isinstance(value, str) or not _CONTAINER_NAME.fullmatch(value):
-        raise InvalidValue(f"container name must match [A-Za-z0-9][A-Za-z0-9_.-]*, got {value!r}")
+        raise InvalidValue(f"container name must match [A-Za-z0-9][A-Za-z0-9_.-]*, {_got(value)}")
     return value
 
 
@@ -57,25 +62,25 @@ def image_reference(value: object) -> str:
     if value.startswith("-"):
         raise InvalidValue(f"image must not start with '-' (it would be read as an option): {value!r}")
     if not _IMAGE.fullmatch(value):
-        raise InvalidValue(f"image must be a registry reference without whitespace or shell characters, got {value!r}")
+        raise InvalidValue(f"image must be a registry reference without whitespace or shell characters, {_got(value)}")
     return value
 
 
 def env_key(value: object) -> str:
     if not isinstance(value, str) or not _ENV_KEY.fullmatch(value):
-        raise InvalidValue(f"environment variable name must match [A-Za-z_][A-Za-z0-9_]*, got {value!r}")
+        raise InvalidValue(f"environment variable name must match [A-Za-z_][A-Za-z0-9_]*, {_got(value)}")
     return value
 
 
 def volume_name(value: object) -> str:
     if not isinstance(value, str) or not _VOLUME_NAME.fullmatch(value) or ".." in value:
-        raise InvalidValue(f"volume name must be [A-Za-z0-9_.-] without '/' or '..', got {value!r}")
+        raise InvalidValue(f"volume name must be [A-Za-z0-9_.-] without '/' or '..', {_got(value)}")
     return value
 
 
 def container_path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise InvalidValue(f"containerPath must be an absolute path, got {value!r}")
+        raise InvalidValue(f"containerPath must be an absolute path, {_got(value)}")
     if _CONTROL.search(value) or ":" in value or "," in value or len(value) > 1024:
         raise InvalidValue(f"containerPath must not contain control characters, ':' or ',': {value!r}")
     if any(part == ".." for part in value.split("/")):
@@ -85,7 +90,7 @@ def container_path(value: object) -> str:
 
 def ipv4(value: object, what: str = "IP address") -> ipaddress.IPv4Address:
     if not isinstance(value, str):
-        raise InvalidValue(f"{what} must be a string, got {value!r}")
+        raise InvalidValue(f"{what} must be a string, {_got(value)}")
     try:
         return ipaddress.IPv4Address(value)
     except ValueError as exc:
@@ -94,7 +99,7 @@ def ipv4(value: object, what: str = "IP address") -> ipaddress.IPv4Address:
 
 def ip_address(value: object, what: str = "IP address") -> str:
     if not isinstance(value, str):
-        raise InvalidValue(f"{what} must be a string, got {value!r}")
+        raise InvalidValue(f"{what} must be a string, {_got(value)}")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError as exc:
@@ -113,20 +118,20 @@ def container_ip(value: object, subnet: ipaddress.IPv4Network) -> str:
 
 def port(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise InvalidValue(f"{what} must be an integer 1..65535, got {value!r}")
+        raise InvalidValue(f"{what} must be an integer 1..65535, {_got(value)}")
     return value
 
 
 def bounded_int(value: object, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidValue(f"{what} must be an integer {low}..{high}, got {value!r}")
+        raise InvalidValue(f"{what} must be an integer {low}..{high}, {_got(value)}")
     return value
 
 
 def hostname(value: object, what: str = "hostname", allow_wildcard: bool = False) -> str:
     """An RFC 1123 host name (lower-cased); with allow_wildcard a leading `*.` is accepted."""
     if not isinstance(value, str) or not value or len(value) > 253:
-        raise InvalidValue(f"{what} must be a host name, got {value!r}")
+        raise InvalidValue(f"{what} must be a host name, {_got(value)}")
     name = value.lower().rstrip(".")
     labels = name.split(".")
     if allow_wildcard and labels[0] == "*":
@@ -139,7 +144,7 @@ def hostname(value: object, what: str = "hostname", allow_wildcard: bool = False
 def host_port(value: object, what: str = "address") -> tuple[str, int]:
     """`ipv4:port`, `[ipv6]:port` or `hostname:port`."""
     if not isinstance(value, str) or ":" not in value:
-        raise InvalidValue(f"{what} must look like host:port, got {value!r}")
+        raise InvalidValue(f"{what} must look like host:port, {_got(value)}")
     host, _, port_text = value.rpartition(":")
     if not port_text.isdigit():
         raise InvalidValue(f"{what} has no numeric port: {value!r}")

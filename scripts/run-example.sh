@@ -17,5 +17,6 @@ if [ ! -x "$venv/bin/agent" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -e "$here"
 fi
-echo "run-example: reconciling from $state (Ctrl-C to stop); try: curl http://10.200.1.2/"
+ip=$(grep -m1 -oE 'ipAddress"? *[:=] *"[0-9.]+' "$state" | grep -oE '[0-9]+(\.[0-9]+){3}' || true)
+echo "run-example: reconciling from $state (Ctrl-C to stop)${ip:+; try: curl http://$ip/}"
 exec "$venv/bin/agent" standalone "$state" --data-dir "${DATA_DIR:-/var/lib/techulus-agent-example}"

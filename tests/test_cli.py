@@ -92,3 +92,39 @@ def test_token_is_removed_from_the_environment_children_inherit(run_cli, tmp_pat
     monkeypatch.setenv("TECHULUS_AGENT_TOKEN", "secret-token")
     run_cli("plan", "--url", "http://127.0.0.1:9", "--data-dir", str(tmp_path))
     assert "TECHULUS_AGENT_TOKEN" not in os.environ
+
+
+def test_abbreviations_and_bad_log_levels_are_refused():
+    for argv in (["--stat", "x.toml"], ["--log-level", "verbose"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+
+
+def test_plan_takes_the_state_file_as_argument_and_touches_no_disk(run_cli, tmp_path, fp):
+    fp.register(["podman", "ps", fp.any()], stdout='[{"Id": "' + "a" * 64 + '", "Names": ["old"], "State": "running",'
+                ' "Image": "localhost/x:latest", "Labels": {"techulus.service.id": "s", "techulus.deployment.id": "d"}}]')
+    state = tmp_path / "state.toml"
+    state.write_text("containers = []\n")
+    code, output = run_cli("plan", str(state), "--data-dir", str(tmp_path / "data"))
+    assert code == 0
+    assert "held back: remove-unexpected old" in output and "no changes" not in output
+    assert not (tmp_path / "data").exists(), "plan changes nothing, not even the data dir"
+
+
+def test_unknown_environment_variables_are_named(run_cli, monkeypatch):
+    monkeypatch.setenv("TECHULUS_AGENT_TICK_INTERVL", "3")
+    code, output = run_cli("plan", "--url", "http://127.0.0.1:9", "--data-dir", "/nonexistent-techulus")
+    assert "ignoring unknown environment variable TECHULUS_AGENT_TICK_INTERVL (did you mean TECHULUS_AGENT_TICK_INTERVAL?)" in output
+
+
+def test_one_agent_per_data_dir(tmp_path):
+    from agent.runtime import AlreadyRunning, hold_lock
+
+    first = hold_lock(tmp_path)
+    try:
+        with pytest.raises(AlreadyRunning, match=f"pid {__import__('os').getpid()}"):
+            hold_lock(tmp_path)
+    finally:
+        first.close()
+    hold_lock(tmp_path).close()  # released: the next agent may start

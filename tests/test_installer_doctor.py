@@ -194,3 +194,13 @@ def test_symlink_to_an_open_file_fails(fp, tmp_path: Path, host) -> None:  # typ
     code, text = doctor(base_settings(tmp_path), host, set(TOOLS) | {"wg-quick"})
     assert code == 1
     assert f"FAIL  agent env file (registration token): {files['agent env file']} is mode 0644" in text
+
+
+def test_standalone_mode_checks_only_what_standalone_uses(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state.toml"
+    state.write_text("containers = []\n")
+    fake_tools(fp, {"podman": TOOLS["podman"]})
+    code, text = doctor(base_settings(tmp_path, state_file=str(state), url=""), host, {"podman"})
+    assert code == 0, text
+    for absent in ("registration", "control plane", "wireguard", "wg", "dnsmasq", "caddy", "buildkit", "buildctl"):
+        assert f"  {absent}:" not in text, f"{absent} is not used in standalone mode:\n{text}"

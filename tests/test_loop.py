@@ -354,3 +354,40 @@ def test_pull_timeout_is_capped_by_the_processing_deadline():
     reconciler.clock = lambda: clock[0]
     reconciler.tick()
     assert podman.pull_timeouts == [300.0]
+
+
+def test_state_file_typos_are_named_and_a_missing_section_is_empty(tmp_path, caplog):
+    import ipaddress
+
+    from agent.loop import FileSource
+
+    path = tmp_path / "state.toml"
+    path.write_text(
+        'subnetID = 3\n[[containers]]\ndeploymentid = "d1"\nserviceId = "s"\nname = "n"\nimage = "localhost/x"\n'
+        '[containers.healthCheck]\ncmd = "true"\nintervall = 5\n'
+    )
+    source = FileSource(path, ipaddress.IPv4Network("10.200.1.0/24"))
+    state = source.fetch()
+    source.fetch()
+    text = caplog.text
+    assert "unknown key 'subnetID' in the top level (did you mean subnetId?)" in text
+    assert "unknown key 'deploymentid' in containers[0] (did you mean deploymentId?)" in text
+    assert "unknown key 'intervall' in containers[0].healthCheck (did you mean interval?)" in text
+    assert text.count("unknown key 'subnetID'") == 1, "each typo is named once, not every tick"
+    assert "deploymentId must be" in state.problems[0] and "but it is missing" in state.problems[0]
+    assert "containers" in state.invalid_sections
+    path.write_text("")  # the last block deleted
+    assert FileSource(path, ipaddress.IPv4Network("10.200.1.0/24")).fetch().sections >= {"containers"}
+
+
+def test_no_removal_while_a_container_entry_is_invalid():
+    from agent.model import parse_expected_state
+
+    podman = FakePodman()
+    podman.add("d2")
+    typo = {"deploymentid": "d2", "serviceId": "svc", "serviceName": "S", "name": "c-d2", "image": "localhost/app:v1"}
+    state = parse_expected_state({"containers": [typo]}, None)
+    reconciler, podman, _ = make(ListSource(state), podman)
+    for _ in range(3):
+        reconciler.tick()
+    assert [c.deployment_id for c in podman.containers.values()] == ["d2"]
