@@ -172,7 +172,8 @@ def test_sender_keeps_entries_while_victorialogs_is_down_then_delivers(vlogs):
         assert sender.stats.failed_posts >= 1 and sender.pending() == 500 and sender.done_seq == 0
         vlogs.up()
         assert vlogs.wait_for(lambda: len(vlogs.entries) == 500, 15)
-        assert sender.done_seq == 500
+        # The server counts the lines before its answer reaches the sender: wait for that too.
+        assert vlogs.wait_for(lambda: sender.done_seq == 500, 5)
     finally:
         stop.set()
         thread.join(10)
