@@ -293,6 +293,8 @@ class Podman:
         reference = canonical_image(_checked_image(image))
         args = ["pull", "--quiet"]
         if registry_of(reference) in self.options.insecure_registries:
+            # Only for registries the operator listed (e.g. the cluster's own plain-HTTP
+            # registry on the mesh); every other pull verifies TLS (PROTOCOL.md §17.5).
             args.append("--tls-verify=false")
         started = time.monotonic()
         try:
