@@ -48,9 +48,6 @@ class Heartbeat:
         self._last_health: dict[str, str] = {}
         self._restarts: dict[str, int] = {}
         self._restarted_at: dict[str, float] = {}
-        self.sent = 0
-        self.last_report: dict[str, Any] | None = None
-        self.last_ok_at: float | None = None
 
     def trigger(self, include_resources: bool = False) -> None:
         """Send a report as soon as possible (with resources when there is no drift)."""
@@ -82,16 +79,12 @@ class Heartbeat:
             log.warning("cannot read container health (%s); reporting the last known", exc)
             health = {cid: self._last_health.get(cid, "starting") for cid in running}
         report = status.build_report(containers, health, self.public_ip(), include_resources)
-        self.last_report = report
         if self._send is None:
             return
         try:
             self._send(report)
         except ApiError as exc:
             log.warning("status report failed: %s", exc)
-            return
-        self.sent += 1
-        self.last_ok_at = time.monotonic()
 
     def _crash_looping(self, container_id: str, status: str, restarts: int) -> str:
         """`unhealthy` for a container podman restarted within CRASH_LOOP_WINDOW: with

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,9 +75,6 @@ class Backoff:
 
     clock: Callable[[], float] = time.monotonic
     attempts: dict[str, list[float]] = field(default_factory=dict)
-
-    def ready(self, key: str) -> bool:
-        return self.wait(key) <= 0
 
     def wait(self, key: str) -> float:
         """Seconds until `key` may be tried again (0 when it may now)."""
@@ -515,9 +512,3 @@ class ControlPlaneSource:
             log.warning("ignoring the cached expected state %s: %s", self.cache_path, exc)
             return None
 
-
-def summarize(changes: Sequence[Change]) -> Mapping[str, int]:
-    counts: dict[str, int] = {}
-    for change in changes:
-        counts[change.kind.value] = counts.get(change.kind.value, 0) + 1
-    return counts

@@ -150,10 +150,6 @@ class Settings:
                 raise SettingsError(f"token_file {self.token_file}: {exc.strerror}") from exc
         return ""
 
-    def is_insecure_registry(self, image: str) -> bool:
-        host = image.split("/", 1)[0] if "/" in image else ""
-        return host in self.insecure_registries
-
     @classmethod
     def load(
         cls,
