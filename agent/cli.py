@@ -174,12 +174,15 @@ def run_plan(settings: Any) -> int:
     """Print the changes the next pass would make, without making any."""
     from agent.api import ApiError
     from agent.identity import DataDir
+    from agent.loop import ControlPlaneSource
     from agent.runtime import assemble
 
     if not settings.standalone and not DataDir(settings.data_dir).is_registered():
         print("agent: not registered yet; `plan` never registers (run `agent --url … --token …` first)", file=sys.stderr)
         return EXIT_FAILURE
     components = assemble(settings, create=False)
+    if isinstance(components.source, ControlPlaneSource):
+        components.source.cache_path = None  # plan writes nothing, not even the cache
     try:
         expected = components.source.fetch()
     except ApiError as exc:

@@ -21,7 +21,8 @@ from agent.host.podman import Podman
 
 log = logging.getLogger(__name__)
 
-#: How long a container counts as crash-looping after podman restarted it.
+#: A container podman restarted this many times within the window is crash-looping.
+CRASH_LOOP_RESTARTS = 2
 CRASH_LOOP_WINDOW = 300.0
 
 
@@ -47,7 +48,7 @@ class Heartbeat:
         self._last_containers: list[ContainerInfo] | None = None
         self._last_health: dict[str, str] = {}
         self._restarts: dict[str, int] = {}
-        self._restarted_at: dict[str, float] = {}
+        self._restart_times: dict[str, list[float]] = {}
 
     def trigger(self, include_resources: bool = False) -> None:
         """Send a report as soon as possible (with resources when there is no drift)."""
@@ -62,6 +63,7 @@ class Heartbeat:
         try:
             containers = self.podman.list_containers()
             self._last_containers = containers
+            self._forget_gone(containers)
         except Exception as exc:  # noqa: BLE001 - report what we last knew instead of nothing
             if self._last_containers is None:
                 # An empty list would tell the control plane every deployment is gone.
@@ -87,19 +89,31 @@ class Heartbeat:
             log.warning("status report failed: %s", exc)
 
     def _crash_looping(self, container_id: str, status: str, restarts: int) -> str:
-        """`unhealthy` for a container podman restarted within CRASH_LOOP_WINDOW: with
-        --restart=always a crash loop looks "running" at almost every look, and the control
-        plane would count it healthy (PROTOCOL.md §17.18)."""
+        """`unhealthy` for a container podman restarted at least CRASH_LOOP_RESTARTS times
+        within CRASH_LOOP_WINDOW: with --restart=always a crash loop looks "running" at almost
+        every look, and the control plane would count it healthy (PROTOCOL.md §17.18). A
+        single restart (one OOM kill) does not count."""
         now = self._clock()
         previous = self._restarts.get(container_id)
         self._restarts[container_id] = restarts
+        times = [t for t in self._restart_times.get(container_id, []) if now - t < CRASH_LOOP_WINDOW]
         if previous is not None and restarts > previous:
-            self._restarted_at[container_id] = now
-            log.warning("container %s restarted (%d times so far); reporting it unhealthy", container_id[:12], restarts)
-        restarted_at = self._restarted_at.get(container_id)
-        if restarted_at is not None and now - restarted_at < CRASH_LOOP_WINDOW:
+            times.extend([now] * min(restarts - previous, CRASH_LOOP_RESTARTS))
+        if times:
+            self._restart_times[container_id] = times
+        else:
+            self._restart_times.pop(container_id, None)
+        if len(times) >= CRASH_LOOP_RESTARTS:
+            if previous is not None and restarts > previous:
+                log.warning("container %s keeps restarting (%d restarts); reporting it unhealthy", container_id[:12], restarts)
             return "unhealthy"
         return status
+
+    def _forget_gone(self, containers: list[ContainerInfo]) -> None:
+        present = {c.id for c in containers}
+        for table in (self._restarts, self._restart_times, self._last_health):
+            for gone in [cid for cid in table if cid not in present]:
+                del table[gone]
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

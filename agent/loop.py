@@ -84,17 +84,21 @@ class Backoff:
         delay = min(BACKOFF_BASE * 2 ** (len(recent) - 1), BACKOFF_MAX)
         return max(0.0, delay - (self.clock() - recent[-1]))
 
-    def record(self, key: str) -> None:
-        self._recent(key).append(self.clock())
-
     def clear(self, key: str) -> None:
         self.attempts.pop(key, None)
 
     def _recent(self, key: str) -> list[float]:
         now = self.clock()
         recent = [t for t in self.attempts.get(key, []) if now - t < BACKOFF_WINDOW]
-        self.attempts[key] = recent
+        if recent:
+            self.attempts[key] = recent
+        else:
+            self.attempts.pop(key, None)
         return recent
+
+    def record(self, key: str) -> None:
+        self.attempts.setdefault(key, []).append(self.clock())
+        self._recent(key)
 
 
 def change_key(change: Change) -> str:
@@ -129,6 +133,10 @@ class Reconciler:
         self.backoff = Backoff(clock)
         self._empty_streak: dict[str, int] = {}
         self._deadline: float | None = None
+        # Bumped whenever something else (a work item) changed containers: a change planned
+        # before that is re-checked under the lock before it is applied.
+        self._host_generation = 0
+        self._plan_generation = 0
         self._live_empty: dict[str, bool] = {}
         self._pulled: set[str] = set()
         self.last_plan: list[Change] = []
@@ -161,7 +169,8 @@ class Reconciler:
     def note_fetch(self, expected: ExpectedState) -> None:
         """Count, once per fetched document, how many polls in a row left each section empty."""
         sizes = {
-            "containers": len(expected.containers),
+            # An entry that failed validation still means the document is not empty.
+            "containers": len(expected.containers) + len(expected.protected_deployments),
             "dns": len(expected.dns_records),
             "caddy": len(expected.caddy_routes),
             "wireguard": len(expected.wireguard_peers),
@@ -171,10 +180,12 @@ class Reconciler:
             self._empty_streak[section] = self._empty_streak.get(section, 0) + 1 if empty else 0
 
     def compute_plan(self, expected: ExpectedState) -> list[Change]:
+        document = expected
         expected = self._without_stopped(expected)
         containers, drifted = self.observe(expected)
         changes = plan(expected, containers, drifted)
-        return self._guard(expected, containers, changes)
+        self._plan_generation = self._host_generation
+        return self._guard(document, containers, changes)
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()
@@ -188,9 +199,10 @@ class Reconciler:
         )
 
     def _guard(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
-        """Bad input destroys nothing: a section that suddenly became empty must be confirmed
-        by a second poll, a missing section is left alone, and a config section with an
-        invalid entry is not rewritten (that would remove the entry's live counterpart)."""
+        """Bad input destroys nothing: a section of the fetched document (`expected`, as the
+        control plane sent it) that suddenly became empty must be confirmed by a second poll,
+        a missing section is left alone, and a container entry without a usable deployment id
+        blocks removals."""
         dropped: set[ChangeKind] = set()
         ours = [c for c in containers if c.deployment_id]
         if "containers" not in expected.sections:
@@ -199,7 +211,12 @@ class Reconciler:
             if any(c.kind in REMOVALS for c in changes):
                 log.error("no container is removed while the expected state has an invalid container entry (see above)")
             dropped |= REMOVALS
-        elif not expected.containers and ours and self._empty_streak.get("containers", 0) < 2:
+        elif (
+            not expected.containers
+            and not expected.protected_deployments
+            and ours
+            and self._empty_streak.get("containers", 0) < 2
+        ):
             log.warning(
                 "expected state lists no containers while %d of ours exist; waiting for the next poll to confirm before removing any",
                 len(ours),
@@ -208,10 +225,7 @@ class Reconciler:
         for section, kind in CONFIG_KINDS.items():
             if not any(c.kind is kind for c in changes):
                 continue
-            if section in expected.invalid_sections:
-                log.error("%s: not applied while the expected state has invalid entries (see above); the live configuration stays", section)
-                dropped.add(kind)
-            elif (
+            if (
                 self._expected_empty(section, expected)
                 and not self._live_empty.get(section, False)
                 and self._empty_streak.get(section, 0) < 2
@@ -246,7 +260,8 @@ class Reconciler:
             return
         self.last_plan = changes
         if not changes:
-            self.reporter.trigger(include_resources=True)
+            # "No drift" (the report with resources) only when nothing is being held back.
+            self.reporter.trigger(include_resources=not self.held)
             return
         for change in changes:
             log.info("drift: %s", change.describe())
@@ -318,8 +333,9 @@ class Reconciler:
             log.error("failed: %s: %s", change.describe(), exc)
         else:
             log.info("applied: %s", change.describe())
-            if change.kind is not ChangeKind.START:
-                # Only restarts of an exited container keep counting: that is a crash loop.
+            if change.kind not in (ChangeKind.START, ChangeKind.REDEPLOY):
+                # A re-start or re-create that has to happen again soon is a loop: keep pacing
+                # it. A fresh deploy (or removal, or config) is a new intent each time.
                 self.backoff.clear(key)
         self.reporter.trigger()
 
@@ -337,6 +353,9 @@ class Reconciler:
         with self.host_lock:
             if change.expected is not None and change.expected.deployment_id in self.stopped_deployments():
                 log.info("skipped: deployment %s was stopped by a work item meanwhile", change.expected.deployment_id)
+                return
+            if self._host_generation != self._plan_generation and self._outdated(change):
+                log.info("skipped: %s (a work item changed this container meanwhile; the next pass decides)", change.describe())
                 return
             if change.kind in REMOVALS:
                 assert change.container is not None
@@ -365,11 +384,23 @@ class Reconciler:
                 # Gone meanwhile (a work item, a user): the next plan decides, not a stale one.
                 log.info("container %s vanished before it could be started; leaving it to the next pass", container.name)
                 return
-            log.warning("start of %s failed (%s); re-creating it", container.name, exc)
-        env = decrypt_env(spec, self.encryption_key)
-        self._pull(spec.image, None)
+            # Removed here; the next plan of this pass deploys it afresh (pulling before it
+            # takes the lock, unlike a re-create from inside this step would).
+            log.warning("start of %s failed (%s); removing it so that it is deployed again", container.name, exc)
         self.podman.stop_and_remove(container.id)
-        self.podman.run_container(spec, env, self.settings.volumes_dir)
+
+    def note_host_change(self) -> None:
+        """Called (by the work queue) after it changed containers."""
+        self._host_generation += 1
+
+    def _outdated(self, change: Change) -> bool:
+        """Whether the container this change was planned against is gone, or a container
+        for a deployment planned as missing has appeared."""
+        if change.kind is ChangeKind.DEPLOY and change.expected is not None:
+            return self.podman.inspect(change.expected.name) is not None
+        if change.container is not None:
+            return self.podman.inspect(change.container.id) is None
+        return False
 
     def _pull(self, image: str, deadline: float | None) -> None:
         if image in self._pulled or not needs_pull(image, self.podman):
@@ -437,13 +468,15 @@ class FileSource:
 
     def _check_keys(self, data: dict[str, Any]) -> None:
         self._unknown(data, STATE_FILE_KEYS[""], "the top level")
-        for index, item in enumerate(data.get("containers") or []):
+        containers = data.get("containers")
+        for index, item in enumerate(containers if isinstance(containers, list) else []):
             if not isinstance(item, dict):
                 continue
             self._unknown(item, STATE_FILE_KEYS["containers"], f"containers[{index}]")
             if isinstance(item.get("healthCheck"), dict):
                 self._unknown(item["healthCheck"], STATE_FILE_KEYS["healthCheck"], f"containers[{index}].healthCheck")
-            for number, volume in enumerate(item.get("volumes") or []):
+            volumes = item.get("volumes")
+            for number, volume in enumerate(volumes if isinstance(volumes, list) else []):
                 if isinstance(volume, dict):
                     self._unknown(volume, STATE_FILE_KEYS["volumes"], f"containers[{index}].volumes[{number}]")
 

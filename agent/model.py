@@ -101,9 +101,9 @@ class ExpectedState:
     # Top-level sections the document actually carried ("containers", "dns", "caddy",
     # "wireguard"). A missing one is unknown, not empty: nothing acts on it.
     sections: frozenset[str] = frozenset(SECTIONS)
-    # Sections with an invalid entry: a config section is left as it is live until the
-    # entry is fixed (a rejected peer, route or record never removes the running one), and
-    # with an invalid container entry no container is removed.
+    # "containers" when a container entry without a usable deployment id was dropped: then no
+    # container is removed. (A bad DNS record, route or peer is only skipped, and the rest
+    # of its section applies: freezing a whole global section would stop every server.)
     invalid_sections: frozenset[str] = frozenset()
 
     def container(self, deployment_id: str) -> ExpectedContainer | None:
@@ -143,34 +143,29 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
                 raise InvalidValue(f"ipAddress {item.ip_address} is also given to deployment {seen_ips[item.ip_address]}")
         except InvalidValue as exc:
             problems.append(f"container {label}: {exc}; skipped")
-            # Its deployment id may be the broken part, so its container cannot be told
-            # apart from an orphan: no removal at all while any entry is invalid.
-            invalid.add("containers")
             if isinstance(raw, dict) and isinstance(raw.get("deploymentId"), str) and raw["deploymentId"]:
+                # Its container is known by its deployment id: protecting it is enough.
                 protected.add(raw["deploymentId"])
+            else:
+                # Without a usable deployment id its container cannot be told apart from an
+                # orphan: no removal at all while such an entry is there.
+                invalid.add("containers")
             continue
         seen_ids.add(item.deployment_id)
         if item.ip_address:
             seen_ips[item.ip_address] = item.deployment_id
         parsed_containers.append(item)
 
-    parsed_sections = []
-    for name, raw_items, what, parse in (
-        ("dns", dns, "dns record", _dns_record),
-        ("caddy", routes, "caddy route", _caddy_route),
-        ("wireguard", peers, "wireguard peer", _wireguard_peer),
-    ):
-        before = len(problems)
-        parsed_sections.append(_entries(raw_items, what, parse, problems))
-        if len(problems) > before:
-            invalid.add(name)
+    parsed_dns = _entries(dns, "dns record", _dns_record, problems)
+    parsed_routes = _entries(routes, "caddy route", _caddy_route, problems)
+    parsed_peers = _entries(peers, "wireguard peer", _wireguard_peer, problems)
     for problem in problems:
         log.error("expected state: %s", problem)
     return ExpectedState(
         tuple(parsed_containers),
-        tuple(parsed_sections[0]),
-        tuple(parsed_sections[1]),
-        tuple(parsed_sections[2]),
+        tuple(parsed_dns),
+        tuple(parsed_routes),
+        tuple(parsed_peers),
         frozenset(protected),
         tuple(problems),
         frozenset(section for section in SECTIONS if data.get(section) is not None),

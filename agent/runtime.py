@@ -49,6 +49,7 @@ class Components:
     host_lock: threading.Lock = field(default_factory=threading.Lock)
     # Peers from a registration that just happened (None when already registered).
     initial_peers: tuple[WireGuardPeer, ...] | None = None
+    public_ip: Callable[[], str] = lambda: ""
 
 
 def make_client(settings: Settings, identity: Identity | None) -> ControlPlane:
@@ -179,7 +180,7 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
     host_lock = threading.Lock()
     reconciler = Reconciler(settings, podman, source, syncs, config.encryption_key, heartbeat, host_lock)
     return Components(
-        settings, config, podman, source, syncs, reconciler, heartbeat, client, identity, host_lock, initial_peers
+        settings, config, podman, source, syncs, reconciler, heartbeat, client, identity, host_lock, initial_peers, public_ip
     )
 
 
@@ -209,17 +210,24 @@ def prepare_host(components: Components) -> None:
 def background_tasks(components: Components) -> list[tuple[str, Callable[[threading.Event], None]]]:
     settings = components.settings
     tasks: list[tuple[str, Callable[[threading.Event], None]]] = [("heartbeat", components.heartbeat.run)]
+    if isinstance(components.public_ip, status.PublicIp) and components.public_ip.url:
+        tasks.append(("public-ip", components.public_ip.run))
     if components.client is not None:
         from agent.workqueue import WorkQueue
 
         wireguard = next((s for s in components.syncs if s.name == "wireguard"), None)
+
+        def item_changed_containers() -> None:
+            components.reconciler.note_host_change()
+            components.heartbeat.trigger()
+
         queue = WorkQueue(
             components.client,
             components.podman,
             settings,
             components.host_lock,
             getattr(wireguard, "apply_peers", None),
-            on_change=components.heartbeat.trigger,
+            on_change=item_changed_containers,
         )
         components.reconciler.stopped_deployments = queue.stopped_deployments
         tasks.append(("workqueue", queue.run))

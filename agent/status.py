@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -113,7 +114,9 @@ def detect_public_ip(url: str, timeout: float = 5.0) -> str:
 
 class PublicIp:
     """This server's public address, looked up again every `refresh` seconds (PROTOCOL.md
-    §17.28: the original asked once at start). A failed lookup keeps the last good answer."""
+    §17.28: the original asked once at start). A failed lookup keeps the last good answer.
+    Calling it never waits on the network once a first answer is known: `run()` refreshes
+    it on its own thread, so a slow lookup cannot delay a status report."""
 
     def __init__(self, fixed: str, url: str, refresh: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.fixed = fixed
@@ -126,12 +129,20 @@ class PublicIp:
     def __call__(self) -> str:
         if self.fixed:
             return self.fixed
-        now = self._clock()
-        if self._checked_at is None or now - self._checked_at >= self.refresh:
-            self._checked_at = now
-            found = detect_public_ip(self.url)
-            if found:
-                if found != self._value and self._value:
-                    log.info("public IP changed from %s to %s", self._value, found)
-                self._value = found
+        if self._checked_at is None:
+            self.lookup()  # first use (registration): no answer to fall back on yet
         return self._value
+
+    def lookup(self) -> None:
+        self._checked_at = self._clock()
+        found = detect_public_ip(self.url)
+        if found:
+            if self._value and found != self._value:
+                log.info("public IP changed from %s to %s", self._value, found)
+            self._value = found
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if not self.fixed and (self._checked_at is None or self._clock() - self._checked_at >= self.refresh):
+                self.lookup()
+            stop.wait(min(self.refresh, 60.0))

@@ -128,3 +128,10 @@ def test_one_agent_per_data_dir(tmp_path):
     finally:
         first.close()
     hold_lock(tmp_path).close()  # released: the next agent may start
+
+
+def test_plan_with_wrongly_typed_sections_is_a_clean_error(run_cli, tmp_path):
+    state = tmp_path / "state.toml"
+    state.write_text("containers = 5\n")
+    code, output = run_cli("plan", str(state), "--data-dir", str(tmp_path / "data"))
+    assert code == 1 and "containers must be a list" in output and "Traceback" not in output

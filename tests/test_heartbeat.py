@@ -149,14 +149,19 @@ def test_first_listing_failure_sends_nothing():
 
 def test_public_ip_is_refreshed_and_a_failed_lookup_keeps_the_last(monkeypatch):
     answers = iter(["203.0.113.1", "", "203.0.113.2"])
-    monkeypatch.setattr(status, "detect_public_ip", lambda url: next(answers))
-    clock = [0.0]
-    ip = status.PublicIp("", "http://lookup.invalid/", refresh=60, clock=lambda: clock[0])
+    calls = []
+
+    def lookup(url):
+        calls.append(url)
+        return next(answers)
+
+    monkeypatch.setattr(status, "detect_public_ip", lookup)
+    ip = status.PublicIp("", "http://lookup.invalid/", refresh=60)
     assert ip() == "203.0.113.1"
-    assert ip() == "203.0.113.1"  # cached within the refresh interval
-    clock[0] = 61
+    assert ip() == "203.0.113.1" and len(calls) == 1, "calls never wait on the network again"
+    ip.lookup()
     assert ip() == "203.0.113.1"  # lookup failed: keep the last good one
-    clock[0] = 122
+    ip.lookup()
     assert ip() == "203.0.113.2"
     assert status.PublicIp("198.51.100.1", "http://unused.invalid/")() == "198.51.100.1"
 
@@ -170,10 +175,26 @@ def test_a_container_podman_keeps_restarting_is_reported_unhealthy():
     podman.restart_counts[looping.id] = 2  # restarts before we first looked: no verdict
     heartbeat.send_once()
     assert reports[-1]["containers"][0]["healthStatus"] == "none"
-    podman.restart_counts[looping.id] = 3
+    podman.restart_counts[looping.id] = 3  # one restart (an OOM kill, say) is not a loop
     clock[0] = 10
     heartbeat.send_once()
+    assert reports[-1]["containers"][0]["healthStatus"] == "none"
+    podman.restart_counts[looping.id] = 4
+    clock[0] = 20
+    heartbeat.send_once()
     assert reports[-1]["containers"][0]["healthStatus"] == "unhealthy"
-    clock[0] = 10 + 301  # no restart for longer than the window: its own health again
+    clock[0] = 20 + 301  # no restart for longer than the window: its own health again
     heartbeat.send_once()
     assert reports[-1]["containers"][0]["healthStatus"] == "none"
+
+
+def test_state_of_vanished_containers_is_forgotten():
+    podman = FakePodman()
+    heartbeat = Heartbeat(lambda report: None, podman, interval=10)
+    for index in range(50):
+        info = podman.add(f"d{index}")
+        podman.restart_counts[info.id] = 1
+        heartbeat.send_once()
+        del podman.containers[info.id]
+    heartbeat.send_once()
+    assert heartbeat._restarts == {} and heartbeat._last_health == {} and heartbeat._restart_times == {}

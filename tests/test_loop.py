@@ -289,7 +289,7 @@ def test_missing_sections_are_unknown_not_empty():
     assert caddy_sync.applied == [], "no caddy key: Caddy is left alone"
 
 
-def test_section_with_an_invalid_entry_is_not_rewritten():
+def test_a_bad_entry_is_skipped_and_the_rest_of_its_section_applies():
     from agent.model import parse_expected_state
 
     sync = FakeSync()
@@ -298,7 +298,7 @@ def test_section_with_an_invalid_entry_is_not_rewritten():
     )
     reconciler, _, _ = make(ListSource(state), syncs=[sync])
     reconciler.tick()
-    assert sync.applied == []
+    assert len(sync.applied) == 1 and [r.name for r in sync.applied[0].dns_records] == ["a.internal"]
 
 
 def test_a_slow_pull_does_not_hold_the_host_lock():
@@ -391,3 +391,55 @@ def test_no_removal_while_a_container_entry_is_invalid():
     for _ in range(3):
         reconciler.tick()
     assert [c.deployment_id for c in podman.containers.values()] == ["d2"]
+
+
+def test_unexpected_container_is_removed_when_only_stopped_deployments_are_listed():
+    podman = FakePodman()
+    podman.add("gone")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("stopped"),))), podman)
+    reconciler.stopped_deployments = lambda: frozenset({"stopped"})
+    reconciler.tick()
+    assert podman.containers == {}, "the document is not empty: no second poll is needed"
+
+
+def test_one_bad_field_with_a_valid_deployment_id_blocks_only_that_deployment():
+    from agent.model import parse_expected_state
+
+    podman = FakePodman()
+    podman.add("d1")
+    podman.add("old")
+    bad = {"deploymentId": "d1", "serviceId": "svc", "serviceName": "S", "name": "c-d1", "image": "bad image"}
+    reconciler, podman, _ = make(ListSource(parse_expected_state({"containers": [bad]}, None)), podman)
+    reconciler.tick()
+    assert [c.deployment_id for c in podman.containers.values()] == ["d1"]
+
+
+def test_failed_start_removes_the_container_and_the_same_pass_deploys_it_outside_the_lock():
+    podman = ImagesPodman(set())
+    exited = podman.add("a", "exited", image="docker.io/library/nginx:1.27")
+    podman.fail["start"] = RuntimeError("cannot start")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(spec("a", image="docker.io/library/nginx:1.27"),))), podman)
+    locked_during_pull = []
+    original = podman.pull
+
+    def pull(image, timeout=None):
+        locked_during_pull.append(reconciler.host_lock.locked())
+        original(image, timeout)
+
+    podman.pull = pull
+    reconciler.tick()
+    assert exited.id not in podman.containers and [c.deployment_id for c in podman.containers.values()] == ["a"]
+    assert locked_during_pull == [False]
+
+
+def test_a_change_outdated_by_a_work_item_is_skipped():
+    from agent.drift import Change, ChangeKind
+
+    podman = FakePodman()
+    old = podman.add("a", image="localhost/app:v0")
+    reconciler, podman, _ = make(ListSource(ExpectedState()), podman)
+    reconciler.compute_plan(ExpectedState(containers=(spec("a"),)))
+    del podman.containers[old.id]  # a work item removed it while we were pulling
+    reconciler.note_host_change()
+    reconciler.apply(Change(ChangeKind.REDEPLOY, "image", old, spec("a")), ExpectedState())
+    assert podman.containers == {}, "the removal by the work item is not undone"
