@@ -105,9 +105,10 @@ def detect_public_ip(url: str, timeout: float = 5.0) -> str:
         return ""
     text = body.decode("ascii", errors="replace").strip()
     try:
-        address = ipaddress.ip_address(text)
+        # IPv4 only: peers reach each other at `<publicIp>:51820` over an IPv4 mesh.
+        address = ipaddress.IPv4Address(text)
     except ValueError:
-        log.warning("public IP lookup at %s returned something that is not an IP address: %r", url, text[:40])
+        log.warning("public IP lookup at %s returned something that is not an IPv4 address: %r", url, text[:40])
         return ""
     return str(address)
 

@@ -142,7 +142,9 @@ def hostname(value: object, what: str = "hostname", allow_wildcard: bool = False
 
 
 def host_port(value: object, what: str = "address") -> tuple[str, int]:
-    """`ipv4:port`, `[ipv6]:port` or `hostname:port`."""
+    """`ipv4:port`, `[ipv6]:port`, `hostname:port`, or `ipv6:port` without brackets (the
+    control plane writes a peer endpoint as `<publicIp>:51820`, whatever the address family;
+    WireGuard's own parser splits at the last colon too)."""
     if not isinstance(value, str) or ":" not in value:
         raise InvalidValue(f"{what} must look like host:port, {_got(value)}")
     host, _, port_text = value.rpartition(":")
@@ -158,7 +160,10 @@ def host_port(value: object, what: str = "address") -> tuple[str, int]:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        hostname(host, what)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            hostname(host, what)
     return host, number
 
 

@@ -110,7 +110,9 @@ def _serve(status_code, body):
 
 
 def test_public_ip_detection_validates_the_answer():
-    for code, body, expected in [(200, b"203.0.113.9\n", "203.0.113.9"), (200, b"<html>", ""), (500, b"1.2.3.4", "")]:
+    for code, body, expected in [
+        (200, b"203.0.113.9\n", "203.0.113.9"), (200, b"<html>", ""), (500, b"1.2.3.4", ""), (200, b"2001:db8::1", ""),
+    ]:
         server, url = _serve(code, body)
         try:
             assert status.detect_public_ip(url, timeout=2) == expected

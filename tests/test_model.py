@@ -143,3 +143,11 @@ def test_parse_wireguard_peers_for_work_items():
     peers, problems = parse_wireguard_peers([good, {"publicKey": "x"}])
     assert len(peers) == 1 and peers[0].endpoint == "" and len(problems) == 1
     assert parse_wireguard_peers("nope") == ([], ["peers must be a list, got str"])
+
+
+def test_peer_endpoint_with_an_unbracketed_ipv6_address_is_accepted():
+    from agent.model import parse_wireguard_peers
+
+    peer = {"publicKey": "11RXTfrcyoZt2d7lU9xvoix87aedvwyjV7HsIbFkikg=", "allowedIps": "10.100.2.0/24", "endpoint": "2001:db8::1:51820"}
+    peers, problems = parse_wireguard_peers([peer])
+    assert problems == [] and peers[0].endpoint == "2001:db8::1:51820"
