@@ -393,6 +393,17 @@ class Response:
     accepted_report: StatusReport | None = None  # for FakeControlPlane.on_status
 
 
+def _build_summary(build: Build) -> dict[str, Any]:
+    """The fields pending-builds (§6.5) and claim (§6.6) share, in the CP's key order."""
+    return {
+        "id": build.id,
+        "commitSha": build.commit_sha,
+        "commitMessage": build.commit_message,
+        "branch": build.branch,
+        "serviceId": build.service_id,
+    }
+
+
 def _error(status: int, message: str) -> Response:
     return Response(status, js_json({"error": message}))
 
@@ -1087,18 +1098,7 @@ class FakeControlPlane:
         build = next((b for b in self._builds if b.status == "pending"), None)
         if build is None:
             return _ok({"build": None})
-        return _ok(
-            {
-                "build": {
-                    "id": build.id,
-                    "commitSha": build.commit_sha,
-                    "commitMessage": build.commit_message,
-                    "branch": build.branch,
-                    "serviceId": build.service_id,
-                    "githubRepoId": build.github_repo_id,
-                }
-            }
-        )
+        return _ok({"build": {**_build_summary(build), "githubRepoId": build.github_repo_id}})
 
     def _claim(self, server: Server, _text: str, id: str) -> Response:
         build = next((b for b in self._builds if b.id == id and b.status == "pending"), None)
@@ -1111,14 +1111,7 @@ class FakeControlPlane:
             return Response(build.claim_error[0], js_json(build.claim_error[1]))
         return _ok(
             {
-                "build": {
-                    "id": build.id,
-                    "commitSha": build.commit_sha,
-                    "commitMessage": build.commit_message,
-                    "branch": build.branch,
-                    "serviceId": build.service_id,
-                    "projectId": build.project_id,
-                },
+                "build": {**_build_summary(build), "projectId": build.project_id},
                 "cloneUrl": build.clone_url,
                 "imageUri": build.image_uri,
                 "secrets": build.secrets,
