@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer
+from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, images_match
 
 LABEL_SERVICE_ID = "techulus.service.id"
 LABEL_SERVICE_NAME = "techulus.service.name"
@@ -81,45 +81,6 @@ class Change:
         elif self.container is not None:
             target = f" {self.container.name} ({self.container.short_id})"
         return f"{self.kind.value}{target}: {self.reason}"
-
-
-def canonical_image(reference: str) -> str:
-    """Fully qualify an image reference the way podman reports it.
-
-    `nginx` -> `docker.io/library/nginx:latest`, `user/app:1.2` -> `docker.io/user/app:1.2`,
-    `host:5000/app` -> `host:5000/app:latest` (the tag is looked for in the last path
-    component only), digests kept. Also undoes the control plane's `docker.io/host:5000/x`.
-    """
-    name, _, digest = reference.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    tag = ""
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1 :]
-    parts = name.split("/")
-    if len(parts) >= 3 and parts[0] in ("docker.io", "index.docker.io") and _is_registry(parts[1]):
-        parts = parts[1:]
-    if len(parts) == 1:
-        parts = ["docker.io", "library", *parts]
-    elif not _is_registry(parts[0]):
-        parts = ["docker.io", *parts]
-    if parts[0] == "index.docker.io":
-        parts[0] = "docker.io"
-    if parts[0] == "docker.io" and len(parts) == 2:
-        parts = ["docker.io", "library", parts[1]]
-    result = "/".join(parts)
-    if digest:
-        # Podman drops the tag of `name:tag@digest` (the digest decides), so do we.
-        return result + "@" + digest
-    return result + ":" + (tag or "latest")
-
-
-def _is_registry(component: str) -> bool:
-    return "." in component or ":" in component or component == "localhost"
-
-
-def images_match(expected: str, actual: str) -> bool:
-    return canonical_image(expected) == canonical_image(actual)
 
 
 # --- hashes (PROTOCOL.md §9.3.2-9.3.5) -------------------------------------------------

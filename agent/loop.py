@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 from agent import crypto
 from agent.configsync import ConfigSync
-from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, canonical_image, plan
+from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, plan
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman
-from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, parse_expected_state
+from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)

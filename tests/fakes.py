@@ -11,7 +11,8 @@ import threading
 import time
 from dataclasses import replace
 
-from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo, canonical_image
+from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
+from agent.model import canonical_image
 
 
 class FakePodman:

@@ -4,7 +4,7 @@ import pytest
 
 from agent import drift
 from agent.drift import ChangeKind, ContainerInfo
-from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer
+from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, images_match
 
 EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
@@ -51,7 +51,7 @@ def test_duplicate_dns_names_merge():
     ],
 )
 def test_images_that_match(expected, actual):
-    assert drift.images_match(expected, actual)
+    assert images_match(expected, actual)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_images_that_match(expected, actual):
     ],
 )
 def test_images_that_differ(expected, actual):
-    assert not drift.images_match(expected, actual)
+    assert not images_match(expected, actual)
 
 
 def _expected(dep: str, image: str = "localhost/bb:latest") -> ExpectedContainer:

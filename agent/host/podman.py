@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo, canonical_image
+from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
 from agent.host.run import CommandError, CommandNotFound, CommandTimeout, Result, run
-from agent.model import ExpectedContainer
+from agent.model import ExpectedContainer, canonical_image
 
 log = logging.getLogger(__name__)
 
