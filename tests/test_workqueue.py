@@ -221,7 +221,7 @@ def test_foreign_container_is_never_touched(h: Harness, kind: str) -> None:
     h.client.items = [item("w1", kind, {"deploymentId": DEP, "containerId": "db"})]
     h.queue.poll_once()
     status, error = h.outcome("w1")
-    assert status == "failed" and "not this agent's" in error
+    assert status == "failed" and "not managed" in error
     assert h.podman.calls == [] and "db" in h.podman.containers
 
 

@@ -658,7 +658,7 @@ class Podman:
         info = self.inspect(ref)
         if info is not None and not self._owns(info):
             verdict = self.judge(_labels_of(info), _networks_of(info))
-            raise PodmanError(f"container {ref} is not this agent's ({verdict.why}); not touching it")
+            raise PodmanError(f"container {ref} is not managed by this agent ({verdict.why}); not touching it")
         return info
 
     def start(self, ref: str) -> None:
