@@ -1,8 +1,9 @@
 """Assembles the running agent: identity, adapters, threads and the reconcile loop.
 
-Threads: the reconcile loop (main thread), the heartbeat, the work queue, builds and
-log shipping. They share one `host_lock` so that a work item and a reconcile step never
-change containers at the same time; the heartbeat only reads and never takes it.
+Threads: the reconcile loop (main thread), the heartbeat, the work queue, builds, log
+shipping and the image GC. They share one `host_lock` so that a work item, a reconcile
+step and an image removal never change the host at the same time; the heartbeat only
+reads and never takes it.
 """
 
 from __future__ import annotations

@@ -79,8 +79,9 @@ def snapshot(scope: str) -> dict[str, tuple[str, str, str]]:
     out = podman("ps", "-a", "--filter", f"label={scope}", "--format", "json").stdout
     found = {}
     for c in json.loads(out or "[]"):
-        started = podman("inspect", "--format", "{{.State.StartedAt}}", c["Id"]).stdout.strip()
-        found[c["Names"][0]] = (c["Id"], c["State"], started)
+        started = podman("inspect", "--format", "{{.State.StartedAt}}", c["Id"], check=False)
+        if started.returncode == 0:  # else removed meanwhile: missing from the snapshot
+            found[c["Names"][0]] = (c["Id"], c["State"], started.stdout.strip())
     return found
 
 
