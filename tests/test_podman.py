@@ -878,3 +878,18 @@ def test_stable_mac() -> None:
     assert stable_mac("10.200.3.2") == "02:42:0a:c8:03:02"
     with pytest.raises(ValueError):
         stable_mac("10.200.3")
+
+
+def test_each_mode_gets_its_owner_network_and_adoption_rule(tmp_path: Path) -> None:
+    from agent.identity import AgentConfig, standalone_owner
+    from agent.runtime import podman_options
+    from agent.settings import Settings
+
+    config = AgentConfig("server-7", 3, "10.100.0.3")
+    registered_opts = podman_options(Settings.load({"data_dir": str(tmp_path)}, environ={}), config, ())
+    assert (registered_opts.owner, registered_opts.network, registered_opts.adopt_legacy) == ("server-7", "techulus", True)
+    alone = Settings.load({"data_dir": str(tmp_path), "state_file": str(tmp_path / "s.toml")}, environ={})
+    alone_opts = podman_options(alone, config, ())
+    assert (alone_opts.owner, alone_opts.network, alone_opts.adopt_legacy) == (
+        standalone_owner(tmp_path), "techulus-standalone", False,
+    )
