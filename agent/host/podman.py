@@ -298,6 +298,8 @@ class Podman:
         existing network with another subnet is left alone (containers use it) and logged
         as an error: static IPs from the control plane will not fit it. A network with
         another owner's mark is never changed; the agent never removes or recreates one.
+        An existing unmarked network (the Go agent's, or one an operator made) is used
+        as it is: podman cannot add a label to it.
         """
         try:
             network = ipaddress.IPv4Network(subnet)
