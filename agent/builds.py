@@ -328,13 +328,11 @@ class BuildWorker:
         encryption_key: str,
         *,
         cancel_poll_interval: float = 10.0,
-        prune_images: bool = True,
     ) -> None:
         self.settings = settings
         self.client = client
         self.encryption_key = encryption_key
         self.cancel_poll_interval = cancel_poll_interval
-        self.prune_images = prune_images
         self.state_path = Path(settings.data_dir) / STATE_FILE
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -790,7 +788,7 @@ class BuildWorker:
     # -- cleanup (§13.6) --
 
     def cleanup_once(self, now: float | None = None) -> list[str]:
-        """Remove build directories older than an hour (never the running one); prune images."""
+        """Remove build directories older than an hour (never the running one)."""
         now = time.time() if now is None else now
         removed = []
         directory = Path(self.settings.builds_dir)
@@ -815,11 +813,9 @@ class BuildWorker:
             removed.append(entry.name)
         if removed:
             log.info("removed %d stale build director%s: %s", len(removed), "y" if len(removed) == 1 else "ies", ", ".join(removed))
-        if self.prune_images:
-            try:
-                run([self.settings.podman, "image", "prune", "--force"], timeout=300, check=False)
-            except CommandError as exc:
-                log.warning("podman image prune failed: %s", exc)
+        # No `podman image prune` here: it removes every unused image on the host, other
+        # agents' and the operator's. Builds leave nothing in podman's storage (BuildKit
+        # pushes); the agent's own pulls are collected by agent/host/images.py.
         return removed
 
 

@@ -193,10 +193,35 @@ def run_plan(settings: Any) -> int:
     reconciler = components.reconciler
     reconciler.note_fetch(expected)
     changes = reconciler.compute_plan(expected)
+    survey = components.podman.survey()
+    verdicts = {container.id: verdict for container, verdict in survey}
     for change in reconciler.held:
         print(f"held back: {change.describe()} (not until a second poll confirms it, or the invalid entry is fixed)")
+        removal = _removal(change, verdicts)
+        if removal:
+            print(f"  held back: {removal}")
     if not changes and not reconciler.held:
         print("no changes: this server matches the expected state")
     for change in changes:
         print(change.describe())
+        removal = _removal(change, verdicts)
+        if removal:
+            print(f"  {removal}")
+    print(f"owner: {components.podman.options.owner} (network {components.podman.options.network})")
+    for container, verdict in survey:
+        if not verdict.ours:
+            print(f"left alone: container {container.name or container.short_id} ({container.short_id}): {verdict.why}")
     return 0
+
+
+def _removal(change: Any, verdicts: dict[str, Any]) -> str:
+    """What a change removes and why the agent may: only its own containers go."""
+    from agent.drift import ChangeKind
+
+    removes = (ChangeKind.REMOVE_ORPHAN, ChangeKind.REMOVE_UNEXPECTED, ChangeKind.REDEPLOY)
+    if change.kind not in removes or change.container is None:
+        return ""
+    container = change.container
+    verdict = verdicts.get(container.id)
+    why = verdict.why if verdict is not None else "listed as ours"
+    return f"would remove container {container.name or container.short_id} ({container.short_id}): {change.reason}; ours because {why}"

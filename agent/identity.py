@@ -8,6 +8,7 @@ interrupted attempt leaves the dir unregistered and can be retried with the same
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,14 @@ log = logging.getLogger(__name__)
 
 class IdentityError(RuntimeError):
     """The data dir is unusable; the message says what to do."""
+
+
+def standalone_owner(data_dir: Path) -> str:
+    """A standalone agent's owner mark, derived from its data dir (absolute, symlinks
+    resolved): the one-agent lock is per data dir, so one mark per live agent. Hashed to
+    fit a label value whatever the path holds."""
+    digest = hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest()
+    return f"standalone-{digest[:16]}"
 
 
 @dataclass(frozen=True)

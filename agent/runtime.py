@@ -1,8 +1,9 @@
 """Assembles the running agent: identity, adapters, threads and the reconcile loop.
 
-Threads: the reconcile loop (main thread), the heartbeat, the work queue, builds and
-log shipping. They share one `host_lock` so that a work item and a reconcile step never
-change containers at the same time; the heartbeat only reads and never takes it.
+Threads: the reconcile loop (main thread), the heartbeat, the work queue, builds, log
+shipping and the image GC. They share one `host_lock` so that a work item, a reconcile
+step and an image removal never change the host at the same time; the heartbeat only
+reads and never takes it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from agent import sdnotify, status
 from agent.api import ControlPlane, Signer, Unavailable
 from agent.configsync import ConfigSync
 from agent.heartbeat import Heartbeat
-from agent.host.podman import Podman, PodmanOptions
-from agent.identity import AgentConfig, DataDir, Identity
+from agent.host.images import LEDGER_FILE, ImageGC, ImageLedger, Watermarks
+from agent.host.podman import Podman, PodmanError, PodmanOptions
+from agent.identity import AgentConfig, DataDir, Identity, standalone_owner
 from agent.loop import RESTORE_KINDS, ControlPlaneSource, FileSource, Reconciler, StateSource, load_state_file
 from agent.model import WireGuardPeer
 from agent.registration import ensure_registered
@@ -50,6 +52,7 @@ class Components:
     # Peers from a registration that just happened (None when already registered).
     initial_peers: tuple[WireGuardPeer, ...] | None = None
     public_ip: Callable[[], str] = lambda: ""
+    image_gc: ImageGC | None = None
 
 
 def make_client(settings: Settings, identity: Identity | None) -> ControlPlane:
@@ -80,10 +83,14 @@ def standalone_config(settings: Settings) -> AgentConfig:
 
 
 def podman_options(settings: Settings, config: AgentConfig, dns_servers: tuple[str, ...]) -> PodmanOptions:
+    """Registered: owner = the server id, and the original agent's unmarked containers on
+    our network are adopted. Standalone: owner derived from the data dir, adopts nothing."""
     return PodmanOptions(
         binary=settings.podman,
-        network=settings.network_name,
+        network=settings.container_network,
         scope_label=settings.scope_label,
+        owner=standalone_owner(settings.data_dir) if settings.standalone else config.server_id,
+        adopt_legacy=not settings.standalone,
         timeout=settings.podman_timeout,
         pull_timeout=settings.pull_timeout,
         stop_timeout=settings.stop_timeout,
@@ -152,12 +159,14 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
         client = make_client(settings, identity)
     subnet = ipaddress.IPv4Network(config.container_subnet)
     dns_servers = container_dns(settings, identity)
-    podman = Podman(podman_options(settings, config, dns_servers))
+    podman = Podman(podman_options(settings, config, dns_servers), images=ImageLedger(settings.data_dir / LEDGER_FILE))
+    log.info("owner mark %s on network %s", podman.options.owner, podman.options.network)
     syncs = config_syncs(settings, identity)
     source: StateSource
     if settings.standalone:
         assert settings.state_file is not None
         source = FileSource(settings.state_file, subnet)
+        refuse_collisions(podman, config, source, settings.state_file)
     else:
         source = ControlPlaneSource(client, subnet, settings.data_dir / "expected-state.json")
     # The heartbeat reads podman with a short timeout: a stuck podman must not silence it.
@@ -179,9 +188,31 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
     )
     host_lock = threading.Lock()
     reconciler = Reconciler(settings, podman, source, syncs, config.encryption_key, heartbeat, host_lock)
-    return Components(
-        settings, config, podman, source, syncs, reconciler, heartbeat, client, identity, host_lock, initial_peers, public_ip
+    image_gc = ImageGC(
+        podman,
+        podman.images,
+        Watermarks(settings.image_gc_start_percent, settings.image_gc_stop_percent),
+        settings.image_gc_interval,
+        host_lock,
     )
+    return Components(
+        settings, config, podman, source, syncs, reconciler, heartbeat, client, identity, host_lock, initial_peers, public_ip,
+        image_gc,
+    )
+
+
+def refuse_collisions(podman: Podman, config: AgentConfig, source: StateSource, state_file: Path) -> None:
+    """A standalone agent refuses to start, with one message, when its network, subnet,
+    IPs or container names would collide with another agent's on this host: two agents
+    reconciling one set of containers destroy each other's work. The check needs the
+    state file's container names, so an unreadable file at start-up is an error too
+    (its message says why); later, a garbled file only pauses reconciling."""
+    problems = podman.collisions(config.container_subnet, source.fetch().containers)
+    if problems:
+        raise PodmanError(
+            f"standalone agent refuses to start: it would collide with another agent on this host: {'; '.join(problems)}. "
+            f"Choose another subnetId in {state_file} or another network_name, or stop the other agent"
+        )
 
 
 def prepare_host(components: Components) -> None:
@@ -191,7 +222,7 @@ def prepare_host(components: Components) -> None:
     try:
         components.podman.ensure_network(config.container_subnet, config.container_gateway)
     except Exception as exc:  # noqa: BLE001
-        log.warning("cannot ensure podman network %s: %s", components.settings.network_name, exc)
+        log.warning("cannot ensure podman network %s: %s", components.podman.options.network, exc)
     for sync in components.syncs:
         try:
             sync.prepare()
@@ -210,6 +241,8 @@ def prepare_host(components: Components) -> None:
 def background_tasks(components: Components) -> list[tuple[str, Callable[[threading.Event], None]]]:
     settings = components.settings
     tasks: list[tuple[str, Callable[[threading.Event], None]]] = [("heartbeat", components.heartbeat.run)]
+    if components.image_gc is not None:
+        tasks.append(("images", components.image_gc.run))
     if isinstance(components.public_ip, status.PublicIp) and components.public_ip.url:
         tasks.append(("public-ip", components.public_ip.run))
     if components.client is not None:

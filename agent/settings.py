@@ -60,7 +60,10 @@ class Settings:
 
     # Podman.
     podman: str = "podman"
-    network_name: str = "techulus"
+    # The podman network for containers; "" = `techulus` for a registered agent and
+    # `standalone_network_name` for a standalone one, so the two never share a network.
+    network_name: str = ""
+    standalone_network_name: str = "techulus-standalone"
     pull_timeout: float = 600.0
     stop_timeout: int = 10
     podman_timeout: float = 60.0
@@ -72,6 +75,11 @@ class Settings:
     # Podman's per-container log file cap. At 10k lines/s a 10 MB file holds ~8 s, less than
     # the log shipper may lag behind; lines beyond the cap are lost before they are shipped.
     container_log_max_size: str = "50mb"
+    # Image GC (agent/host/images.py): removes only images this agent pulled, and only
+    # while the disk holding podman's storage is more than `start` % used, until under `stop` %.
+    image_gc_start_percent: float = 85.0
+    image_gc_stop_percent: float = 80.0
+    image_gc_interval: float = 600.0
     # Short-lived secret files (env files for `podman run`): a tmpfs, so none survives a reboot.
     run_dir: Path = Path("/run/techulus-agent")
     # A container DNS resolver to pass to `podman run --dns` ("" = gateway when DNS is managed).
@@ -139,6 +147,13 @@ class Settings:
     def standalone(self) -> bool:
         return self.state_file is not None
 
+    @property
+    def container_network(self) -> str:
+        """The podman network this agent's containers use (see `network_name`)."""
+        if self.network_name:
+            return self.network_name
+        return self.standalone_network_name if self.standalone else "techulus"
+
     def resolved_token(self) -> str:
         """The registration token from the flag, environment or token file (trimmed)."""
         if self.token:
@@ -192,6 +207,10 @@ class Settings:
                 raise SettingsError(f"{flag} must be an http:// or https:// URL with a host, got {value!r}")
         if self.railpack_frontend and (self.railpack_frontend.startswith("-") or any(c.isspace() for c in self.railpack_frontend)):
             raise SettingsError(f"railpack_frontend must be an image reference, got {self.railpack_frontend!r}")
+        if not 0 <= self.image_gc_stop_percent <= self.image_gc_start_percent <= 100:
+            raise SettingsError("image GC watermarks need 0 <= image_gc_stop_percent <= image_gc_start_percent <= 100")
+        if self.image_gc_interval <= 0:
+            raise SettingsError("image_gc_interval must be positive")
         if self.scope_label and "=" not in self.scope_label:
             raise SettingsError("scope_label must look like key=value")
 

@@ -252,7 +252,7 @@ class WorkQueue:
     def _refusal(self, container_id: str, deployment_id: str, info: Mapping[str, Any]) -> str:
         """Why we must not touch this container, or "" when it is ours and matches the item."""
         if not self.podman.is_managed(container_id):
-            return f"container {container_id} is not managed by this agent (no techulus labels); left alone"
+            return f"container {container_id} is not managed by this agent (another agent's owner mark, or no techulus labels); left alone"
         label = _labels(info).get(LABEL_DEPLOYMENT_ID, "")
         if label and label != deployment_id:
             return f"container {container_id} belongs to deployment {label}, not {deployment_id}; left alone"

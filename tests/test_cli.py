@@ -102,14 +102,45 @@ def test_abbreviations_and_bad_log_levels_are_refused():
 
 
 def test_plan_takes_the_state_file_as_argument_and_touches_no_disk(run_cli, tmp_path, fp):
-    fp.register(["podman", "ps", fp.any()], stdout='[{"Id": "' + "a" * 64 + '", "Names": ["old"], "State": "running",'
-                ' "Image": "localhost/x:latest", "Labels": {"techulus.service.id": "s", "techulus.deployment.id": "d"}}]')
+    import json
+
+    from agent.identity import standalone_owner
+
+    me = standalone_owner(tmp_path / "data")
+
+    def container(cid: str, name: str, owner: str, network: str) -> dict:
+        labels = {"techulus.service.id": "s", "techulus.deployment.id": name, "techulus.owner": owner}
+        return {"Id": cid * 64, "Names": [name], "State": "running", "Image": "localhost/x:latest", "Labels": labels,
+                "Networks": [network]}
+
+    # A registered agent's container on its own network: no collision, and never touched.
+    listing = json.dumps([container("a", "old", me, "techulus-standalone"), container("b", "theirs", "server-42", "techulus")])
+    fp.register(["podman", "network", "ls", "--format", "json"], stdout="[]")
+    for _ in range(3):  # the collision check, the plan, the ownership survey
+        fp.register(["podman", "ps", fp.any()], stdout=listing)
     state = tmp_path / "state.toml"
     state.write_text("containers = []\n")
     code, output = run_cli("plan", str(state), "--data-dir", str(tmp_path / "data"))
-    assert code == 0
+    assert code == 0, output
     assert "held back: remove-unexpected old" in output and "no changes" not in output
+    assert f"held back: would remove container old (aaaaaaaaaaaa): deployment is no longer expected; ours because techulus.owner={me}" in output
+    assert "left alone: container theirs (bbbbbbbbbbbb): owned by another agent (techulus.owner=server-42)" in output
+    assert "theirs" not in output.split("left alone")[0], "another owner's container is never planned for removal"
     assert not (tmp_path / "data").exists(), "plan changes nothing, not even the data dir"
+
+
+def test_standalone_plan_refuses_a_collision_with_one_message(run_cli, tmp_path, fp):
+    import json
+
+    network = {"name": "techulus", "subnets": [{"subnet": "10.200.1.0/24"}], "labels": {"techulus.owner": "server-1"}}
+    fp.register(["podman", "network", "ls", "--format", "json"], stdout=json.dumps([network]))
+    fp.register(["podman", "ps", "--all", "--format", "json"], stdout="[]")
+    state = tmp_path / "state.toml"
+    state.write_text("subnetId = 1\ncontainers = []\n")
+    code, output = run_cli("plan", str(state), "--data-dir", str(tmp_path / "data"))
+    assert code == 1 and "Traceback" not in output
+    assert "standalone agent refuses to start" in output
+    assert "network techulus (subnet 10.200.1.0/24) overlaps our container subnet 10.200.1.0/24" in output
 
 
 def test_unknown_environment_variables_are_named(run_cli, monkeypatch):

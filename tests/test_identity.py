@@ -138,3 +138,14 @@ def test_secrets_are_not_in_reprs(tmp_path):
     write_go_data_dir(tmp_path)
     identity = DataDir(tmp_path).load()
     assert "ab" * 32 not in repr(identity) and WG_PRIVATE not in repr(identity)
+
+
+def test_standalone_owner_is_stable_per_data_dir_and_fits_a_label(tmp_path):
+    from agent.identity import standalone_owner
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    owner = standalone_owner(tmp_path / "a")
+    assert owner == standalone_owner(tmp_path / "link") == standalone_owner(tmp_path / "a" / ".." / "a")
+    assert owner != standalone_owner(tmp_path / "b")
+    assert owner.startswith("standalone-") and len(owner) == 27 and owner.isascii() and " " not in owner

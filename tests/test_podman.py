@@ -711,9 +711,160 @@ def test_force_remove_missing_is_success(fp: Any, podman: Podman) -> None:
     assert fp.call_count(["podman", "rm", fp.any()]) == 0
 
 
-def test_prune_images_removes_unused_old_images(fp: Any, podman: Podman) -> None:
-    fp.register(["podman", "image", "prune", "--all", "--force", "--filter=until=168h"], stdout="")
-    podman.prune_images()
+# --- ownership ------------------------------------------------------------------------------
+
+ME = "server-1"
+THEM = "standalone-0123456789abcdef"
+
+
+def registered(tmp_path: Path, **kw: Any) -> Podman:
+    return Podman(opts(tmp_path, owner=ME, adopt_legacy=True, **kw), sleep=lambda _s: None)
+
+
+def standalone(tmp_path: Path, **kw: Any) -> Podman:
+    return Podman(opts(tmp_path, owner=THEM, network="techulus-standalone", **kw), sleep=lambda _s: None)
+
+
+@pytest.mark.parametrize(
+    "mode,labels,networks,expected",
+    [
+        ("registered", ours(**{"techulus.owner": ME}), ["techulus"], True),
+        ("registered", ours(**{"techulus.owner": THEM}), ["techulus"], False),  # full labels, another owner
+        ("registered", ours(**{"techulus.owner": "server-2"}), ["techulus"], False),
+        ("registered", ours(), ["techulus"], True),  # the Go agent's, on our network: adopted
+        ("registered", ours(), ["podman"], True),  # the Go agent's port-publishing container
+        ("registered", ours(), [], True),
+        ("registered", ours(), ["techulus-standalone"], False),  # unmarked, on someone else's network
+        ("registered", ours(scope="techulus.test.scope=else", **{"techulus.owner": ME}), ["techulus"], False),
+        ("registered", {"maintainer": "x", "techulus.owner": ME}, ["techulus"], False),  # no §9.1 labels
+        ("standalone", ours(**{"techulus.owner": THEM}), ["techulus-standalone"], True),
+        ("standalone", ours(**{"techulus.owner": ME}), ["techulus-standalone"], False),
+        ("standalone", ours(), ["techulus-standalone"], False),  # a standalone agent adopts nothing
+        ("standalone", ours(), ["techulus"], False),
+        ("anonymous", ours(), ["techulus"], True),  # no owner: claims unmarked only
+        ("anonymous", ours(**{"techulus.owner": ME}), ["techulus"], False),
+    ],
+)
+def test_ownership_rules(tmp_path: Path, mode: str, labels: dict[str, str], networks: list[str], expected: bool) -> None:
+    podman = {"registered": registered, "standalone": standalone, "anonymous": lambda p: Podman(opts(p))}[mode](tmp_path)
+    verdict = podman.judge(labels, networks)
+    assert verdict.ours is expected, verdict.why
+    assert verdict.why
+
+
+def test_owner_must_be_a_plain_label_value() -> None:
+    for bad in ("a b", "x\ny", "é", "x" * 257):
+        with pytest.raises(PodmanError, match="owner"):
+            PodmanOptions(owner=bad)
+
+
+def test_list_drops_other_owners_containers(fp: Any, tmp_path: Path) -> None:
+    ps = [
+        {"Id": CID, "Names": ["mine"], "State": "running", "Labels": ours(**{"techulus.owner": ME}), "Networks": ["techulus"]},
+        {"Id": CID2, "Names": ["theirs"], "State": "running", "Labels": ours(**{"techulus.owner": THEM}), "Networks": ["techulus"]},
+        {"Id": "c" * 64, "Names": ["legacy"], "State": "running", "Labels": ours(), "Networks": ["techulus"]},
+    ]
+    fp.register(["podman", "ps", fp.any()], stdout=json.dumps(ps), occurrences=2)
+    assert [c.name for c in registered(tmp_path).list_containers()] == ["mine", "legacy"]
+    assert [c.name for c in standalone(tmp_path).list_containers()] == ["theirs"]  # the standalone agent is THEM
+
+
+def test_another_owners_container_is_never_changed(fp: Any, tmp_path: Path) -> None:
+    register_inspect(fp, "theirs", inspect_json(CID2, labels=ours(**{"techulus.owner": THEM}), ip="10.200.3.9"), occurrences=5)
+    podman = registered(tmp_path)
+    assert not podman.is_managed("theirs")
+    for call in (podman.start, podman.restart, podman.stop_and_remove, podman.force_remove):
+        with pytest.raises(PodmanError, match=f"owned by another agent \\(techulus.owner={THEM}\\)"):
+            call("theirs")
+    assert [list(c)[1] for c in fp.calls] == ["container"] * 5, "only inspects, never a change"
+
+
+def test_run_refuses_a_name_or_ip_held_by_another_owner(fp: Any, tmp_path: Path) -> None:
+    podman = registered(tmp_path)
+    theirs = inspect_json(CID2, labels=ours(**{"techulus.owner": THEM}), running=False, status="exited", ip="10.200.3.2")
+    fp.register(["podman", "run", fp.any()], returncode=125, stderr=IN_USE.format(NAME, CID2))
+    register_inspect(fp, NAME, theirs)
+    with pytest.raises(PodmanError, match="does not manage"):
+        podman.run_container(spec(), {}, tmp_path)
+    fp.register(["podman", "run", fp.any()], returncode=125,
+                stderr=f"Error: IPAM error: requested ip address 10.200.3.2 is already allocated to container ID {CID2}\n")
+    register_inspect(fp, NAME, missing=True)
+    register_inspect(fp, CID2, theirs)
+    with pytest.raises(PodmanError, match="does not manage"):
+        podman.run_container(spec(), {}, tmp_path)
+    assert fp.call_count(["podman", "rm", fp.any()]) == 0 and fp.call_count(["podman", "stop", fp.any()]) == 0
+
+
+def test_run_marks_the_container_with_our_owner(fp: Any, tmp_path: Path) -> None:
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    registered(tmp_path).run_container(spec(), {}, tmp_path)
+    argv = run_argvs(fp)[0]
+    assert f"--label=techulus.owner={ME}" in argv and argv.index(f"--label={SCOPE}") < argv.index("--")
+
+
+def test_network_is_created_with_our_owner_and_another_owners_is_left_alone(
+    fp: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    podman = registered(tmp_path)
+    fp.register(NET_INSPECT, returncode=125, stderr="Error: network not found\n")
+    fp.register(["podman", "network", "create", "--driver", "bridge", "--subnet=10.200.3.0/24", "--gateway=10.200.3.1",
+                 "--disable-dns", f"--label=techulus.owner={ME}", "--", "techulus"], stdout="techulus\n")
+    assert podman.ensure_network("10.200.3.0/24", "10.200.3.1")
+    foreign = json.loads(NET_JSON)
+    foreign[0]["labels"] = {"techulus.owner": THEM}
+    fp.register(NET_INSPECT, stdout=json.dumps(foreign))
+    with caplog.at_level(logging.ERROR):
+        assert not podman.ensure_network("10.200.3.0/24", "10.200.3.1")
+    assert f"belongs to another agent (techulus.owner={THEM})" in caplog.text
+    assert fp.call_count(["podman", "network", "create", fp.any()]) == 1
+    assert fp.call_count(["podman", "network", "rm", fp.any()]) == 0
+
+
+def network_ls(*networks: tuple[str, str, str]) -> str:
+    return json.dumps([
+        {"name": name, "subnets": [{"subnet": subnet}], "labels": {"techulus.owner": owner} if owner else {}}
+        for name, subnet, owner in networks
+    ])
+
+
+def ps_all(*containers: tuple[str, dict[str, str], list[str]]) -> str:
+    return json.dumps([
+        {"Id": f"{i:x}" * 64, "Names": [name], "State": "running", "Labels": labels, "Networks": networks}
+        for i, (name, labels, networks) in enumerate(containers, start=10)
+    ])
+
+
+def test_collisions_name_each_clash_with_another_owner(fp: Any, tmp_path: Path) -> None:
+    fp.register(["podman", "network", "ls", "--format", "json"], stdout=network_ls(
+        ("podman", "10.88.0.0/16", ""),
+        ("techulus-standalone", "10.200.5.0/24", ME),
+        ("techulus", "10.200.5.0/25", ME),
+    ))
+    fp.register(["podman", "ps", "--all", "--format", "json"], stdout=ps_all(
+        ("mine", ours(**{"techulus.owner": THEM}), ["techulus-standalone"]),
+        ("legacy", ours(), ["techulus-standalone"]),
+        (NAME, {"maintainer": "x"}, ["podman"]),
+        ("unrelated", {}, ["podman"]),
+    ))
+    problems = standalone(tmp_path).collisions("10.200.5.0/24", [spec(), spec(name="other", deployment_id="d2")])
+    assert problems == [
+        f"network techulus-standalone belongs to another agent (techulus.owner={ME})",
+        "network techulus (subnet 10.200.5.0/25) overlaps our container subnet 10.200.5.0/24",
+        "container legacy (no owner mark) is on our network techulus-standalone",
+        f"container {NAME} (no owner mark) has the name of one of our containers",
+    ]
+
+
+def test_no_collision_with_our_own_state(fp: Any, tmp_path: Path) -> None:
+    fp.register(["podman", "network", "ls", "--format", "json"], stdout=network_ls(
+        ("techulus-standalone", "10.200.5.0/24", THEM), ("techulus", "10.200.1.0/24", ME),
+    ))
+    fp.register(["podman", "ps", "--all", "--format", "json"], stdout=ps_all(
+        (NAME, ours(**{"techulus.owner": THEM}), ["techulus-standalone"]),
+        ("svc-of-registered", ours(**{"techulus.owner": ME}), ["techulus"]),
+    ))
+    assert standalone(tmp_path).collisions("10.200.5.0/24", [spec()]) == []
 
 
 def test_podman_command_error_is_both_kinds() -> None:
@@ -727,3 +878,18 @@ def test_stable_mac() -> None:
     assert stable_mac("10.200.3.2") == "02:42:0a:c8:03:02"
     with pytest.raises(ValueError):
         stable_mac("10.200.3")
+
+
+def test_each_mode_gets_its_owner_network_and_adoption_rule(tmp_path: Path) -> None:
+    from agent.identity import AgentConfig, standalone_owner
+    from agent.runtime import podman_options
+    from agent.settings import Settings
+
+    config = AgentConfig("server-7", 3, "10.100.0.3")
+    registered_opts = podman_options(Settings.load({"data_dir": str(tmp_path)}, environ={}), config, ())
+    assert (registered_opts.owner, registered_opts.network, registered_opts.adopt_legacy) == ("server-7", "techulus", True)
+    alone = Settings.load({"data_dir": str(tmp_path), "state_file": str(tmp_path / "s.toml")}, environ={})
+    alone_opts = podman_options(alone, config, ())
+    assert (alone_opts.owner, alone_opts.network, alone_opts.adopt_legacy) == (
+        standalone_owner(tmp_path), "techulus-standalone", False,
+    )

@@ -76,3 +76,17 @@ def test_caddy_upstream_networks_from_toml(tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text('caddy_upstream_networks = ["10.200.0.0/16"]\n')
     assert Settings.load({}, environ={}, config_file=config).caddy_upstream_networks == ("10.200.0.0/16",)
+
+
+def test_registered_and_standalone_agents_get_different_networks(tmp_path):
+    assert Settings.load({}, environ={}).container_network == "techulus"
+    standalone = Settings.load({"state_file": str(tmp_path / "s.toml")}, environ={})
+    assert standalone.container_network == "techulus-standalone"
+    named = Settings.load({"state_file": str(tmp_path / "s.toml")}, environ={"TECHULUS_AGENT_NETWORK_NAME": "mine"})
+    assert named.container_network == "mine"
+
+
+@pytest.mark.parametrize("start,stop", [(80, 85), (101, 80), (85, -1)])
+def test_image_gc_watermarks_must_be_ordered_percentages(start, stop):
+    with pytest.raises(SettingsError, match="watermarks"):
+        Settings.load({"image_gc_start_percent": start, "image_gc_stop_percent": stop}, environ={})

@@ -1,9 +1,18 @@
 """Podman, driven through its CLI (PROTOCOL.md §9.1, §9.2, §9.6, §9.10).
 
 JSON and container ids are read from stdout only (podman prints warnings on stderr, which
-broke the original's parsing, §17.16). Only containers that carry our labels are listed or
-touched: every operation on an id checks the labels first, and a container with our name
-but without our labels is refused, never replaced. Secrets reach the container through a
+broke the original's parsing, §17.16). Only containers this agent owns are listed or
+touched: every operation on an id checks ownership first (`judge`), and a container with
+our name that is not ours is refused, never replaced.
+
+Ownership: every container and network the agent creates carries `techulus.owner=<owner>`
+(the registered server id, or `standalone-<hash of the data dir>`). A container is ours
+when it has the §9.1 labels, the `scope_label` if one is set, and our owner mark. A
+container with another owner's mark is never touched, whatever else it carries. A
+container with the §9.1 labels and NO owner mark was made by the original Go agent (or
+this agent before owner marks): only a registered agent (`adopt_legacy`) adopts it, and
+only when it sits on that agent's network (or only on podman's default network, where
+the Go agent put port-publishing containers); a standalone agent never does. Secrets reach the container through a
 0600 env file that is deleted right after `podman run`, never through argv (§17.4). Every
 value that comes from outside is bound to its option (`--name=…`) and the image follows
 `--`, so nothing can be read as an extra option.
@@ -25,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
+from agent.host.images import ImageLedger
 from agent.host.run import CommandError, CommandNotFound, CommandTimeout, Result, run
 from agent.model import ExpectedContainer, canonical_image
 
@@ -54,6 +64,12 @@ MIN_SECRET_LEN = 4
 STALE_ENV_SECONDS = 300.0
 
 STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
+
+# The owner mark on every container and network the agent creates.
+LABEL_OWNER = "techulus.owner"
+# Podman's default network: the Go agent ran port-publishing (no static IP) containers on it.
+DEFAULT_PODMAN_NETWORK = "podman"
+OWNER_VALUE = re.compile(r"[!-~]{1,256}")
 
 
 class PodmanError(RuntimeError):
@@ -112,8 +128,13 @@ class PodmanOptions:
     restart_policy: str = "always"
     # Per-container log file cap (k8s-file driver); `podman logs` only sees what is left.
     log_max_size: str = "50mb"
-    # `podman image prune --all --filter until=…` (§17.29: not only dangling images).
-    prune_until: str = "168h"
+    # Who we are: the value of the `techulus.owner` label on what we create, and required
+    # of what we touch. "" (library use, unit tests) marks nothing and claims only
+    # unmarked containers, never a container with anyone's owner mark.
+    owner: str = ""
+    # Adopt unmarked containers with the §9.1 labels on our network (the original Go
+    # agent's): registered agents only, never a standalone one.
+    adopt_legacy: bool = False
     # Run a tiny init as PID 1 (forwards SIGTERM); off because some images must be PID 1.
     init: bool = False
 
@@ -122,6 +143,8 @@ class PodmanOptions:
             raise PodmanError("podman binary must not be empty")
         if not NETWORK_NAME.fullmatch(self.network):
             raise PodmanError(f"podman network name {self.network!r} is not a valid name")
+        if self.owner and not OWNER_VALUE.fullmatch(self.owner):
+            raise PodmanError(f"owner {self.owner[:40]!r} must be printable ASCII without spaces (at most 256 characters)")
         if self.scope_label:
             key, sep, value = self.scope_label.partition("=")
             if not sep or not key or not value or any(c in self.scope_label for c in "\n\r\x00"):
@@ -148,9 +171,13 @@ class PodmanOptions:
 
 
 class Podman:
-    def __init__(self, options: PodmanOptions, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, options: PodmanOptions, sleep: Callable[[float], None] = time.sleep, images: ImageLedger | None = None
+    ) -> None:
         self.options = options
         self._sleep = sleep
+        # What this agent pulled and ran, for the image GC (agent/host/images.py).
+        self.images = images or ImageLedger(None)
 
     # --- low level --------------------------------------------------------------------------
 
@@ -179,10 +206,22 @@ class Podman:
     # --- reading ----------------------------------------------------------------------------
 
     def list_containers(self) -> list[ContainerInfo]:
-        """Every container with our service label (and scope label, if set), any state."""
+        """Every container this agent owns (see `judge`), any state."""
+        return [container for container, verdict in self.survey() if verdict.ours]
+
+    def survey(self) -> list[tuple[ContainerInfo, Ownership]]:
+        """Every container with the §9.1 service label (and scope label, if set), ours or
+        not, each with the verdict of `judge` (for `agent plan`: what is left alone, why)."""
         result = self._run("ps", "--all", *self._label_filters(), "--format", "json")
-        # Filtered again here: podman's label filters are the first line, not the only one.
-        return [c for c in parse_ps(result.stdout) if _is_ours(c.labels, self.options.scope_label)]
+        # Judged here, not by podman's label filters: those are the first line, not the only one.
+        return [(c, self.judge(c.labels, networks)) for c, networks in parse_ps_networks(result.stdout)]
+
+    def judge(self, labels: Mapping[str, str], networks: Sequence[str]) -> Ownership:
+        """Whether this agent may touch a container with these labels, on these networks."""
+        return judge(labels, networks, self.options)
+
+    def _owns(self, info: Mapping[str, Any]) -> bool:
+        return self.judge(_labels_of(info), _networks_of(info)).ours
 
     def inspect(self, ref: str) -> dict[str, Any] | None:
         """`podman container inspect` of one container; None when it does not exist."""
@@ -200,8 +239,9 @@ class Podman:
         return first if isinstance(first, dict) else None
 
     def is_managed(self, ref: str) -> bool:
+        """True when the container exists and this agent owns it (`judge`)."""
         info = self.inspect(ref)
-        return info is not None and _is_ours(_labels_of(info), self.options.scope_label)
+        return info is not None and self._owns(info)
 
     def is_running(self, ref: str) -> bool:
         info = self.inspect(ref)
@@ -251,11 +291,15 @@ class Podman:
     # --- network ----------------------------------------------------------------------------
 
     def ensure_network(self, subnet: str, gateway: str) -> bool:
-        """Create our bridge with `subnet` unless it exists (PROTOCOL.md §9.10).
+        """Create our bridge with `subnet` unless it exists (PROTOCOL.md §9.10), labelled
+        with our owner mark.
 
-        Returns True when the network has that subnet. An existing network with another
-        subnet is left alone (containers use it) and logged as an error: static IPs from
-        the control plane will not fit it.
+        Returns True when the network has that subnet and is not another agent's. An
+        existing network with another subnet is left alone (containers use it) and logged
+        as an error: static IPs from the control plane will not fit it. A network with
+        another owner's mark is never changed; the agent never removes or recreates one.
+        An existing unmarked network (the Go agent's, or one an operator made) is used
+        as it is: podman cannot add a label to it.
         """
         try:
             network = ipaddress.IPv4Network(subnet)
@@ -267,22 +311,72 @@ class Podman:
         name = self.options.network
         result = self._run("network", "inspect", "--", name, check=False)
         if result.returncode == 0:
-            return _check_network(name, result.stdout, str(network))
+            return self._check_network_owner(name, result.stdout) and _check_network(name, result.stdout, str(network))
         if "not found" not in result.stderr.lower() and "no such network" not in result.stderr.lower():
             raise PodmanError(f"cannot inspect podman network {name}: {result.stderr.strip()[-500:]}")
         try:
+            owner = [f"--label={LABEL_OWNER}={self.options.owner}"] if self.options.owner else []
             self._run(
                 "network", "create", "--driver", "bridge", f"--subnet={network}", f"--gateway={gateway_ip}",
-                "--disable-dns", "--", name,
+                "--disable-dns", *owner, "--", name,
             )
         except PodmanCommandError as exc:
             if "already exists" not in exc.output:
                 raise
             # Someone created it between our inspect and create: check what they made.
             again = self._run("network", "inspect", "--", name)
-            return _check_network(name, again.stdout, str(network))
+            return self._check_network_owner(name, again.stdout) and _check_network(name, again.stdout, str(network))
         log.info("created podman network %s (%s)", name, network)
         return True
+
+    def _check_network_owner(self, name: str, inspect_stdout: str) -> bool:
+        owner = _network_owner(_first(_loads(inspect_stdout, "podman network inspect")))
+        if owner and owner != self.options.owner:
+            log.error(
+                "podman network %s belongs to another agent (%s=%s); not using or changing it "
+                "(set network_name to a network of this agent's own)", name, LABEL_OWNER, owner,
+            )
+            return False
+        return True
+
+    def collisions(self, subnet: str, expected: Sequence[ExpectedContainer]) -> list[str]:
+        """Why this agent's state would collide with another owner's on this host; [] if
+        it would not. Checked by a standalone agent before it starts (it refuses rather
+        than fight): our network name carrying another owner's mark, another network
+        whose subnet overlaps ours, a container of another owner (or an unmarked one of
+        the original agent) on our network (it holds an IP of our subnet), and a container
+        of another owner with the name of one of ours."""
+        ours = ipaddress.IPv4Network(subnet)
+        problems: list[str] = []
+        listed = _loads(self._run("network", "ls", "--format", "json").stdout, "podman network ls")
+        for network in listed if isinstance(listed, list) else []:
+            if not isinstance(network, dict):
+                continue
+            name = str(network.get("name") or "")
+            owner = _network_owner(network)
+            if name == self.options.network:
+                if owner and owner != self.options.owner:
+                    problems.append(f"network {name} belongs to another agent ({LABEL_OWNER}={owner})")
+                continue
+            for item in network.get("subnets") or []:
+                try:
+                    other = ipaddress.ip_network(str((item or {}).get("subnet")), strict=False)
+                except (ValueError, AttributeError):
+                    continue
+                if other.version == 4 and other.overlaps(ours):
+                    problems.append(f"network {name} (subnet {other}) overlaps our container subnet {ours}")
+        names = {spec.name for spec in expected}
+        everything = self._run("ps", "--all", "--format", "json").stdout
+        for container, networks in parse_ps_networks(everything):
+            if self.judge(container.labels, networks).ours:
+                continue
+            label = container.name or container.short_id
+            whose = container.labels.get(LABEL_OWNER) or "no owner mark"
+            if self.options.network in networks:
+                problems.append(f"container {label} ({whose}) is on our network {self.options.network}")
+            elif container.name in names:
+                problems.append(f"container {label} ({whose}) has the name of one of our containers")
+        return problems
 
     # --- changes ----------------------------------------------------------------------------
 
@@ -298,11 +392,13 @@ class Podman:
             args.append("--tls-verify=false")
         started = time.monotonic()
         try:
-            self._run(*args, "--", reference, timeout=limit)
+            result = self._run(*args, "--", reference, timeout=limit)
         except PodmanCommandError as exc:
             if exc.timed_out:
                 raise PodmanError(f"pull of {reference} took longer than {limit:g}s and was stopped") from exc
             raise
+        # `pull --quiet` prints the image id: recorded so that the GC removes only what we pulled.
+        self.images.note_pulled(reference, _container_id(result.stdout))
         log.info("pulled %s in %.1fs", reference, time.monotonic() - started)
 
     def image_exists(self, image: str) -> bool:
@@ -342,6 +438,7 @@ class Podman:
             self._remove_ours(container_id, grace=0)
             raise PodmanError(f"container {spec.name} did not stay running (removed it); last log lines:\n{tail}")
         log.info("container %s (%s) runs %s", spec.name, container_id[:12], spec.image)
+        self.images.note_deployed(spec.service_id, canonical_image(spec.image))
         return container_id
 
     def _run_resolving_obstacles(self, spec: ExpectedContainer, argv: list[str], secrets: list[str]) -> Result:
@@ -354,7 +451,7 @@ class Podman:
                 if NAME_IN_USE in output and "name" not in handled:
                     handled.add("name")
                     existing = self.inspect(spec.name)
-                    if existing is not None and not _is_ours(_labels_of(existing), self.options.scope_label):
+                    if existing is not None and not self._owns(existing):
                         raise PodmanError(
                             f"a container named {spec.name} exists that the agent does not manage; not replacing it"
                         ) from exc
@@ -397,6 +494,8 @@ class Podman:
         ]
         if opts.scope_label:
             argv.append(f"--label={opts.scope_label}")
+        if opts.owner:
+            argv.append(f"--label={LABEL_OWNER}={opts.owner}")
         if spec.ip_address:
             argv += [f"--network={opts.network}", f"--ip={spec.ip_address}", f"--mac-address={stable_mac(spec.ip_address)}"]
             argv += [f"--dns={server}" for server in opts.dns_servers]
@@ -465,7 +564,7 @@ class Podman:
     def _remove_failed_run(self, name: str) -> None:
         """A failed `podman run` can leave a `created` container of ours behind: remove it."""
         info = self.inspect(name)
-        if info is not None and _is_ours(_labels_of(info), self.options.scope_label):
+        if info is not None and self._owns(info):
             self._remove_ours(name, grace=0)
 
     def _free_ip(self, spec: ExpectedContainer, holder_id: str) -> None:
@@ -479,7 +578,7 @@ class Podman:
             )
         holder_name = str(holder.get("Name") or holder_id[:12])
         labels = _labels_of(holder)
-        if not _is_ours(labels, self.options.scope_label):
+        if not self._owns(holder):
             raise PodmanError(
                 f"IP {spec.ip_address} is held by container {holder_name}, which the agent does not manage; "
                 "not touching it (free the IP or remove that container)"
@@ -559,8 +658,9 @@ class Podman:
 
     def _require_ours(self, ref: str) -> dict[str, Any] | None:
         info = self.inspect(ref)
-        if info is not None and not _is_ours(_labels_of(info), self.options.scope_label):
-            raise PodmanError(f"container {ref} is not managed by the agent; not touching it")
+        if info is not None and not self._owns(info):
+            verdict = self.judge(_labels_of(info), _networks_of(info))
+            raise PodmanError(f"container {ref} is not managed by this agent ({verdict.why}); not touching it")
         return info
 
     def start(self, ref: str) -> None:
@@ -618,14 +718,38 @@ class Podman:
                 self._sleep(0.5 * 2**attempt)
         raise PodmanError(f"container {ref} still exists after podman rm" + (f": {last}" if last else ""))
 
-    def prune_images(self) -> None:
-        """Remove images no container uses, if older than `prune_until` (§17.29)."""
-        args = ["image", "prune", "--all", "--force"]
-        if self.options.prune_until:
-            args.append(f"--filter=until={self.options.prune_until}")
-        result = self._run(*args, timeout=300, check=False)
+    # --- images (for agent/host/images.py) ------------------------------------------------
+
+    def storage_path(self) -> Path:
+        """Where podman keeps images (its graph root): the disk the GC watches."""
+        result = self._run("info", "--format", "{{.Store.GraphRoot}}")
+        lines = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("/")]
+        if not lines:
+            raise PodmanError(f"podman info gave no storage path: {result.stdout.strip()[:200]!r}")
+        return Path(lines[-1])
+
+    def images_in_use(self) -> set[str]:
+        """Image ids and names of every container on the host, whoever owns it."""
+        data = _loads(self._run("ps", "--all", "--format", "json").stdout, "podman ps")
+        used: set[str] = set()
+        for item in data if isinstance(data, list) else []:
+            if isinstance(item, dict):
+                used.update(str(item[key]) for key in ("ImageID", "Image") if item.get(key))
+        return used
+
+    def image_id(self, reference: str) -> str | None:
+        """The full id `reference` names now; None when there is no such image."""
+        result = self._run("image", "inspect", "--format", "{{.Id}}", "--", _checked_image(reference), check=False)
+        found = _container_id(result.stdout)
+        return found if result.returncode == 0 and found else None
+
+    def remove_image(self, reference: str) -> bool:
+        """Untag `reference` (no --force: an image in use, or tagged by others, stays)."""
+        result = self._run("image", "rm", "--", _checked_image(reference), check=False)
         if result.returncode != 0:
-            log.warning("podman image prune failed: %s", result.stderr.strip()[-500:])
+            log.info("image %s stays: %s", reference, result.stderr.strip()[-300:])
+            return False
+        return True
 
 
 def stable_mac(ip: str) -> str:
@@ -641,6 +765,11 @@ def registry_of(reference: str) -> str:
 
 def parse_ps(stdout: str) -> list[ContainerInfo]:
     """`podman ps --format json` (stdout only) -> ContainerInfo; odd entries are skipped."""
+    return [container for container, _networks in parse_ps_networks(stdout)]
+
+
+def parse_ps_networks(stdout: str) -> list[tuple[ContainerInfo, list[str]]]:
+    """`parse_ps`, each container with the names of the networks it is attached to."""
     data = _loads(stdout, "podman ps")
     if data is None:
         return []
@@ -659,16 +788,16 @@ def parse_ps(stdout: str) -> list[ContainerInfo]:
         if not isinstance(labels, dict):
             labels = {}
         created = item.get("Created")
-        containers.append(
-            ContainerInfo(
-                id=cid,
-                name=name,
-                image=str(item.get("Image") or ""),
-                state=str(item.get("State") or "unknown").lower(),
-                labels={str(k): str(v) for k, v in labels.items() if v is not None},
-                created=created if isinstance(created, int) and not isinstance(created, bool) else 0,
-            )
+        networks = item.get("Networks")
+        container = ContainerInfo(
+            id=cid,
+            name=name,
+            image=str(item.get("Image") or ""),
+            state=str(item.get("State") or "unknown").lower(),
+            labels={str(k): str(v) for k, v in labels.items() if v is not None},
+            created=created if isinstance(created, int) and not isinstance(created, bool) else 0,
         )
+        containers.append((container, [str(n) for n in networks] if isinstance(networks, list) else []))
     return containers
 
 
@@ -724,13 +853,52 @@ def _labels_of(info: Mapping[str, Any]) -> Mapping[str, str]:
     return labels if isinstance(labels, dict) else {}
 
 
-def _is_ours(labels: Mapping[str, str], scope_label: str) -> bool:
+def _networks_of(info: Mapping[str, Any]) -> list[str]:
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    return [str(name) for name in networks] if isinstance(networks, dict) else []
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Whether the agent may touch a container, and why (shown by `agent plan`)."""
+
+    ours: bool
+    why: str
+
+
+def judge(labels: Mapping[str, str], networks: Sequence[str], options: PodmanOptions) -> Ownership:
+    """The ownership rule of the module docstring, in order: §9.1 labels, scope label,
+    owner mark (ours or not: final), then adoption of unmarked (Go agent) containers."""
     if not labels.get(LABEL_SERVICE_ID):
-        return False
-    if scope_label:
-        key, _, value = scope_label.partition("=")
-        return labels.get(key) == value
-    return True
+        return Ownership(False, f"no {LABEL_SERVICE_ID} label: not a Techulus container")
+    if options.scope_label:
+        key, _, value = options.scope_label.partition("=")
+        if labels.get(key) != value:
+            return Ownership(False, f"lacks this agent's scope label {options.scope_label}")
+    owner = labels.get(LABEL_OWNER) or ""
+    if owner:
+        if owner == options.owner:
+            return Ownership(True, f"{LABEL_OWNER}={owner} is this agent")
+        return Ownership(False, f"owned by another agent ({LABEL_OWNER}={owner})")
+    if not options.owner:
+        return Ownership(True, "unmarked, and this agent marks nothing")
+    if not options.adopt_legacy:
+        return Ownership(False, f"no {LABEL_OWNER} mark (original Go agent or a registered agent); a standalone agent adopts none")
+    if options.network in networks:
+        return Ownership(True, f"no {LABEL_OWNER} mark, on our network {options.network}: adopted from the original agent")
+    if all(network == DEFAULT_PODMAN_NETWORK for network in networks):
+        return Ownership(True, f"no {LABEL_OWNER} mark, port-publishing container of the original agent: adopted")
+    return Ownership(False, f"no {LABEL_OWNER} mark and not on our network {options.network} (on {', '.join(networks)})")
+
+
+def _first(data: Any) -> Mapping[str, Any]:
+    first = data[0] if isinstance(data, list) and data else data
+    return first if isinstance(first, dict) else {}
+
+
+def _network_owner(network: Mapping[str, Any]) -> str:
+    labels = network.get("labels") or network.get("Labels") or {}
+    return str(labels.get(LABEL_OWNER) or "") if isinstance(labels, dict) else ""
 
 
 def _check_network(name: str, inspect_stdout: str, subnet: str) -> bool:
