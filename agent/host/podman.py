@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +55,8 @@ MIN_SECRET_LEN = 4
 STALE_ENV_SECONDS = 300.0
 
 STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
+# How long killed leftovers of a removed container get to disappear before we say so.
+REAP_WAIT = 5.0
 
 
 class PodmanError(RuntimeError):
@@ -360,7 +363,7 @@ class Podman:
                         ) from exc
                     if existing is not None:
                         log.info("removing leftover container %s before deploying it again", spec.name)
-                        self._remove_ours(spec.name, grace=self.options.stop_timeout)
+                        self._remove_ours(spec.name, grace=self.options.stop_timeout, info=existing)
                     continue
                 # A failed run can leave a `created` container of ours behind.
                 self._remove_failed_run(spec.name)
@@ -466,7 +469,7 @@ class Podman:
         """A failed `podman run` can leave a `created` container of ours behind: remove it."""
         info = self.inspect(name)
         if info is not None and _is_ours(_labels_of(info), self.options.scope_label):
-            self._remove_ours(name, grace=0)
+            self._remove_ours(name, grace=0, info=info)
 
     def _free_ip(self, spec: ExpectedContainer, holder_id: str) -> None:
         """IPAM says the IP is taken. Remove the holder only if it is ours and stale: not
@@ -491,7 +494,7 @@ class Podman:
                 f"{labels.get(LABEL_DEPLOYMENT_ID) or '(none)'}; it must be removed first"
             )
         log.warning("IP %s is held by stale container %s; removing it", spec.ip_address, holder_name)
-        self._remove_ours(str(holder.get("Id") or holder_id), grace=0)
+        self._remove_ours(str(holder.get("Id") or holder_id), grace=0, info=holder)
 
     def _holder_of(self, ip: str) -> dict[str, Any] | None:
         """Older podman does not name the holder: look through our containers."""
@@ -543,6 +546,7 @@ class Podman:
         respin it forever (podman 4 restarts at once, without backoff). A `podman stop`
         that lands while the container is between two restarts does not stick, so try a
         few times and keep it stopped (its logs stay readable), or else remove it."""
+        after: dict[str, Any] | None = None
         for _ in range(attempts):
             self._run("stop", "--time", "0", ref, check=False)
             before = self.inspect(ref)
@@ -555,7 +559,7 @@ class Podman:
                 log.info("stopped failing container %s after %d restart(s)", ref, count)
                 return
         log.warning("container %s keeps restarting; removing it", ref)
-        self._remove_ours(ref, grace=0)
+        self._remove_ours(ref, grace=0, info=after)
 
     def _require_ours(self, ref: str) -> dict[str, Any] | None:
         info = self.inspect(ref)
@@ -585,38 +589,101 @@ class Podman:
             raise PodmanError(f"container {ref} did not stay running after restart: {tail}")
 
     def stop_and_remove(self, ref: str) -> None:
-        """Stop (grace period `stop_timeout`), remove, and verify it is gone (§9.6.3)."""
-        if self._require_ours(ref) is None:
+        """Stop (grace period `stop_timeout`), remove, and verify it is gone (§9.6.3).
+        `podman stop` also finishes a stop that a killed podman left `stopping`."""
+        info = self._require_ours(ref)
+        if info is None:
+            self._reap(ref)  # gone for Podman; its process may not be
             return
+        if _status(info) == "removing":
+            info = self._wait_while_removing(ref, info)
+            if info is None:
+                return
         try:
             self._run("stop", "--time", self._stop_time(), ref, timeout=self.options.timeout + self.options.stop_timeout)
         except PodmanCommandError as exc:
             if exc.not_found:
+                self._reap(str(info.get("Id") or ""))
                 return
             raise
-        self._remove_ours(ref, grace=0)
+        self._remove_ours(ref, grace=0, info=dict(info, State={"Status": "exited"}))
 
     def force_remove(self, ref: str) -> None:
         """Remove whatever state it is in (§9.6.5); gone already counts as success."""
-        if self._require_ours(ref) is None:
+        info = self._require_ours(ref)
+        if info is None:
+            self._reap(ref)  # gone for Podman; its process may not be
             return
-        self._remove_ours(ref, grace=self.options.stop_timeout)
+        self._remove_ours(ref, grace=self.options.stop_timeout, info=info)
 
-    def _remove_ours(self, ref: str, grace: int, attempts: int = 3) -> None:
-        """`podman rm --force` until the container is gone; the caller checked it is ours."""
+    def _remove_ours(
+        self, ref: str, grace: int, attempts: int = 3, info: Mapping[str, Any] | None = None
+    ) -> None:
+        """`podman rm --force` until the container is gone; the caller checked it is ours.
+
+        `info` (its inspect, when the caller has one) names the container's full id and
+        state. A container left `stopping` by a `podman stop` that was killed (kill -9 of
+        the agent) is stopped first, and one being removed is waited for (bounded): `podman
+        rm --force` on either answers 0 while the container's process runs on, unknown to
+        Podman. After the removal no process of the container may be left (see `_reap`)."""
+        container_id = str((info or {}).get("Id") or "") or (ref if CONTAINER_ID.fullmatch(ref) else "")
+        status = _status(info)
+        if status == "stopping":
+            log.info("container %s is still `stopping` (a stop was interrupted); stopping it again", ref)
+            self._run("stop", "--time", str(grace), ref, check=False, timeout=self.options.timeout + grace)
+        elif status == "removing" and info is not None:
+            if self._wait_while_removing(ref, info) is None:
+                self._reap(container_id)
+                return
         last = ""
         for attempt in range(attempts):
             try:
                 self._run("rm", "--force", "--time", str(grace), ref, timeout=self.options.timeout + grace)
             except PodmanCommandError as exc:
                 if exc.not_found:
+                    self._reap(container_id)
                     return
                 last = str(exc)
             if self.inspect(ref) is None:
+                self._reap(container_id)
                 return
             if attempt + 1 < attempts:
                 self._sleep(0.5 * 2**attempt)
         raise PodmanError(f"container {ref} still exists after podman rm" + (f": {last}" if last else ""))
+
+    def _wait_while_removing(self, ref: str, info: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Wait (at most the podman timeout) while another podman removes the container;
+        its inspect once it is in another state, or None once it is gone."""
+        deadline = time.monotonic() + self.options.timeout
+        current: dict[str, Any] | None = dict(info)
+        while current is not None and _status(current) == "removing" and time.monotonic() < deadline:
+            self._sleep(0.5)
+            current = self.inspect(ref)
+        return current
+
+    def _reap(self, container_id: str) -> None:
+        """Kill what is left of a removed container: its processes (found by the cgroup that
+        carries its id) and its conmon. Podman forgets a container whose stop was cut short
+        and says the removal succeeded, while the workload keeps running and holding its
+        IP, ports and volumes."""
+        if not CONTAINER_ID.fullmatch(container_id):
+            return
+        left = leftover_processes(container_id)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + REAP_WAIT
+        while leftover_processes(container_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        still = leftover_processes(container_id)
+        log.warning(
+            "container %s was removed but %d of its processes still ran (pid %s); killed them%s",
+            container_id[:12], len(left), ", ".join(map(str, left)), f" (pid {', '.join(map(str, still))} survived)" if still else "",
+        )
 
     def prune_images(self) -> None:
         """Remove images no container uses, if older than `prune_until` (§17.29)."""
@@ -670,6 +737,36 @@ def parse_ps(stdout: str) -> list[ContainerInfo]:
             )
         )
     return containers
+
+
+def leftover_processes(container_id: str, proc: Path = Path("/proc")) -> list[int]:
+    """Live processes of a container: those in a cgroup named after its id (the workload)
+    and its conmon (`conmon … -c <id>`); zombies and this process are not counted."""
+    found = []
+    try:
+        entries = [entry for entry in proc.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if container_id not in (entry / "cgroup").read_text(errors="replace"):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if not (argv and argv[0].endswith(b"conmon") and container_id.encode() in argv):
+                    continue
+            # Field 3 of stat, after the parenthesised command name: Z is a zombie.
+            if (entry / "stat").read_text().rpartition(")")[2].split()[:1] == ["Z"]:
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        found.append(pid)
+    return found
+
+
+def _status(info: Mapping[str, Any] | None) -> str:
+    return str(((info or {}).get("State") or {}).get("Status") or "").lower()
 
 
 def _loads(text: str, what: str) -> Any:
