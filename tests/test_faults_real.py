@@ -19,7 +19,7 @@ import pytest
 
 from agent.drift import LABEL_SERVICE_ID
 from agent.host.podman import Podman, PodmanOptions
-from tests.testbed import BB_IMAGE, TestNetwork, podman, podman_env, podman_net  # noqa: F401
+from tests.testbed import BB_IMAGE, HTTPD_IMAGE, TestNetwork, podman, podman_env, podman_net  # noqa: F401
 
 pytestmark = [pytest.mark.real]
 
@@ -103,3 +103,40 @@ def test_a_container_podman_already_forgot_is_killed(stuck: tuple[str, Podman, T
         adapter.force_remove(container_id)  # not found by podman: success, and the leftovers are checked
     wait(lambda: not processes_of(container_id), 20, "no process of the container to be left")
     assert caplog.text.count("was removed but") == 1
+
+
+def test_secrets_reach_the_container_from_memory_and_never_touch_the_disk(
+    podman_net: TestNetwork, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """podman 4.3 reads `--env-file=/dev/fd/N` (a memfd it inherits): the container sees the
+    variables, and no file holding them is ever written, so a kill -9 leaves none."""
+    from agent.host import podman as podman_module
+    from agent.model import ExpectedContainer
+
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    env_files: list[str] = []
+    real_run = podman_module.run
+
+    def recording_run(argv: list[str], **kw: object) -> object:
+        for arg in argv:
+            if arg.startswith("--env-file="):
+                path = arg.split("=", 1)[1]
+                env_files.append(os.readlink(f"/proc/self/fd/{Path(path).name}") if path.startswith("/dev/fd/") else path)
+        return real_run(argv, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(podman_module, "run", recording_run)
+    adapter = Podman(
+        PodmanOptions(network=podman_net.name, scope_label=podman_net.scope_label, run_dir=tmp_path / "run", stop_timeout=1)
+    )
+    spec = ExpectedContainer(
+        "dep-secret", "svc-secret", "Secret", f"tt-secret-{uuid.uuid4().hex[:8]}", HTTPD_IMAGE, podman_net.ip(9)
+    )
+    container_id = adapter.run_container(spec, {"DATABASE_URL": secret, "EMPTY": ""}, tmp_path / "volumes")
+    try:
+        env_inside = podman("exec", container_id, "env").stdout.splitlines()
+        assert f"DATABASE_URL={secret}" in env_inside and "EMPTY=" in env_inside
+        assert len(env_files) == 1 and env_files[0].startswith("/memfd:")
+        assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+        assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+    finally:
+        podman("rm", "--force", "--time", "0", container_id, check=False)

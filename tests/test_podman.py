@@ -386,9 +386,10 @@ def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -
         env_file = Path(next(a for a in argv if a.startswith("--env-file=")).split("=", 1)[1])
         seen["argv"] = argv
         seen["file"] = env_file
-        seen["mode"] = stat.S_IMODE(env_file.stat().st_mode)
-        seen["dir_mode"] = stat.S_IMODE(env_file.parent.stat().st_mode)
-        seen["run_dir_mode"] = stat.S_IMODE(env_file.parent.parent.stat().st_mode)
+        fd = int(env_file.name)
+        seen["pass_fds"] = tuple(process.kwargs["pass_fds"])
+        seen["target"] = os.readlink(f"/proc/self/fd/{fd}")
+        seen["mode"] = stat.S_IMODE(os.fstat(fd).st_mode)
         seen["content"] = env_file.read_text()
 
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n", stderr=WARNING + "level=error msg=systemd\n", callback=capture)
@@ -399,9 +400,13 @@ def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -
     assert [list(c)[:3] for c in fp.calls] == [["podman", "run", "--detach"], [*INSPECT[:3]]]
     assert seen["argv"] == expected_run_argv(s, volumes_dir, str(seen["file"]), dns=("10.200.3.1",))
     assert not any("hunter2" in a for a in seen["argv"])
-    assert seen["mode"] == 0o600 and seen["dir_mode"] == 0o700 and seen["run_dir_mode"] == 0o700
+    # The env file is a memfd handed to podman as /dev/fd/N: never a file on disk.
+    assert str(seen["file"]).startswith("/dev/fd/") and seen["pass_fds"] == (int(seen["file"].name),)
+    assert seen["target"].startswith("/memfd:") and seen["mode"] == 0o600
     assert seen["content"] == "DATABASE_URL=postgres://u:hunter2-secret@db/x\nEMPTY=\nSPACED=  a b  \n"
-    assert not seen["file"].exists() and not seen["file"].parent.exists()
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+    with pytest.raises(OSError):  # closed after the run
+        os.fstat(int(seen["file"].name))
     for name in ("data", "cache"):
         path = volumes_dir / "svc1" / name
         assert path.is_dir() and stat.S_IMODE(path.stat().st_mode) == 0o755

@@ -3,8 +3,9 @@
 JSON and container ids are read from stdout only (podman prints warnings on stderr, which
 broke the original's parsing, §17.16). Only containers that carry our labels are listed or
 touched: every operation on an id checks the labels first, and a container with our name
-but without our labels is refused, never replaced. Secrets reach the container through a
-0600 env file that is deleted right after `podman run`, never through argv (§17.4). Every
+but without our labels is refused, never replaced. Secrets reach the container through an
+env file that exists only in memory (a memfd `podman run` reads as /dev/fd/N), never
+through argv or a file on disk (§17.4). Every
 value that comes from outside is bound to its option (`--name=…`) and the image follows
 `--`, so nothing can be read as an extra option.
 """
@@ -16,9 +17,9 @@ import json
 import logging
 import os
 import re
+import fcntl
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -157,13 +158,17 @@ class Podman:
 
     # --- low level --------------------------------------------------------------------------
 
-    def _run(self, *args: str, timeout: float | None = None, check: bool = True, secrets: Sequence[str] = ()) -> Result:
+    def _run(
+        self, *args: str, timeout: float | None = None, check: bool = True, secrets: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> Result:
         try:
             return run(
                 [self.options.binary, *args],
                 timeout=self.options.timeout if timeout is None else timeout,
                 check=check,
                 secrets=secrets,
+                pass_fds=pass_fds,
             )
         except CommandNotFound as exc:
             raise PodmanNotInstalled(exc) from exc
@@ -326,13 +331,15 @@ class Podman:
         for volume in spec.volumes:
             _make_volume_dir(volumes_dir, spec.volume_host_path(volumes_dir, volume))
         self.remove_stale_env_files()
-        env_dir = self._env_file(env) if env else None
+        env_fd = self._env_file(env) if env else None
         try:
-            argv = self._run_argv(spec, volumes_dir, env_dir / "env" if env_dir else None)
-            result = self._run_resolving_obstacles(spec, argv, [v for v in env.values() if len(v) >= MIN_SECRET_LEN])
+            argv = self._run_argv(spec, volumes_dir, Path(f"/dev/fd/{env_fd}") if env_fd is not None else None)
+            result = self._run_resolving_obstacles(
+                spec, argv, [v for v in env.values() if len(v) >= MIN_SECRET_LEN], () if env_fd is None else (env_fd,)
+            )
         finally:
-            if env_dir is not None:
-                shutil.rmtree(env_dir, ignore_errors=True)
+            if env_fd is not None:
+                os.close(env_fd)
         container_id = _container_id(result.stdout)
         if not container_id:
             info = self.inspect(spec.name) or {}
@@ -347,11 +354,13 @@ class Podman:
         log.info("container %s (%s) runs %s", spec.name, container_id[:12], spec.image)
         return container_id
 
-    def _run_resolving_obstacles(self, spec: ExpectedContainer, argv: list[str], secrets: list[str]) -> Result:
+    def _run_resolving_obstacles(
+        self, spec: ExpectedContainer, argv: list[str], secrets: list[str], pass_fds: Sequence[int] = ()
+    ) -> Result:
         handled: set[str] = set()
         while True:
             try:
-                return self._run(*argv, secrets=secrets)
+                return self._run(*argv, secrets=secrets, pass_fds=pass_fds)
             except PodmanCommandError as exc:
                 output = exc.output
                 if NAME_IN_USE in output and "name" not in handled:
@@ -424,8 +433,10 @@ class Podman:
         argv += ["--", canonical_image(spec.image)]
         return argv
 
-    def _env_file(self, env: Mapping[str, str]) -> Path:
-        """Write the secrets to a 0600 file in a fresh 0700 dir; the caller removes the dir."""
+    def _env_file(self, env: Mapping[str, str]) -> int:
+        """The secrets as an env file that exists only in memory: a sealed memfd, which
+        `podman run` reads as `/dev/fd/N` (it inherits the descriptor). Nothing reaches a
+        disk, so a kill -9 or a power cut leaves no secret behind. The caller closes it."""
         lines = []
         for key, value in env.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -436,23 +447,27 @@ class Podman:
             if len(line.encode()) > MAX_ENV_LINE:
                 raise PodmanError(f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes)")
             lines.append(line)
-        run_dir = self.options.run_dir
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(run_dir, 0o700)
-        directory = Path(tempfile.mkdtemp(prefix="env-", dir=run_dir))
-        path = directory / "env"
+        data = "".join(lines).encode("utf-8")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.writelines(lines)
+            fd = os.memfd_create("techulus-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError) as exc:
+            raise PodmanError(f"cannot create an in-memory env file (memfd_create): {exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            # Sealed: nothing (not even a process that could reach the descriptor) can change it.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            os.close(fd)
             raise
-        return directory
+        return fd
 
     def remove_stale_env_files(self, older_than: float = STALE_ENV_SECONDS) -> None:
-        """Env files a crashed agent left behind hold secrets: remove them. At start-up no
-        deploy is running, so the agent removes them all (`older_than=0`)."""
+        """Env files that agents before the in-memory ones left in the run dir (a kill -9
+        between write and delete) hold secrets: remove them. At start-up no deploy is
+        running, so the agent removes them all (`older_than=0`)."""
         try:
             entries = list(self.options.run_dir.glob("env-*"))
         except OSError:
