@@ -8,6 +8,7 @@ The agent's removals must leave no process of the container behind.
 from __future__ import annotations
 
 import json
+import signal
 import os
 import subprocess
 import time
@@ -140,3 +141,65 @@ def test_secrets_reach_the_container_from_memory_and_never_touch_the_disk(
         assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     finally:
         podman("rm", "--force", "--time", "0", container_id, check=False)
+
+
+@pytest.mark.parametrize("fault", ["hang", "401 clock skew"])
+def test_agent_restores_and_repairs_while_the_control_plane_misbehaves(
+    podman_net: TestNetwork, tmp_path: Path, fault: str  # noqa: F811
+) -> None:
+    """The agent as a process, registered with the fake control plane and real Podman. After
+    a restart whose control plane hangs (or answers 401, as after a reboot with a skewed
+    clock) the cached workloads come back; while it keeps failing, a container that dies
+    is brought back from the last good state, and nothing is removed."""
+    from tests.fakecp import FakeControlPlane
+    from tests.test_e2e_controlplane import Agent, expected_container, occupy_subnets_except, ours
+
+    net = podman_net
+    with FakeControlPlane() as cp:
+        occupy_subnets_except(cp, net.subnet_id)
+        token_file = tmp_path / "token"
+        token_file.write_text(cp.add_token() + "\n")
+        agent = Agent(tmp_path, net)
+        try:
+            agent.start(cp.url, "--token-file", str(token_file))
+            config_path = agent.data_dir / "config.json"
+            e2e_wait(agent, config_path.exists, 30, "registration")
+            server_id = json.loads(config_path.read_text())["serverId"]
+            document = {"containers": [expected_container(net, 1), expected_container(net, 2)]}
+            cp.set_expected_state(server_id, document)
+            e2e_wait(agent, lambda: running(net) == 2, 60, "two containers")
+            assert agent.stop() == 0
+            podman("rm", "-f", "-t", "0", *[c["Id"] for c in ours(net).values()])  # as after a reboot
+
+            path = "/api/v1/agent/expected-state"
+            if fault == "hang":
+                cp.delay_next(3600, count=10_000, path=path)
+            else:
+                cp.respond_next(401, {"error": "Request timestamp too old"}, count=10_000, path=path)
+            started = time.monotonic()
+            agent.start(cp.url)
+            e2e_wait(agent, lambda: running(net) == 2, 60, "restore from the cache")
+            print(f"\n[figure] {fault}: workloads restored {time.monotonic() - started:.1f}s after the agent started")
+            assert "restoring workloads from the cached expected state" in agent.log()
+
+            # The control plane still fails; a workload dies: it comes back from the last good state.
+            victim = next(iter(ours(net).values()))
+            podman("rm", "-f", "-t", "0", victim["Id"])
+            e2e_wait(agent, lambda: running(net) == 2, 60, "the lost container to be re-created")
+            assert "only bringing back containers of the last good one" in agent.log()
+            assert agent.proc is not None and agent.proc.poll() is None
+        finally:
+            agent.stop(signal.SIGKILL)
+            cp.clear_faults()
+
+
+def running(net: TestNetwork) -> int:
+    from tests.test_e2e_controlplane import ours
+
+    return len([c for c in ours(net).values() if c["State"] == "running"])
+
+
+def e2e_wait(agent, predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
+    from tests import e2e
+
+    return e2e.wait_for(predicate, timeout, what, agent.log_path, agent.proc)
