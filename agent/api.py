@@ -1,7 +1,8 @@
 """The control-plane client: Ed25519-signed requests over urllib3 (PROTOCOL.md §4-§7).
 
 Every call has connect and read timeouts, a deadline for the whole answer and a cap on the
-response size. Network errors and 5xx answers are retried with jittered backoff; 4xx
+response size; a caller may also give one deadline for the whole call, retries included
+(the expected-state poll must end before the next tick, however the server misbehaves). Network errors and 5xx answers are retried with jittered backoff; 4xx
 answers are not, and raise typed errors whose messages tell an operator what to do (a 401
 for the timestamp says how far the clock is off, judging by the server's Date header).
 Calls that must not be repeated blindly (registration, build claims) are never retried.
@@ -157,6 +158,8 @@ class ControlPlane:
         self.total_timeout = total_timeout if total_timeout is not None else connect_timeout + read_timeout
         self._clock = clock
         self._sleep = sleep
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._http = urllib3.PoolManager(
             num_pools=2,
             maxsize=4,
@@ -174,9 +177,10 @@ class ControlPlane:
         answer = self._request("POST", f"{API}/register", body, signed=False, retries=0)
         return _expect_object(answer, "register")
 
-    def expected_state(self) -> dict[str, Any]:
-        """The raw expected-state document (validate it with `agent.model.parse_expected_state`)."""
-        return _expect_object(self._request("GET", f"{API}/expected-state"), "expected-state")
+    def expected_state(self, *, deadline: float | None = None) -> dict[str, Any]:
+        """The raw expected-state document (validate it with `agent.model.parse_expected_state`).
+        `deadline`: seconds for the whole call (connect, retries, backoff, body)."""
+        return _expect_object(self._request("GET", f"{API}/expected-state", deadline=deadline), "expected-state")
 
     def report_status(self, report: dict[str, Any], *, retries: int | None = None) -> None:
         if not isinstance(report.get("containers"), list):
@@ -261,27 +265,43 @@ class ControlPlane:
         *,
         signed: bool = True,
         retries: int | None = None,
+        deadline: float | None = None,
     ) -> Any:
         body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode("utf-8")
         attempts = 1 + (self.retries if retries is None else max(0, retries))
         delay = self.backoff
         last: ApiError | None = None
+        end = None if deadline is None else time.monotonic() + deadline
+        out_of_time = False
         for attempt in range(attempts):
+            budget = None if end is None else end - time.monotonic()
+            if budget is not None and budget <= 0:
+                out_of_time = True
+                break
             try:
-                return self._once(method, path, body, payload is not None, signed)
+                return self._once(method, path, body, payload is not None, signed, budget)
             except Unavailable as exc:
                 last = exc
                 if attempt + 1 < attempts:
                     pause = delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+                    if end is not None and time.monotonic() + pause >= end:
+                        out_of_time = True  # no time left for another attempt
+                        break
                     # Info, not warning: the caller logs the final failure; an outage should
                     # not triple the warnings of every timer tick.
                     log.info("%s (attempt %d/%d); retrying in %.1fs", exc, attempt + 1, attempts, pause)
                     self._sleep(pause)
                     delay = min(delay * 2, self.max_backoff)
-        assert last is not None
+        if last is None:
+            raise Unavailable(f"{method} {path}: no answer within the deadline of {deadline:g}s")
+        if out_of_time:
+            raise Unavailable(f"{last} (gave up at the deadline of {deadline:g}s)", last.status, last.body)
         raise last
 
-    def _once(self, method: str, path: str, body: bytes, has_body: bool, signed: bool) -> Any:
+    def _once(
+        self, method: str, path: str, body: bytes, has_body: bool, signed: bool, budget: float | None = None
+    ) -> Any:
+        """One attempt; `budget` (seconds) caps it whole, connection and body included."""
         headers = {"User-Agent": self._user_agent}
         if has_body:
             headers["Content-Type"] = "application/json"
@@ -292,6 +312,8 @@ class ControlPlane:
             headers.update(self.signer.headers(body, int(self._clock() * 1000)))
         url = self.base_url + path
         started = time.monotonic()
+        total = self.total_timeout if budget is None else min(self.total_timeout, budget)
+        timeout = urllib3.Timeout(connect=min(self.connect_timeout, total), read=min(self.read_timeout, total))
         try:
             response = self._http.request(
                 method,
@@ -300,6 +322,7 @@ class ControlPlane:
                 headers=headers,
                 preload_content=False,
                 redirect=False,
+                timeout=timeout,
             )
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise Unavailable(
@@ -310,7 +333,7 @@ class ControlPlane:
                 f"{method} {path}: cannot reach the control plane at {self.base_url}: {_reason(exc)}"
             ) from exc
         try:
-            raw = self._read_capped(response, method, path, started)
+            raw = self._read_capped(response, method, path, started, total)
         except BaseException:
             response.close()  # never return a half-read connection to the pool
             response.release_conn()
@@ -340,7 +363,7 @@ class ControlPlane:
         except ValueError as exc:
             raise BadResponse(f"{method} {path}: answer is not JSON ({exc})", status, text[:200]) from exc
 
-    def _read_capped(self, response: Any, method: str, path: str, started: float) -> bytes:
+    def _read_capped(self, response: Any, method: str, path: str, started: float, limit: float) -> bytes:
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > self.max_response_bytes:
             raise BadResponse(
@@ -352,8 +375,11 @@ class ControlPlane:
         total = 0
         try:
             while True:
-                if time.monotonic() - started > self.total_timeout:
-                    raise Unavailable(f"{method} {path}: no complete answer within {self.total_timeout:.0f}s")
+                left = limit - (time.monotonic() - started)
+                if left <= 0:
+                    raise Unavailable(f"{method} {path}: no complete answer within {limit:.1f}s")
+                # One read may not outlast the deadline either (a server that stops mid-body).
+                _limit_next_read(response, min(self.read_timeout, left))
                 chunk = read(65536)
                 if not chunk:
                     break
@@ -364,6 +390,8 @@ class ControlPlane:
                     )
                 chunks.append(chunk)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if time.monotonic() - started >= limit:
+                raise Unavailable(f"{method} {path}: no complete answer within {limit:.1f}s") from exc
             raise Unavailable(
                 f"{method} {path}: connection broke while reading the answer: {_reason(exc)}"
             ) from exc
@@ -405,6 +433,17 @@ class ControlPlane:
         if status == 404 and "not registered" in error.lower():
             return f"{prefix} -- the control plane does not know this server id; was the server deleted? Re-register with a new token"
         return prefix
+
+
+def _limit_next_read(response: Any, seconds: float) -> None:
+    """Set the socket timeout of the response's connection (urllib3 sets it only once, before
+    the headers); best effort, as a pooled or already closed connection may have no socket."""
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.settimeout(max(0.001, seconds))
+        except OSError:
+            pass
 
 
 def _expect_object(answer: Any, what: str) -> dict[str, Any]:

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_plan(settings)
         from agent.runtime import run_agent
 
-        return run_agent(settings)
+        return run_agent(settings, reload=lambda: settings_from_args(args))
     except KeyboardInterrupt:
         return 130
     except ImportError as exc:

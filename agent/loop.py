@@ -145,6 +145,9 @@ class Reconciler:
         # Deployments a user stopped through a `stop` work item. The control plane keeps
         # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
         self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
+        # The last expected state fetched (or restored from the cache at start): while no
+        # fresh one can be had, crashed or missing containers of it are still brought back.
+        self.last_good: ExpectedState | None = None
 
     # --- observation ------------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class Reconciler:
 
     def note_fetch(self, expected: ExpectedState) -> None:
         """Count, once per fetched document, how many polls in a row left each section empty."""
+        self.last_good = expected
         sizes = {
             # An entry that failed validation still means the document is not empty.
             "containers": len(expected.containers) + len(expected.protected_deployments),
@@ -249,8 +253,21 @@ class Reconciler:
         """One IDLE tick; on drift, the whole PROCESSING pass, back to back."""
         try:
             expected = self.source.fetch()
-        except Exception as exc:  # noqa: BLE001 - a failed poll never changes anything
-            log.error("expected state unavailable, changing nothing: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a failed poll removes and reconfigures nothing
+            last = self.last_good
+            if last is None:
+                log.error("expected state unavailable, changing nothing: %s", exc)
+                return
+            log.error("expected state unavailable (%s); only bringing back containers of the last good one", exc)
+            try:
+                repairs = [c for c in self.compute_plan(last) if c.kind in RESTORE_KINDS]
+            except Exception as read_error:  # noqa: BLE001
+                log.error("cannot read the actual state, changing nothing: %s", read_error)
+                return
+            if repairs:
+                for change in repairs:
+                    log.info("local drift: %s", change.describe())
+                self.process(last, stop, only=RESTORE_KINDS)
             return
         self.note_fetch(expected)
         try:
@@ -518,14 +535,17 @@ def load_state_file(path: Path) -> dict[str, Any]:
 class ControlPlaneSource:
     """Polls GET expected-state; keeps the last good answer on disk for restarts without a CP."""
 
-    def __init__(self, client: Any, subnet: Any, cache_path: Path | None) -> None:
+    def __init__(self, client: Any, subnet: Any, cache_path: Path | None, deadline: float | None = None) -> None:
         self.client = client
         self.subnet = subnet
         self.cache_path = cache_path
         self._cached_text = ""
+        # Seconds for a whole poll, retries included, so a hanging control plane cannot
+        # stall the loop past its tick.
+        self.deadline = deadline
 
-    def fetch(self) -> ExpectedState:
-        data = self.client.expected_state()
+    def fetch(self, deadline: float | None = None) -> ExpectedState:
+        data = self.client.expected_state(deadline=deadline or self.deadline)
         state = parse_expected_state(data, self.subnet)
         text = json.dumps(data, sort_keys=True)
         if self.cache_path is not None and text != self._cached_text:

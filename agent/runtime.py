@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent import sdnotify, status
-from agent.api import ControlPlane, Signer, Unavailable
+from agent.api import ControlPlane, Signer
 from agent.configsync import ConfigSync
 from agent.heartbeat import Heartbeat
 from agent.host.images import LEDGER_FILE, ImageGC, ImageLedger, Watermarks
@@ -35,6 +35,10 @@ from agent.settings import Settings
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PODMAN_TIMEOUT = 8.0
+#: At start, how long to try for a fresh expected state before restoring the cached one.
+RESTORE_DEADLINE = 12.0
+#: Settings a SIGHUP applies to the running agent; a change of any other needs a restart.
+RELOADABLE = ("log_level",)
 
 
 @dataclass
@@ -300,10 +304,14 @@ def hold_lock(data_dir: Path) -> IO[str]:
     return handle
 
 
-def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
+def run_agent(
+    settings: Settings, stop: threading.Event | None = None, reload: Callable[[], Settings] | None = None
+) -> int:
+    """Run until `stop` (SIGTERM/SIGINT). `reload` re-reads the configuration on SIGHUP
+    (`--config`, environment and flags, as at start)."""
     stop = stop or threading.Event()
     lock = hold_lock(settings.data_dir)
-    previous = install_signal_handlers(stop)
+    previous = install_signal_handlers(stop, Reloader(settings, reload))
     try:
         return _run(settings, stop)
     finally:
@@ -315,6 +323,8 @@ def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
 def _run(settings: Settings, stop: threading.Event) -> int:
     public_ip = status.PublicIp(settings.public_ip, "" if settings.standalone else settings.public_ip_url)
     components = assemble(settings, public_ip)
+    if isinstance(components.source, ControlPlaneSource):
+        components.source.deadline = settings.poll_deadline
     prepare_host(components)
     threads = []
     for name, task in background_tasks(components):
@@ -337,26 +347,74 @@ def _run(settings: Settings, stop: threading.Event) -> int:
     return 0
 
 
-def restore_from_cache(components: Components, stop: threading.Event) -> None:
-    """If the control plane is unreachable at start, bring back the workloads it last asked for."""
+def restore_from_cache(components: Components, stop: threading.Event, deadline: float = RESTORE_DEADLINE) -> None:
+    """Unless a fresh expected state can be had within `deadline` seconds of start, bring
+    back the workloads the cached one lists (start or create only, never remove). Any
+    failure counts: unreachable, hanging, 5xx, a 401 from a clock that is off after a
+    reboot, a 404, an answer that is not a valid document."""
     source = components.source
     if not isinstance(source, ControlPlaneSource) or components.client is None:
         return
     try:
-        components.client.expected_state()
+        source.fetch(deadline=min(deadline, source.deadline or deadline))
         return
-    except Unavailable as exc:
-        cached = source.cached()
-        if cached is None:
-            return
-        log.warning("control plane unreachable at start (%s); restoring workloads from the cached expected state", exc)
-    except Exception:  # noqa: BLE001 - the regular loop will report it
+    except Exception as exc:  # noqa: BLE001 - whatever the reason, the workloads come back
+        reason = exc
+    cached = source.cached()
+    if cached is None:
+        log.warning("no expected state at start (%s) and none cached; waiting for the control plane", reason)
         return
+    log.warning("no expected state at start (%s); restoring workloads from the cached expected state", reason)
+    components.reconciler.last_good = cached
     components.reconciler.process(cached, stop, only=RESTORE_KINDS)
 
 
-def install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
-    """SIGTERM/SIGINT end the loop after the current step; returns the handlers replaced."""
+class Reloader:
+    """SIGHUP: re-read the configuration, apply what can change at run time (RELOADABLE),
+    name what needs a restart. A configuration that cannot be read keeps the old settings."""
+
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None) -> None:
+        self.settings = settings
+        self.reload = reload
+        self._lock = threading.Lock()  # two quick SIGHUPs run one after the other
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._reload()
+
+    def _reload(self) -> None:
+        if self.reload is None:
+            log.info("SIGHUP: no configuration to re-read; nothing changed")
+            return
+        try:
+            fresh = self.reload()
+        except Exception as exc:  # noqa: BLE001 - a bad file must not stop the agent
+            log.error("SIGHUP: keeping the current settings; the configuration cannot be used: %s", exc)
+            return
+        changed = [
+            f.name
+            for f in dataclasses.fields(Settings)
+            # Secrets are compared by nobody: the token left the environment after start.
+            if f.repr and getattr(fresh, f.name) != getattr(self.settings, f.name)
+        ]
+        applied = [name for name in changed if name in RELOADABLE]
+        later = [name for name in changed if name not in RELOADABLE]
+        if "log_level" in applied:
+            logging.getLogger().setLevel(getattr(logging, fresh.log_level.upper(), logging.INFO))
+        self.settings = dataclasses.replace(self.settings, **{name: getattr(fresh, name) for name in applied})
+        if not changed:
+            log.info("SIGHUP: configuration re-read; nothing changed")
+            return
+        log.info(
+            "SIGHUP: configuration re-read; applied: %s; needs a restart: %s",
+            ", ".join(f"{name}={getattr(fresh, name)!r}" for name in applied) or "nothing",
+            ", ".join(later) or "nothing",
+        )
+
+
+def install_signal_handlers(stop: threading.Event, reloader: Callable[[], None] | None = None) -> dict[int, Any]:
+    """SIGTERM/SIGINT end the loop after the current step; SIGHUP re-reads the
+    configuration (`reloader`) and never ends the agent. Returns the handlers replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -364,9 +422,14 @@ def install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
         log.info("received %s; finishing the current step and stopping", signal.Signals(signum).name)
         stop.set()
 
+    def hangup(_signum: int, _frame: Any) -> None:
+        # On a thread: the main thread may be anywhere (holding a lock, mid-write).
+        threading.Thread(target=reloader or (lambda: None), name="sighup", daemon=True).start()
+
     previous: dict[int, Any] = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, handler)
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     return previous
 
 

@@ -144,6 +144,13 @@ class Settings:
         return self.data_dir / "builds"
 
     @property
+    def poll_deadline(self) -> float:
+        """Seconds one expected-state poll may take in all (connect, retries, body): less
+        than a tick, so a hanging control plane cannot stall reconciliation, but never so
+        short that a loaded machine misses a healthy answer."""
+        return max(2.0, min(self.tick_interval * 0.8, self.http_connect_timeout + self.http_read_timeout))
+
+    @property
     def standalone(self) -> bool:
         return self.state_file is not None
 

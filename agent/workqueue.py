@@ -2,7 +2,8 @@
 
 The control plane returns every pending item on every poll until it is acknowledged, and
 an acknowledgement can be lost, so items are executed at most once per id: the outcome is
-written to `<data-dir>/work-done.json` before the acknowledgement is sent, and a
+written to `<data-dir>/work-done.json` before the acknowledgement is sent (and, if it cannot
+be written, the item is not acknowledged until it can), and a
 re-delivered item is only acknowledged again with the remembered outcome. Payloads are
 validated before anything acts on them; only containers carrying our labels are touched;
 volume deletion is confined to `<data-dir>/volumes/<serviceId>`. Unknown types are
@@ -106,6 +107,9 @@ class WorkQueue:
         # id -> {"status", "error", "at"}; loaded lazily so construction never touches disk.
         self._done: dict[str, dict[str, Any]] | None = None
         self._stopped: dict[str, float] = {}
+        # Outcomes recorded in memory but not yet on disk, and whether writing is failing.
+        self._unsaved = False
+        self._save_failing = False
         # cleanup_volumes item id -> monotonic time it was first deferred.
         self._deferred_since: dict[str, float] = {}
         # The last fetch error and when it was logged: an outage is logged once a minute, not every 5 s.
@@ -180,6 +184,10 @@ class WorkQueue:
 
         remembered = self._remembered(item_id)
         if remembered is not None:
+            if not self._saved():
+                # Still only in memory (the disk was full): acknowledging now would let a
+                # restart run it again. It stays pending until the record is on disk.
+                return
             log.info("work queue: item %s (%s) was already handled (%s); acknowledging again", item_id, _show(item_type), remembered.status)
             self._acknowledge(item_id, remembered)
             return
@@ -200,9 +208,11 @@ class WorkQueue:
             log.info("work queue: item %s (%s) completed", item_id, _show(item_type))
         else:
             log.warning("work queue: item %s (%s) failed: %s", item_id, _show(item_type), outcome.error)
-        # Remember first: if the acknowledgement is lost the item comes back, and must not run again.
-        self._remember(item_id, outcome)
-        self._acknowledge(item_id, outcome)
+        # Remember first: if the acknowledgement is lost the item comes back, and must not run
+        # again. Not saved (disk full): not acknowledged either; the re-delivered item is
+        # found in memory, saved and acknowledged then, never run twice.
+        if self._remember(item_id, outcome):
+            self._acknowledge(item_id, outcome)
         if outcome.changed and self.on_change is not None:
             try:
                 self.on_change()
@@ -275,12 +285,15 @@ class WorkQueue:
         return Outcome.ok(changed=True)
 
     def _stop(self, payload: dict[str, Any], item_id: str) -> Outcome:
+        """Stop and remove the container. The deployment is remembered as stopped (never
+        re-created) only when the container removed was ours and labelled with exactly that
+        deployment: a stop naming a missing or unlabelled container must not switch off a
+        deployment that may run elsewhere or later."""
         container_id, deployment_id = self._target(payload)
         with self.host_lock:
             info = self.podman.inspect(container_id)
             if info is None:
-                log.info("work queue: container %s is already gone", container_id)
-                self._note_stopped(deployment_id)
+                log.info("work queue: container %s is already gone; deployment %s is not marked stopped", container_id, deployment_id)
                 return Outcome.ok()
             refusal = self._refusal(container_id, deployment_id, info)
             if refusal:
@@ -289,7 +302,10 @@ class WorkQueue:
                 self.podman.stop_and_remove(container_id)
             except Exception as exc:  # noqa: BLE001
                 return Outcome.fail(f"failed to stop container {container_id}: {exc}", changed=True)
-            self._note_stopped(deployment_id)
+            if _labels(info).get(LABEL_DEPLOYMENT_ID, "") == deployment_id:
+                self._note_stopped(deployment_id)
+            else:
+                log.info("work queue: container %s carried no deployment label; deployment %s is not marked stopped", container_id, deployment_id)
         log.info("work queue: stopped and removed container %s (deployment %s)", container_id, deployment_id)
         return Outcome.ok(changed=True)
 
@@ -457,12 +473,19 @@ class WorkQueue:
             return None
         return Outcome(entry["status"], entry["error"])
 
-    def _remember(self, item_id: str, outcome: Outcome) -> None:
+    def _remember(self, item_id: str, outcome: Outcome) -> bool:
+        """Record the outcome; True once it is on disk."""
         with self._record_lock:
             self._load()
             assert self._done is not None
             self._done[item_id] = {"status": outcome.status, "error": outcome.error, "at": self._clock()}
-            self._save()
+            self._unsaved = True
+            return self._save()
+
+    def _saved(self) -> bool:
+        """Whether the record on disk is complete, writing it again if an earlier write failed."""
+        with self._record_lock:
+            return not self._unsaved or self._save()
 
     def _note_stopped(self, deployment_id: str) -> None:
         # Called with host_lock held (lock order: host_lock, then _record_lock); saved with
@@ -471,15 +494,25 @@ class WorkQueue:
             self._load()
             self._stopped[deployment_id] = self._clock()
 
-    def _save(self) -> None:
+    def _save(self) -> bool:
+        """Write the record; False (logged once per failure streak) when it cannot be written."""
         self._prune()
         document = {"version": 1, "items": self._done, "stopped": self._stopped}
         try:
             fsutil.ensure_dir(self.settings.data_dir, 0o700)
             fsutil.atomic_write_json(self._path, document)
         except OSError as exc:
-            # Kept in memory: only a restart before the acknowledgement could repeat the item.
-            log.error("work queue: cannot write %s: %s", self._path, exc)
+            # Kept in memory and not acknowledged: the CP re-delivers it, and it is
+            # acknowledged once the record is on disk.
+            if not self._save_failing:
+                log.error("work queue: cannot write %s (%s); items are not acknowledged until it can be written", self._path, exc)
+            self._save_failing = True
+            return False
+        if self._save_failing:
+            log.info("work queue: %s is written again", self._path)
+        self._save_failing = False
+        self._unsaved = False
+        return True
 
 
 # --- helpers --------------------------------------------------------------------------------

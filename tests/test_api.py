@@ -440,6 +440,40 @@ def test_a_slow_but_complete_answer_within_the_deadline_is_fine(env: Env) -> Non
     assert env.client(retries=0, read_timeout=1.0).expected_state()["containers"] == []
 
 
+def test_a_hanging_control_plane_gives_up_at_the_poll_deadline(env: Env) -> None:
+    """Without the deadline this would be 4 attempts of 2 s plus backoff; with it, one
+    attempt cut to the deadline and no retry that could not finish in time."""
+    env.cp.delay_next(3.0, count=4, path=f"{api.API}/expected-state")
+    client = env.client(retries=3, read_timeout=2.0)
+    with pytest.raises(api.Unavailable, match="deadline of 0.4s"):
+        client.expected_state(deadline=0.4)
+    assert len(env.cp.requests_to(f"{api.API}/expected-state")) == 1
+    assert env.sleeps == []
+
+
+def test_a_trickling_answer_is_cut_at_the_poll_deadline(env: Env) -> None:
+    body = json.dumps(env.cp.default_expected_state(env.server_id)).encode()
+    env.cp.drip_next(body, pieces=20, interval=0.15)  # 2.85 s in all, each piece within the read timeout
+    client = env.client(retries=2, read_timeout=1.0)  # its own per-attempt deadline is 2 s
+    with pytest.raises(api.Unavailable, match="no complete answer within 0.6s"):
+        client.expected_state(deadline=0.6)
+    assert len(env.cp.requests_to(f"{api.API}/expected-state")) == 1
+
+
+def test_a_body_that_stops_mid_way_is_cut_at_the_poll_deadline(env: Env) -> None:
+    body = json.dumps(env.cp.default_expected_state(env.server_id)).encode()
+    env.cp.drip_next(body, pieces=2, interval=3.0)  # half, then silence longer than the deadline
+    client = env.client(retries=0, read_timeout=10.0)
+    with pytest.raises(api.Unavailable, match="no complete answer within 0.5s"):
+        client.expected_state(deadline=0.5)
+
+
+def test_retries_still_happen_within_the_poll_deadline(env: Env) -> None:
+    env.cp.fail_next(1, path=f"{api.API}/expected-state")
+    assert env.client(retries=2).expected_state(deadline=5.0)["containers"] == []
+    assert len(env.sleeps) == 1
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -386,9 +386,10 @@ def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -
         env_file = Path(next(a for a in argv if a.startswith("--env-file=")).split("=", 1)[1])
         seen["argv"] = argv
         seen["file"] = env_file
-        seen["mode"] = stat.S_IMODE(env_file.stat().st_mode)
-        seen["dir_mode"] = stat.S_IMODE(env_file.parent.stat().st_mode)
-        seen["run_dir_mode"] = stat.S_IMODE(env_file.parent.parent.stat().st_mode)
+        fd = int(env_file.name)
+        seen["pass_fds"] = tuple(process.kwargs["pass_fds"])
+        seen["target"] = os.readlink(f"/proc/self/fd/{fd}")
+        seen["mode"] = stat.S_IMODE(os.fstat(fd).st_mode)
         seen["content"] = env_file.read_text()
 
     fp.register(["podman", "run", fp.any()], stdout=CID + "\n", stderr=WARNING + "level=error msg=systemd\n", callback=capture)
@@ -399,9 +400,13 @@ def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -
     assert [list(c)[:3] for c in fp.calls] == [["podman", "run", "--detach"], [*INSPECT[:3]]]
     assert seen["argv"] == expected_run_argv(s, volumes_dir, str(seen["file"]), dns=("10.200.3.1",))
     assert not any("hunter2" in a for a in seen["argv"])
-    assert seen["mode"] == 0o600 and seen["dir_mode"] == 0o700 and seen["run_dir_mode"] == 0o700
+    # The env file is a memfd handed to podman as /dev/fd/N: never a file on disk.
+    assert str(seen["file"]).startswith("/dev/fd/") and seen["pass_fds"] == (int(seen["file"].name),)
+    assert seen["target"].startswith("/memfd:") and seen["mode"] == 0o600
     assert seen["content"] == "DATABASE_URL=postgres://u:hunter2-secret@db/x\nEMPTY=\nSPACED=  a b  \n"
-    assert not seen["file"].exists() and not seen["file"].parent.exists()
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+    with pytest.raises(OSError):  # closed after the run
+        os.fstat(int(seen["file"].name))
     for name in ("data", "cache"):
         path = volumes_dir / "svc1" / name
         assert path.is_dir() and stat.S_IMODE(path.stat().st_mode) == 0o755
@@ -703,6 +708,46 @@ def test_force_remove_retries_then_fails(fp: Any, podman: Podman) -> None:
     register_inspect(fp, CID, inspect_json(running=False, status="removing"), occurrences=3)
     with pytest.raises(PodmanError, match="still exists after podman rm.*being removed"):
         podman.force_remove(CID)
+
+
+def test_force_remove_of_a_stopping_container_finishes_the_stop_first(fp: Any, podman: Podman) -> None:
+    """`stopping` for good (its `podman stop` was killed): `rm --force` alone would answer 0
+    and leave the process running, so the stop is finished before the removal."""
+    register_inspect(fp, CID, inspect_json(running=True, status="stopping"))
+    fp.register(["podman", "stop", "--time", "3", CID])
+    fp.register(["podman", "rm", "--force", "--time", "3", CID])
+    register_inspect(fp, CID, missing=True)
+    podman.force_remove(CID)
+    calls = [list(c)[1] for c in fp.calls if list(c)[1] in ("stop", "rm")]
+    assert calls == ["stop", "rm"]
+
+
+def test_removal_waits_while_another_podman_removes_it(fp: Any, podman: Podman) -> None:
+    register_inspect(fp, CID, inspect_json(running=False, status="removing"))
+    register_inspect(fp, CID, inspect_json(running=False, status="removing"))
+    register_inspect(fp, CID, missing=True)
+    podman.stop_and_remove(CID)
+    assert fp.call_count(["podman", "stop", fp.any()]) == 0 and fp.call_count(["podman", "rm", fp.any()]) == 0
+
+
+def test_leftover_processes_are_the_container_cgroup_and_its_conmon(tmp_path: Path) -> None:
+    from agent.host.podman import leftover_processes
+
+    def proc(pid: int, cgroup: str, argv: list[str], state: str = "S") -> None:
+        entry = tmp_path / str(pid)
+        entry.mkdir()
+        (entry / "cgroup").write_text(cgroup)
+        (entry / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (entry / "stat").write_text(f"{pid} (name with ) paren) {state} 1 2 3\n")
+
+    proc(100, f"0::/libpod_parent/libpod-{CID}\n", ["sleep", "1000"])
+    proc(101, "0::/libpod_parent/conmon\n", ["/usr/bin/conmon", "--api-version", "1", "-c", CID, "-n", NAME])
+    proc(102, f"0::/libpod_parent/libpod-{CID}\n", ["sh"], state="Z")  # a zombie is not running
+    proc(103, f"0::/libpod_parent/libpod-{CID2}\n", ["sleep", "1000"])  # another container
+    proc(104, "0::/user.slice\n", ["podman", "container", "cleanup", CID])  # not conmon, not in its cgroup
+    (tmp_path / "self").mkdir()
+    assert sorted(leftover_processes(CID, tmp_path)) == [100, 101]
+    assert leftover_processes("c" * 64, tmp_path) == []
 
 
 def test_force_remove_missing_is_success(fp: Any, podman: Podman) -> None:

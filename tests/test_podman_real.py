@@ -114,8 +114,8 @@ def capture_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         if env_files:
             path = Path(env_files[0])
             record["env_file"] = path
-            record["env_mode"] = stat.S_IMODE(path.stat().st_mode)
-            record["env_dir_mode"] = stat.S_IMODE(path.parent.stat().st_mode)
+            record["env_target"] = os.readlink(f"/proc/self/fd/{path.name}") if path.parent == Path("/dev/fd") else ""
+            record["pass_fds"] = tuple(kw.get("pass_fds", ()))
         calls.append(record)
         return real_run(argv, **kw)
 
@@ -159,15 +159,15 @@ def test_deploy_two_containers_reachable_with_labels_secrets_volumes_health(
     assert info1["HostConfig"]["LogConfig"]["Size"] == "50MB"
     assert "no-new-privileges" in " ".join(info1["HostConfig"].get("SecurityOpt") or [])
 
-    # The secret is inside the container, but was never in an argv; the env file was 0600
-    # in a 0700 dir and is gone.
+    # The secret is inside the container, but was never in an argv nor on disk: podman 4.3
+    # read it from a memfd passed as /dev/fd/N.
     env_inside = podman("exec", id1, "env").stdout.splitlines()
     assert {f"DATABASE_URL={secret}", "EMPTY=", "SPACED= a b "} <= set(env_inside)
     assert all(secret not in arg for call in capture_runs for arg in call["argv"])
     runs = [call for call in capture_runs if "env_file" in call]
     assert len(runs) == 1
-    assert runs[0]["env_mode"] == 0o600 and runs[0]["env_dir_mode"] == 0o700
-    assert not runs[0]["env_file"].exists() and not list((tmp_path / "run").iterdir())
+    assert runs[0]["env_target"].startswith("/memfd:") and runs[0]["pass_fds"] == (int(runs[0]["env_file"].name),)
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
 
     # The volume lives under the agent's volumes dir, 0755, and is the container's /data.
     volume = volumes_dir / SERVICE / "data"

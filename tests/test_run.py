@@ -52,3 +52,18 @@ def test_missing_binary_and_shell_strings():
         run("echo hi", timeout=5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         popen("echo hi")  # type: ignore[arg-type]
+
+
+def test_only_the_passed_descriptors_reach_the_child():
+    import os
+
+    passed = os.memfd_create("passed", os.MFD_CLOEXEC)
+    kept = os.memfd_create("kept", 0)  # inheritable, yet not passed: the child must not see it
+    try:
+        os.write(passed, b"K=from-memory\n")
+        os.write(kept, b"private\n")
+        result = run(["sh", "-c", f"cat /dev/fd/{passed}; cat /dev/fd/{kept} 2>/dev/null || echo closed"], timeout=5, pass_fds=[passed])
+        assert result.stdout == "K=from-memory\nclosed\n"
+    finally:
+        os.close(passed)
+        os.close(kept)

@@ -198,12 +198,15 @@ def test_stop_removes_our_container_and_remembers_deployment(h: Harness) -> None
     assert h.make().stopped_deployments() == frozenset({DEP})
 
 
-def test_stop_of_missing_container_is_completed(h: Harness) -> None:
+def test_stop_of_missing_container_is_completed_without_marking_the_deployment(h: Harness) -> None:
     h.client.items = [item("w1", "stop", {"deploymentId": DEP, "containerId": "c9"})]
     h.queue.poll_once()
     assert h.outcome("w1") == ("completed", "")
     assert h.podman.calls == []
     assert h.changes == 0
+    # Issue 8 §3: a stop naming no container must not keep the deployment down for 90 days.
+    assert h.queue.stopped_deployments() == frozenset()
+    assert h.make().stopped_deployments() == frozenset()
 
 
 def test_stop_failure_is_reported(h: Harness) -> None:
@@ -241,6 +244,56 @@ def test_container_without_deployment_label_is_accepted(h: Harness) -> None:
     h.queue.poll_once()
     assert h.outcome("w1") == ("completed", "")
     assert h.podman.calls == [("stop_and_remove", "c1")]
+    # Removed, but it did not prove it belonged to DEP: the deployment is not marked stopped.
+    assert h.queue.stopped_deployments() == frozenset()
+
+
+def _disk_full(monkeypatch: pytest.MonkeyPatch, full: list[bool]) -> None:
+    from agent import fsutil
+
+    real = fsutil.atomic_write_json
+
+    def write(path: Any, value: Any, mode: int = 0o600) -> None:
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real(path, value, mode)
+
+    monkeypatch.setattr(fsutil, "atomic_write_json", write)
+
+
+def test_item_is_acknowledged_only_after_its_outcome_is_saved(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = [True]
+    _disk_full(monkeypatch, full)
+    h.podman.add("c1", ours(), running=False)
+    h.client.items = [item("w1", "restart", {"deploymentId": DEP, "containerId": "c1"})]
+    with caplog.at_level(logging.ERROR):
+        h.queue.poll_once()
+        h.queue.poll_once()  # re-delivered while the disk is still full
+    assert h.client.completed == []
+    assert h.podman.calls == [("restart", "c1")]
+    assert caplog.text.count("cannot write") == 1
+    full[0] = False
+    h.queue.poll_once()
+    assert h.outcome("w1") == ("completed", "")
+    assert h.podman.calls == [("restart", "c1")]  # ran once, acknowledged once
+    assert json.loads((h.settings.data_dir / DONE_FILE).read_text())["items"]["w1"]["status"] == "completed"
+
+
+def test_stop_marked_while_the_disk_is_full_is_saved_before_the_acknowledgement(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = [True]
+    _disk_full(monkeypatch, full)
+    h.podman.add("c1", ours())
+    h.client.items = [item("w1", "stop", {"deploymentId": DEP, "containerId": "c1"})]
+    h.queue.poll_once()
+    assert h.client.completed == [] and h.queue.stopped_deployments() == frozenset({DEP})
+    full[0] = False
+    h.queue.poll_once()
+    assert h.outcome("w1") == ("completed", "")
+    assert h.make().stopped_deployments() == frozenset({DEP})
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,9 @@ container with another owner's mark is never touched, whatever else it carries. 
 container with the §9.1 labels and NO owner mark was made by the original Go agent (or
 this agent before owner marks): only a registered agent (`adopt_legacy`) adopts it, and
 only when it sits on that agent's network (or only on podman's default network, where
-the Go agent put port-publishing containers); a standalone agent never does. Secrets reach the container through a
-0600 env file that is deleted right after `podman run`, never through argv (§17.4). Every
+the Go agent put port-publishing containers); a standalone agent never does. Secrets reach the container through an
+env file that exists only in memory (a memfd `podman run` reads as /dev/fd/N), never
+through argv or a file on disk (§17.4). Every
 value that comes from outside is bound to its option (`--name=…`) and the image follows
 `--`, so nothing can be read as an extra option.
 """
@@ -25,8 +26,9 @@ import json
 import logging
 import os
 import re
+import fcntl
 import shutil
-import tempfile
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +66,8 @@ MIN_SECRET_LEN = 4
 STALE_ENV_SECONDS = 300.0
 
 STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
+# How long killed leftovers of a removed container get to disappear before we say so.
+REAP_WAIT = 5.0
 
 # The owner mark on every container and network the agent creates.
 LABEL_OWNER = "techulus.owner"
@@ -181,13 +185,17 @@ class Podman:
 
     # --- low level --------------------------------------------------------------------------
 
-    def _run(self, *args: str, timeout: float | None = None, check: bool = True, secrets: Sequence[str] = ()) -> Result:
+    def _run(
+        self, *args: str, timeout: float | None = None, check: bool = True, secrets: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> Result:
         try:
             return run(
                 [self.options.binary, *args],
                 timeout=self.options.timeout if timeout is None else timeout,
                 check=check,
                 secrets=secrets,
+                pass_fds=pass_fds,
             )
         except CommandNotFound as exc:
             raise PodmanNotInstalled(exc) from exc
@@ -419,13 +427,15 @@ class Podman:
         for volume in spec.volumes:
             _make_volume_dir(volumes_dir, spec.volume_host_path(volumes_dir, volume))
         self.remove_stale_env_files()
-        env_dir = self._env_file(env) if env else None
+        env_fd = self._env_file(env) if env else None
         try:
-            argv = self._run_argv(spec, volumes_dir, env_dir / "env" if env_dir else None)
-            result = self._run_resolving_obstacles(spec, argv, [v for v in env.values() if len(v) >= MIN_SECRET_LEN])
+            argv = self._run_argv(spec, volumes_dir, Path(f"/dev/fd/{env_fd}") if env_fd is not None else None)
+            result = self._run_resolving_obstacles(
+                spec, argv, [v for v in env.values() if len(v) >= MIN_SECRET_LEN], () if env_fd is None else (env_fd,)
+            )
         finally:
-            if env_dir is not None:
-                shutil.rmtree(env_dir, ignore_errors=True)
+            if env_fd is not None:
+                os.close(env_fd)
         container_id = _container_id(result.stdout)
         if not container_id:
             info = self.inspect(spec.name) or {}
@@ -441,11 +451,13 @@ class Podman:
         self.images.note_deployed(spec.service_id, canonical_image(spec.image))
         return container_id
 
-    def _run_resolving_obstacles(self, spec: ExpectedContainer, argv: list[str], secrets: list[str]) -> Result:
+    def _run_resolving_obstacles(
+        self, spec: ExpectedContainer, argv: list[str], secrets: list[str], pass_fds: Sequence[int] = ()
+    ) -> Result:
         handled: set[str] = set()
         while True:
             try:
-                return self._run(*argv, secrets=secrets)
+                return self._run(*argv, secrets=secrets, pass_fds=pass_fds)
             except PodmanCommandError as exc:
                 output = exc.output
                 if NAME_IN_USE in output and "name" not in handled:
@@ -457,7 +469,7 @@ class Podman:
                         ) from exc
                     if existing is not None:
                         log.info("removing leftover container %s before deploying it again", spec.name)
-                        self._remove_ours(spec.name, grace=self.options.stop_timeout)
+                        self._remove_ours(spec.name, grace=self.options.stop_timeout, info=existing)
                     continue
                 # A failed run can leave a `created` container of ours behind.
                 self._remove_failed_run(spec.name)
@@ -520,8 +532,10 @@ class Podman:
         argv += ["--", canonical_image(spec.image)]
         return argv
 
-    def _env_file(self, env: Mapping[str, str]) -> Path:
-        """Write the secrets to a 0600 file in a fresh 0700 dir; the caller removes the dir."""
+    def _env_file(self, env: Mapping[str, str]) -> int:
+        """The secrets as an env file that exists only in memory: a sealed memfd, which
+        `podman run` reads as `/dev/fd/N` (it inherits the descriptor). Nothing reaches a
+        disk, so a kill -9 or a power cut leaves no secret behind. The caller closes it."""
         lines = []
         for key, value in env.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -532,23 +546,27 @@ class Podman:
             if len(line.encode()) > MAX_ENV_LINE:
                 raise PodmanError(f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes)")
             lines.append(line)
-        run_dir = self.options.run_dir
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(run_dir, 0o700)
-        directory = Path(tempfile.mkdtemp(prefix="env-", dir=run_dir))
-        path = directory / "env"
+        data = "".join(lines).encode("utf-8")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.writelines(lines)
+            fd = os.memfd_create("techulus-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError) as exc:
+            raise PodmanError(f"cannot create an in-memory env file (memfd_create): {exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            # Sealed: nothing (not even a process that could reach the descriptor) can change it.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            os.close(fd)
             raise
-        return directory
+        return fd
 
     def remove_stale_env_files(self, older_than: float = STALE_ENV_SECONDS) -> None:
-        """Env files a crashed agent left behind hold secrets: remove them. At start-up no
-        deploy is running, so the agent removes them all (`older_than=0`)."""
+        """Env files that agents before the in-memory ones left in the run dir (a kill -9
+        between write and delete) hold secrets: remove them. At start-up no deploy is
+        running, so the agent removes them all (`older_than=0`)."""
         try:
             entries = list(self.options.run_dir.glob("env-*"))
         except OSError:
@@ -565,7 +583,7 @@ class Podman:
         """A failed `podman run` can leave a `created` container of ours behind: remove it."""
         info = self.inspect(name)
         if info is not None and self._owns(info):
-            self._remove_ours(name, grace=0)
+            self._remove_ours(name, grace=0, info=info)
 
     def _free_ip(self, spec: ExpectedContainer, holder_id: str) -> None:
         """IPAM says the IP is taken. Remove the holder only if it is ours and stale: not
@@ -590,7 +608,7 @@ class Podman:
                 f"{labels.get(LABEL_DEPLOYMENT_ID) or '(none)'}; it must be removed first"
             )
         log.warning("IP %s is held by stale container %s; removing it", spec.ip_address, holder_name)
-        self._remove_ours(str(holder.get("Id") or holder_id), grace=0)
+        self._remove_ours(str(holder.get("Id") or holder_id), grace=0, info=holder)
 
     def _holder_of(self, ip: str) -> dict[str, Any] | None:
         """Older podman does not name the holder: look through our containers."""
@@ -642,6 +660,7 @@ class Podman:
         respin it forever (podman 4 restarts at once, without backoff). A `podman stop`
         that lands while the container is between two restarts does not stick, so try a
         few times and keep it stopped (its logs stay readable), or else remove it."""
+        after: dict[str, Any] | None = None
         for _ in range(attempts):
             self._run("stop", "--time", "0", ref, check=False)
             before = self.inspect(ref)
@@ -654,7 +673,7 @@ class Podman:
                 log.info("stopped failing container %s after %d restart(s)", ref, count)
                 return
         log.warning("container %s keeps restarting; removing it", ref)
-        self._remove_ours(ref, grace=0)
+        self._remove_ours(ref, grace=0, info=after)
 
     def _require_ours(self, ref: str) -> dict[str, Any] | None:
         info = self.inspect(ref)
@@ -685,38 +704,101 @@ class Podman:
             raise PodmanError(f"container {ref} did not stay running after restart: {tail}")
 
     def stop_and_remove(self, ref: str) -> None:
-        """Stop (grace period `stop_timeout`), remove, and verify it is gone (§9.6.3)."""
-        if self._require_ours(ref) is None:
+        """Stop (grace period `stop_timeout`), remove, and verify it is gone (§9.6.3).
+        `podman stop` also finishes a stop that a killed podman left `stopping`."""
+        info = self._require_ours(ref)
+        if info is None:
+            self._reap(ref)  # gone for Podman; its process may not be
             return
+        if _status(info) == "removing":
+            info = self._wait_while_removing(ref, info)
+            if info is None:
+                return
         try:
             self._run("stop", "--time", self._stop_time(), ref, timeout=self.options.timeout + self.options.stop_timeout)
         except PodmanCommandError as exc:
             if exc.not_found:
+                self._reap(str(info.get("Id") or ""))
                 return
             raise
-        self._remove_ours(ref, grace=0)
+        self._remove_ours(ref, grace=0, info=dict(info, State={"Status": "exited"}))
 
     def force_remove(self, ref: str) -> None:
         """Remove whatever state it is in (§9.6.5); gone already counts as success."""
-        if self._require_ours(ref) is None:
+        info = self._require_ours(ref)
+        if info is None:
+            self._reap(ref)  # gone for Podman; its process may not be
             return
-        self._remove_ours(ref, grace=self.options.stop_timeout)
+        self._remove_ours(ref, grace=self.options.stop_timeout, info=info)
 
-    def _remove_ours(self, ref: str, grace: int, attempts: int = 3) -> None:
-        """`podman rm --force` until the container is gone; the caller checked it is ours."""
+    def _remove_ours(
+        self, ref: str, grace: int, attempts: int = 3, info: Mapping[str, Any] | None = None
+    ) -> None:
+        """`podman rm --force` until the container is gone; the caller checked it is ours.
+
+        `info` (its inspect, when the caller has one) names the container's full id and
+        state. A container left `stopping` by a `podman stop` that was killed (kill -9 of
+        the agent) is stopped first, and one being removed is waited for (bounded): `podman
+        rm --force` on either answers 0 while the container's process runs on, unknown to
+        Podman. After the removal no process of the container may be left (see `_reap`)."""
+        container_id = str((info or {}).get("Id") or "") or (ref if CONTAINER_ID.fullmatch(ref) else "")
+        status = _status(info)
+        if status == "stopping":
+            log.info("container %s is still `stopping` (a stop was interrupted); stopping it again", ref)
+            self._run("stop", "--time", str(grace), ref, check=False, timeout=self.options.timeout + grace)
+        elif status == "removing" and info is not None:
+            if self._wait_while_removing(ref, info) is None:
+                self._reap(container_id)
+                return
         last = ""
         for attempt in range(attempts):
             try:
                 self._run("rm", "--force", "--time", str(grace), ref, timeout=self.options.timeout + grace)
             except PodmanCommandError as exc:
                 if exc.not_found:
+                    self._reap(container_id)
                     return
                 last = str(exc)
             if self.inspect(ref) is None:
+                self._reap(container_id)
                 return
             if attempt + 1 < attempts:
                 self._sleep(0.5 * 2**attempt)
         raise PodmanError(f"container {ref} still exists after podman rm" + (f": {last}" if last else ""))
+
+    def _wait_while_removing(self, ref: str, info: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Wait (at most the podman timeout) while another podman removes the container;
+        its inspect once it is in another state, or None once it is gone."""
+        deadline = time.monotonic() + self.options.timeout
+        current: dict[str, Any] | None = dict(info)
+        while current is not None and _status(current) == "removing" and time.monotonic() < deadline:
+            self._sleep(0.5)
+            current = self.inspect(ref)
+        return current
+
+    def _reap(self, container_id: str) -> None:
+        """Kill what is left of a removed container: its processes (found by the cgroup that
+        carries its id) and its conmon. Podman forgets a container whose stop was cut short
+        and says the removal succeeded, while the workload keeps running and holding its
+        IP, ports and volumes."""
+        if not CONTAINER_ID.fullmatch(container_id):
+            return
+        left = leftover_processes(container_id)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + REAP_WAIT
+        while leftover_processes(container_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        still = leftover_processes(container_id)
+        log.warning(
+            "container %s was removed but %d of its processes still ran (pid %s); killed them%s",
+            container_id[:12], len(left), ", ".join(map(str, left)), f" (pid {', '.join(map(str, still))} survived)" if still else "",
+        )
 
     # --- images (for agent/host/images.py) ------------------------------------------------
 
@@ -799,6 +881,36 @@ def parse_ps_networks(stdout: str) -> list[tuple[ContainerInfo, list[str]]]:
         )
         containers.append((container, [str(n) for n in networks] if isinstance(networks, list) else []))
     return containers
+
+
+def leftover_processes(container_id: str, proc: Path = Path("/proc")) -> list[int]:
+    """Live processes of a container: those in a cgroup named after its id (the workload)
+    and its conmon (`conmon … -c <id>`); zombies and this process are not counted."""
+    found = []
+    try:
+        entries = [entry for entry in proc.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if container_id not in (entry / "cgroup").read_text(errors="replace"):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if not (argv and argv[0].endswith(b"conmon") and container_id.encode() in argv):
+                    continue
+            # Field 3 of stat, after the parenthesised command name: Z is a zombie.
+            if (entry / "stat").read_text().rpartition(")")[2].split()[:1] == ["Z"]:
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        found.append(pid)
+    return found
+
+
+def _status(info: Mapping[str, Any] | None) -> str:
+    return str(((info or {}).get("State") or {}).get("Status") or "").lower()
 
 
 def _loads(text: str, what: str) -> Any:

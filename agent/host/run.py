@@ -86,11 +86,14 @@ def run(
     secrets: Iterable[str] = (),
     check: bool = True,
     max_output: int = MAX_OUTPUT,
+    pass_fds: Sequence[int] = (),
 ) -> Result:
     """Run `argv` to completion and return its output.
 
     `env`, when given, is added to (not substituted for) the agent's environment.
     `secrets` are strings to mask wherever the command or its output is logged or raised.
+    `pass_fds` are descriptors the child inherits (e.g. a memfd it reads as /dev/fd/N);
+    every other descriptor is closed in the child.
     """
     if isinstance(argv, str):
         raise TypeError("run() takes an argv list, never a command string")
@@ -112,6 +115,7 @@ def run(
             env=child_env,
             cwd=cwd,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as exc:
         raise CommandNotFound(shown, None, reason=f"cannot start: {argv[0]} is not installed or not on PATH") from exc
