@@ -46,7 +46,7 @@ _IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 # Only hex digits, colons and the dots of an embedded IPv4 tail: no `%` zone id, ever.
 _IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 _PREFIX = re.compile(r"0|[1-9][0-9]{0,2}")
-_PORT = re.compile(r"[1-9][0-9]{0,4}")
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 _WG_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 # The distribution reference grammar (docker/distribution reference.go), ASCII only, plus
 # the control plane's `docker.io/<registry:port>/...` spelling (PROTOCOL.md §6.1).
@@ -266,8 +266,13 @@ def cidr_list(value: object, what: str = "allowedIps") -> str:
         raise InvalidValue(f"{what} must be a non-empty comma-separated list of CIDRs, {_got(value)}")
     if len(value) > 4096:
         raise InvalidValue(f"{what} must be at most 4096 characters, got {len(value)}")
+    if any(char.isspace() for char in value):
+        raise InvalidValue(f"{what} must not contain spaces, {_got(value)}")
     for part in value.split(","):
-        cidr(part, f"{what} entry")
+        try:
+            cidr(part, "CIDR")
+        except InvalidValue as exc:
+            raise InvalidValue(f"{what} contains an invalid CIDR {part[:60]!r} ({exc})") from None
     return value
 
 
