@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from agent import crypto
 
@@ -309,3 +309,35 @@ def argv(args: Iterable[str], what: str = "command") -> None:
         bad = bad_character(arg)
         if bad is not None:
             raise InvalidValue(f"{what}: argument {arg[:60]!r} holds the control or separator character {bad!r}")
+
+
+def env_file_entries(text: str) -> list[tuple[str, str]]:
+    """An env file as podman's `--env-file` reads it (pkg/env: lines split at \\n, a trailing
+    \\r dropped, leading blanks trimmed, `#` lines skipped, KEY=VALUE split at the first `=`;
+    a line without `=` imports the host's variable, so it is an error here)."""
+    entries = []
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        line = line.lstrip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise InvalidValue(f"env file line {number} has no '=' (podman would import the host's {key[:40]!r})")
+        entries.append((key, value))
+    return entries
+
+
+def check_env_file(text: str, env: Mapping[str, str]) -> None:
+    """Raise unless `text` reads back, as every podman reads it, as exactly `env` in order.
+
+    Podman >= 4.7 reads a value that opens with a quote as possibly spanning lines, so such a
+    value is refused too: one podman would read it differently from another."""
+    for key, value in env.items():
+        env_key(key)
+        if value[:1] in ("\"", "'", "`"):
+            raise InvalidValue(f"environment variable {key} starts with a quote, which podman 4.7+ may read across lines")
+        if "\n" in value or "\r" in value or "\x00" in value:
+            raise InvalidValue(f"environment variable {key} contains a line break or NUL, which an env file cannot carry")
+    if env_file_entries(text) != list(env.items()):
+        raise InvalidValue("the env file does not read back as the intended variables")

@@ -176,3 +176,27 @@ def test_one_line_text_and_argv():
     validate.argv(["podman", "run", "--label=x=Café"])
     with pytest.raises(InvalidValue):
         validate.argv(["podman", "--name=a\nb"])
+
+
+def test_env_file_reads_back_as_podman_reads_it():
+    env = {"A": "1", "URL": "postgres://u:p@h/db?x=y", "EMPTY": "", "SPACES": "  a b  ", "HASH": "#not a comment"}
+    text = "".join(f"{key}={value}\n" for key, value in env.items())
+    validate.check_env_file(text, env)
+    assert validate.env_file_entries("  A=1\r\n# c\n\nB=x=y\n") == [("A", "1"), ("B", "x=y")]
+    with pytest.raises(InvalidValue, match="host"):
+        validate.env_file_entries("HOME\n")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"A": "1\nB=2"}, {"A": "1\r"}, {"A": "x\x00"}, {"A": '"multi'}, {"A": "'x'"}, {"A B": "1"}, {"#A": "1"}],
+)
+def test_env_values_that_podman_would_read_otherwise_are_refused(env):
+    text = "".join(f"{key}={value}\n" for key, value in env.items())
+    with pytest.raises(InvalidValue):
+        validate.check_env_file(text, env)
+
+
+def test_env_file_that_does_not_match_its_variables_is_refused():
+    with pytest.raises(InvalidValue, match="read back"):
+        validate.check_env_file("A=1\nB=2\n", {"A": "1"})

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import validate
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
 from agent.host.run import CommandError, CommandNotFound, CommandTimeout, Result, run
 from agent.model import ExpectedContainer, canonical_image
@@ -419,6 +420,16 @@ class Podman:
         if env_file is not None:
             argv.append(f"--env-file={env_file}")
         argv += ["--", canonical_image(spec.image)]
+        # The spec is the model's, but nothing may reach argv unchecked: a spec built
+        # elsewhere (a test, a cache) goes through the same grammars.
+        try:
+            validate.identifier(spec.deployment_id, "deploymentId")
+            validate.identifier(spec.service_id, "serviceId")
+            validate.free_text(spec.service_name, "serviceName")
+            validate.image_reference(spec.image)
+            validate.argv(argv, f"podman run of {spec.name}")
+        except validate.InvalidValue as exc:
+            raise PodmanError(f"refusing to run container {spec.name}: {exc}") from None
         return argv
 
     def _env_file(self, env: Mapping[str, str]) -> Path:
@@ -433,6 +444,7 @@ class Podman:
             if len(line.encode()) > MAX_ENV_LINE:
                 raise PodmanError(f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes)")
             lines.append(line)
+        validate.check_env_file("".join(lines), env)  # read back as podman reads it, or refuse
         run_dir = self.options.run_dir
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(run_dir, 0o700)
