@@ -150,7 +150,7 @@ def test_upstreams_skip_loopback_stubs(tmp_path: Path) -> None:
     assert upstream_servers([stub, real], ["10.200.3.1"]) == ["192.0.2.53", "fe80::1"]
     assert upstream_servers([stub, tmp_path / "missing"], []) == []
     assert check_upstream("127.0.0.1#5353") == "127.0.0.1#5353"
-    for bad in ("1.2.3.4#x", "nope", "1.2.3.4#70000", "1.2.3.4\nserver=9.9.9.9"):
+    for bad in ("1.2.3.4#x", "nope", "1.2.3.4#70000", "1.2.3.4\nserver=9.9.9.9", "1.2.3.4#５３", "fe80::1%eth0"):
         with pytest.raises(ValueError):
             check_upstream(bad)
 

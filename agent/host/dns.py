@@ -200,7 +200,7 @@ def check_upstream(value: str) -> str:
     address, _, port = value.partition("#")
     validate.ip_address(address, "dns upstream server")
     if port:
-        validate.port(int(port) if port.isdigit() else -1, "dns upstream server port")
+        validate.port(int(port) if port.isascii() and port.isdigit() else -1, "dns upstream server port")
     return value
 
 
