@@ -239,3 +239,16 @@ def test_the_expected_state_says_once_when_it_is_valid_again(caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert sum("also given" in m for m in messages) == 1
     assert messages.count("expected state is valid again") == 1
+
+
+def test_five_thousand_entries_sharing_one_ip_are_logged_once_not_every_poll(caplog):
+    from agent.loop import ControlPlaneSource
+
+    entries = [container(deploymentId=f"dep-{i}", name=f"web-{i}", ipAddress="10.200.1.2") for i in range(5000)]
+    source = ControlPlaneSource(_Client(json.dumps({"containers": entries})), SUBNET, None)
+    with caplog.at_level("DEBUG"):
+        for _ in range(10):
+            state = source.fetch()
+    assert len(state.containers) == 1 and state.problem_count == 4999
+    assert len(caplog.records) <= 6
+    assert "4,999 problem(s) in all" in caplog.records[-1].getMessage()
