@@ -252,3 +252,19 @@ def test_five_thousand_entries_sharing_one_ip_are_logged_once_not_every_poll(cap
     assert len(state.containers) == 1 and state.problem_count == 4999
     assert len(caplog.records) <= 6
     assert "4,999 problem(s) in all" in caplog.records[-1].getMessage()
+
+
+def test_a_hostile_registration_peer_is_dropped_with_one_line(tmp_path, caplog):
+    from agent.identity import DataDir
+    from agent.registration import ensure_registered
+    from agent.settings import Settings
+    from tests.test_identity import ANSWER, FakeRegisterClient
+
+    evil = {"publicKey": "11RXTfrcyoZt2d7lU9xvoix87aedvwyjV7HsIbFkikg=", "allowedIps": "10.100.3.0/24",
+            "endpoint": "fe80::1%x\n[Interface]\nPreUp = cd; touch pwned:51820"}
+    answer = dict(ANSWER, peers=[*ANSWER["peers"], evil])
+    settings = Settings.load({"token": "tok", "data_dir": str(tmp_path)}, environ={})
+    with caplog.at_level("INFO"):
+        result = ensure_registered(settings, DataDir(tmp_path), FakeRegisterClient(answer), "")
+    assert [peer.allowed_ips for peer in result.initial_peers] == ["10.100.2.0/24,10.200.2.0/24"]
+    assert [r.getMessage() for r in caplog.records if "registration answer" in r.getMessage() and "endpoint" in r.getMessage()]
