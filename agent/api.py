@@ -116,7 +116,7 @@ def parse_work_item(raw: Any) -> WorkItem:
             item_id, item_type, None, f"payload must be a JSON string, got {type(payload_raw).__name__}"
         )
     try:
-        payload = json.loads(payload_raw)
+        payload = decode_json(payload_raw)
     except ValueError as exc:
         return WorkItem(item_id, item_type, None, f"payload is not valid JSON: {exc}")
     if payload is None:
@@ -359,7 +359,7 @@ class ControlPlane:
         if status != 200:
             raise BadResponse(f"{method} {path}: unexpected status {status}", status, text)
         try:
-            return json.loads(text) if text.strip() else None
+            return decode_json(text) if text.strip() else None
         except ValueError as exc:
             raise BadResponse(f"{method} {path}: answer is not JSON ({exc})", status, text[:200]) from exc
 
@@ -444,6 +444,15 @@ def _limit_next_read(response: Any, seconds: float) -> None:
             sock.settimeout(max(0.001, seconds))
         except OSError:
             pass
+
+
+def decode_json(text: str | bytes) -> Any:
+    """json.loads, with a nesting too deep for the parser's recursion (100,000 `[`) as a
+    ValueError like any other malformed answer: one clear line, never a traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
 
 
 def _expect_object(answer: Any, what: str) -> dict[str, Any]:

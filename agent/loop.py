@@ -27,6 +27,7 @@ from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerI
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
+from agent.problems import ProblemLog
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -474,6 +475,7 @@ class FileSource:
         self.path = path
         self.subnet = subnet
         self._warned: set[str] = set()
+        self.problems = ProblemLog(log, f"state file {path}")
 
     def fetch(self) -> ExpectedState:
         data = load_state_file(self.path)
@@ -481,6 +483,7 @@ class FileSource:
         if data.get("subnetId", 1) != int(self.subnet.network_address.packed[2]):
             self._warn_once(f"subnetId changed to {data.get('subnetId')!r} in {self.path}; restart the agent to use it")
         state = parse_expected_state(data, self.subnet)
+        self.problems.report(state.problems, state.problem_count)
         return dataclasses.replace(state, sections=frozenset(SECTIONS))
 
     def _check_keys(self, data: dict[str, Any]) -> None:
@@ -522,11 +525,15 @@ def load_state_file(path: Path) -> dict[str, Any]:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ModelError(f"state file {path} is not valid TOML: {exc}") from exc
+        except RecursionError:
+            raise ModelError(f"state file {path} is nested too deeply to be an expected state") from None
     else:
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelError(f"state file {path} is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise ModelError(f"state file {path} is nested too deeply to be an expected state") from None
     if not isinstance(data, dict):
         raise ModelError(f"state file {path} must hold an object/table at the top level")
     return data
@@ -543,10 +550,12 @@ class ControlPlaneSource:
         # Seconds for a whole poll, retries included, so a hanging control plane cannot
         # stall the loop past its tick.
         self.deadline = deadline
+        self.problems = ProblemLog(log, "expected state")
 
     def fetch(self, deadline: float | None = None) -> ExpectedState:
         data = self.client.expected_state(deadline=deadline or self.deadline)
         state = parse_expected_state(data, self.subnet)
+        self.problems.report(state.problems, state.problem_count)
         text = json.dumps(data, sort_keys=True)
         if self.cache_path is not None and text != self._cached_text:
             try:
@@ -560,8 +569,10 @@ class ControlPlaneSource:
         if self.cache_path is None or not self.cache_path.exists():
             return None
         try:
-            return parse_expected_state(json.loads(self.cache_path.read_text(encoding="utf-8")), self.subnet)
-        except (OSError, ValueError) as exc:
+            state = parse_expected_state(json.loads(self.cache_path.read_text(encoding="utf-8")), self.subnet)
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("ignoring the cached expected state %s: %s", self.cache_path, exc)
             return None
+        self.problems.report(state.problems, state.problem_count)
+        return state
 

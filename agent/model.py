@@ -2,15 +2,27 @@
 
 Parsing happens once, at the edge: everything after this module may trust the values.
 A malformed document raises ModelError and nothing acts on it; a single bad entry is
-dropped with a problem line naming it, and its deployment id is remembered as
-`protected` so that the reconciler never removes a running container because the control
-plane sent a garbled description of it.
+dropped with a problem line naming it. Parsing logs nothing itself: the caller owns a
+`problems.ProblemLog` that reports the problems once, then counts them, so a document of
+five million bad entries costs a few log lines, not five million.
+
+Doubt protects: an entry that cannot be fully parsed protects every container it might
+describe, so that the reconciler never removes a running container because the control
+plane sent a garbled description of it:
+* an entry whose deploymentId is valid protects that deployment's container;
+* an entry whose deploymentId becomes valid once surrounding white space and control or
+  separator characters are stripped (`"abc "`, `"abc\n"`) protects the deployment so
+  stripped (its container carries the clean id) as well as the raw string;
+* an entry with no usable deploymentId at all (missing, not a string, too long, with
+  characters no id may hold, or not an object) could describe any container: while it
+  is listed, no container is removed (`invalid_sections` holds "containers").
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +35,11 @@ log = logging.getLogger(__name__)
 
 
 SECTIONS = ("containers", "dns", "caddy", "wireguard")
+#: Problem texts kept per document (all of them are counted): a hostile document of millions
+#: of bad entries must not cost memory or log lines in proportion.
+MAX_PROBLEMS = 100
+# What is stripped from a deploymentId to find the container a garbled entry might describe.
+_SURROUNDING_JUNK = re.compile(r"^[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+|[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+$")
 
 
 class ModelError(ValueError):
@@ -97,6 +114,7 @@ class ExpectedState:
     wireguard_peers: tuple[WireGuardPeer, ...] = ()
     # Deployment ids whose entries were invalid: their containers must be left alone.
     protected_deployments: frozenset[str] = frozenset()
+    # The first MAX_PROBLEMS problem texts; `problem_count` counts them all.
     problems: tuple[str, ...] = ()
     # Top-level sections the document actually carried ("containers", "dns", "caddy",
     # "wireguard"). A missing one is unknown, not empty: nothing acts on it.
@@ -105,6 +123,7 @@ class ExpectedState:
     # container is removed. (A bad DNS record, route or peer is only skipped, and the rest
     # of its section applies: freezing a whole global section would stop every server.)
     invalid_sections: frozenset[str] = frozenset()
+    problem_count: int = 0
 
     def container(self, deployment_id: str) -> ExpectedContainer | None:
         for item in self.containers:
@@ -166,7 +185,7 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
     """
     if not isinstance(data, dict):
         raise ModelError(f"expected state must be a JSON object, got {type(data).__name__}")
-    problems: list[str] = []
+    problems = _Problems()
     protected: set[str] = set()
 
     containers = _list(data.get("containers"), "containers")
@@ -179,7 +198,6 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
     seen_ids: set[str] = set()
     seen_ips: dict[str, str] = {}
     for index, raw in enumerate(containers):
-        label = _container_label(raw, index)
         try:
             item = _container(raw, subnet)
             if item.deployment_id in seen_ids:
@@ -187,10 +205,10 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
             if item.ip_address and item.ip_address in seen_ips:
                 raise InvalidValue(f"ipAddress {item.ip_address} is also given to deployment {seen_ips[item.ip_address]}")
         except InvalidValue as exc:
-            problems.append(f"container {label}: {exc}; skipped")
-            if isinstance(raw, dict) and isinstance(raw.get("deploymentId"), str) and raw["deploymentId"]:
-                # Its container is known by its deployment id: protecting it is enough.
-                protected.add(raw["deploymentId"])
+            problems.add(f"container {_container_label(raw, index)}: {exc}; skipped" if problems.keeping else "")
+            described = might_describe(raw)
+            if described:
+                protected |= described
             else:
                 # Without a usable deployment id its container cannot be told apart from an
                 # orphan: no removal at all while such an entry is there.
@@ -204,29 +222,67 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
     parsed_dns = _entries(dns, "dns record", _dns_record, problems)
     parsed_routes = _entries(routes, "caddy route", _caddy_route, problems)
     parsed_peers = _entries(peers, "wireguard peer", _wireguard_peer, problems)
-    for problem in problems:
-        log.error("expected state: %s", problem)
     return ExpectedState(
         tuple(parsed_containers),
         tuple(parsed_dns),
         tuple(parsed_routes),
         tuple(parsed_peers),
         frozenset(protected),
-        tuple(problems),
+        tuple(problems.texts),
         frozenset(section for section in SECTIONS if data.get(section) is not None),
         frozenset(invalid),
+        problems.count,
     )
+
+
+def might_describe(raw: Any) -> frozenset[str]:
+    """The deployment ids whose containers an invalid container entry might describe; empty
+    when it has no usable id (then it might describe any container)."""
+    if not isinstance(raw, dict):
+        return frozenset()
+    value = raw.get("deploymentId")
+    if not isinstance(value, str) or not value:
+        return frozenset()
+    candidates = {value, _SURROUNDING_JUNK.sub("", value)}
+    usable = set()
+    for candidate in candidates:
+        try:
+            usable.add(validate.identifier(candidate, "deploymentId"))
+        except InvalidValue:
+            continue
+    if not usable:
+        return frozenset()
+    # The raw string too: it is what an older agent might have written as the label.
+    return frozenset(usable | {value})
+
+
+class _Problems:
+    """Counts every problem, keeps the text of the first MAX_PROBLEMS (built only for those)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.count = 0
+
+    @property
+    def keeping(self) -> bool:
+        """Whether the next problem's text is kept (callers build the text only then)."""
+        return len(self.texts) < MAX_PROBLEMS
+
+    def add(self, text: str) -> None:
+        self.count += 1
+        if self.keeping:
+            self.texts.append(text)
 
 
 def parse_wireguard_peers(raw: Any) -> tuple[list[WireGuardPeer], list[str]]:
     """Peers from a payload (e.g. `update_wireguard`), with the expected state's checks;
     returns the valid peers and one problem line per rejected entry."""
-    problems: list[str] = []
+    problems = _Problems()
     try:
         items = _list(raw, "peers")
     except ModelError as exc:
         return [], [str(exc)]
-    return _entries(items, "wireguard peer", _wireguard_peer, problems), problems
+    return _entries(items, "wireguard peer", _wireguard_peer, problems), problems.texts
 
 
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -246,13 +302,13 @@ def _list(value: Any, what: str) -> list[Any]:
     return value
 
 
-def _entries(raw_items: list[Any], what: str, parse: Any, problems: list[str]) -> list[Any]:
+def _entries(raw_items: list[Any], what: str, parse: Any, problems: _Problems) -> list[Any]:
     parsed = []
     for index, raw in enumerate(raw_items):
         try:
             parsed.append(parse(raw))
         except InvalidValue as exc:
-            problems.append(f"{what} #{index}: {exc}; skipped")
+            problems.add(f"{what} #{index}: {exc}; skipped" if problems.keeping else "")
     return parsed
 
 
@@ -325,10 +381,9 @@ def _health(raw: Any) -> HealthCheck | None:
         return None
     obj = _object(raw)
     cmd = obj.get("cmd") or ""
-    if not isinstance(cmd, str) or "\x00" in cmd or len(cmd) > 4096:
-        raise InvalidValue("healthCheck.cmd must be a string without NUL bytes")
-    if not cmd.strip():
+    if isinstance(cmd, str) and not cmd.strip():
         return None
+    cmd = validate.free_text(cmd, "healthCheck.cmd", max_len=4096)
     return HealthCheck(
         cmd,
         validate.bounded_int(_default(obj, "interval", 10), "healthCheck.interval", 1, 86400),
@@ -375,4 +430,5 @@ def _wireguard_peer(raw: Any) -> WireGuardPeer:
     endpoint = obj.get("endpoint") or ""
     if endpoint:
         validate.host_port(endpoint, "wireguard endpoint")
+        endpoint = str(endpoint)
     return WireGuardPeer(key, allowed, endpoint)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from agent.api import ApiError, ControlPlane
 from agent.identity import AgentConfig, DataDir, Identity, IdentityError, PendingKeys
 from agent.model import ModelError, WireGuardPeer, parse_expected_state
+from agent.problems import ProblemLog
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ def ensure_registered(
             },
             "registration answer",
         )
-        peers = parse_expected_state({"wireguard": {"peers": answer.get("peers") or []}}, None).wireguard_peers
+        parsed = parse_expected_state({"wireguard": {"peers": answer.get("peers") or []}}, None)
+        ProblemLog(log, "registration answer").report(parsed.problems, parsed.problem_count)
+        peers = parsed.wireguard_peers
     except (IdentityError, ModelError) as exc:
         raise RegistrationError(f"the control plane's registration answer is unusable: {exc}") from exc
     data_dir.ensure()

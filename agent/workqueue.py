@@ -12,7 +12,6 @@ completed as failed instead of being re-fetched forever (PROTOCOL.md §17 items 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import fsutil, validate
-from agent.api import ApiError, ControlPlane
+from agent.api import ApiError, ControlPlane, decode_json
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID
 from agent.host.podman import Podman
 from agent.model import ModelError, WireGuardPeer, parse_expected_state
@@ -521,8 +520,8 @@ class WorkQueue:
 def _parse_payload(raw: Any) -> dict[str, Any]:
     if isinstance(raw, str):
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
+            value = decode_json(raw)
+        except ValueError as exc:
             raise PayloadError(f"payload is not JSON: {exc}") from exc
     elif isinstance(raw, dict):  # tolerate a CP that sends the object itself
         value = raw

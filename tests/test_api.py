@@ -543,3 +543,54 @@ def test_one_client_from_many_threads(env: Env) -> None:
     assert errors == []
     assert len(env.cp.status_reports) == 60
     assert all(r.status == 200 for r in env.cp.requests) and len(env.cp.requests) == 120
+
+
+# --- deeply nested answers -------------------------------------------------------------------------
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("call", ["expected_state", "work_items"])
+def test_deeply_nested_json_is_one_clear_bad_response(env: Env, call: str) -> None:
+    env.cp.respond_next(200, NESTED)
+    with pytest.raises(api.BadResponse, match="nested too deeply"):
+        getattr(env.client(), call)()
+
+
+def test_a_deeply_nested_payload_is_a_payload_error() -> None:
+    item = api.parse_work_item({"id": "w1", "type": "stop", "payload": "[" * 100_000})
+    assert item.payload is None and "nested too deeply" in item.payload_error
+
+
+def test_work_queue_poll_of_a_deeply_nested_answer_logs_one_line_without_traceback(
+    env: Env, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from agent.settings import Settings
+    from agent.workqueue import WorkQueue
+
+    env.cp.respond_next(200, NESTED, count=3)
+    queue = WorkQueue(env.client(), None, Settings(data_dir=tmp_path), threading.Lock(), None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        for _ in range(3):
+            queue.poll_once()
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(problems) == 1 and "nested too deeply" in problems[0].getMessage()
+    assert all(record.exc_info is None for record in caplog.records)
+
+
+def test_work_item_with_a_deeply_nested_payload_fails_with_one_line(
+    env: Env, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from agent.settings import Settings
+    from agent.workqueue import WorkQueue
+
+    env.cp.respond_next(200, {"items": [{"id": "w1", "type": "stop", "payload": "[" * 100_000}]}, path="/api/v1/agent/work-queue")
+    queue = WorkQueue(env.client(), None, Settings(data_dir=tmp_path), threading.Lock(), None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        queue.poll_once()
+    assert all(record.exc_info is None for record in caplog.records)
+    assert any("nested too deeply" in record.getMessage() for record in caplog.records)

@@ -10,6 +10,7 @@ import pytest
 from agent import crypto
 from agent.drift import caddy_hash
 from agent.host.caddy import (
+    check_body,
     CaddyError,
     CaddySync,
     config_etag,
@@ -95,7 +96,7 @@ def test_find_server_by_listen_address() -> None:
         (replace(ROUTE, upstreams=("10.200.3.2",)), "host:port"),
         (replace(ROUTE, upstreams=("10.200.3.2:0",)), "1..65535"),
         (replace(ROUTE, upstreams=("a b:80",)), "not a valid host name"),
-        (replace(ROUTE, id="x\ny"), "control characters"),
+        (replace(ROUTE, id="x\ny"), "control or separator character"),
         (replace(ROUTE, id=""), "must not be empty"),
         (replace(ROUTE, service_id="../x"), "serviceId"),
     ],
@@ -188,3 +189,25 @@ def test_config_etag_is_caddys() -> None:
     assert config_etag(path, body) == f'"{path} 306784a6"'
     # If-Match is split on white space by Caddy: such a path cannot be sent conditionally.
     assert config_etag("/config/apps/http/servers/my server/routes", b"[]\n") is None
+
+
+def test_one_bad_route_is_skipped_once_and_the_rest_hashed(caplog) -> None:  # type: ignore[no-untyped-def]
+    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"), _identity())
+    state = ExpectedState(caddy_routes=(replace(ROUTE, id="bad", upstreams=("127.0.0.1:2019",)), ROUTE))
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            assert sync.expected_hash(state) == caddy_hash([ROUTE])
+    assert len([r for r in caplog.records if "loopback" in r.getMessage()]) == 1
+
+
+def test_the_json_sent_must_read_back_as_the_intended_routes() -> None:
+    foreign = [{"@id": "theirs", "handle": [{"handler": "static_response"}]}]
+    body = foreign + [render_route(ROUTE, False)]
+    check_body(body, foreign, [ROUTE])
+    tampered = foreign + [render_route(ROUTE, False)]
+    tampered[1]["match"][0]["host"].append("evil.example.com")
+    with pytest.raises(CaddyError, match="nothing was changed"):
+        check_body(tampered, foreign, [ROUTE])
+    with pytest.raises(CaddyError, match="nothing was changed"):
+        check_body(body, [], [ROUTE])
+

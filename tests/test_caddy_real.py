@@ -233,6 +233,11 @@ def test_caddy_errors_surface_and_keep_the_running_config(
         return rendered
 
     monkeypatch.setattr(caddy_module, "render_route", broken)
+    # Our own read-back refuses such a body before it is sent...
+    with pytest.raises(CaddyError, match="do not read back"):
+        sync.apply(ExpectedState(caddy_routes=(CaddyRoute("new.example.com", "new.example.com", (a.address,), "svc-2"),)))
+    # ...and without it Caddy's own refusal surfaces.
+    monkeypatch.setattr(caddy_module, "check_body", lambda *args: None)
     with pytest.raises(CaddyError, match=r"\((400|500)\): .*cannot unmarshal string into Go struct field Handler.upstreams"):
         sync.apply(ExpectedState(caddy_routes=(CaddyRoute("new.example.com", "new.example.com", (a.address,), "svc-2"),)))
     monkeypatch.undo()
@@ -277,6 +282,17 @@ def test_upstreams_outside_the_deployment_networks_never_reach_caddy(caddy: Cadd
     # A deployment address is accepted (nothing listens there: the route is only written).
     sync.apply(ExpectedState(caddy_routes=(CaddyRoute("x", "app.example.com", ("10.200.3.2:3000",), "svc"),)))
     assert [route.get("@id") for route in caddy.routes()] == [None, "someone-else", "x"]
+
+
+def test_one_bad_route_is_skipped_and_the_rest_is_written(caddy: CaddyProcess) -> None:
+    sync = make_sync(caddy, networks=None)
+    good = CaddyRoute("good", "good.example.com", ("10.200.3.2:3000",), "svc")
+    state = ExpectedState(caddy_routes=(CaddyRoute("bad", "bad.example.com", ("169.254.169.254:80",), "svc"), good))
+    sync.apply(state)
+    assert "good" in [route.get("@id") for route in caddy.routes()]
+    assert "bad" not in [route.get("@id") for route in caddy.routes()]
+    # The skipped route is not drift.
+    assert sync.actual_hash() == sync.expected_hash(state)
 
 
 def add_route_behind_our_back(caddy: CaddyProcess, route_id: str) -> None:

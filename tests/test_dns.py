@@ -18,6 +18,7 @@ from agent.host.dns import (
     DnsError,
     DnsSync,
     build_query,
+    check_hosts,
     check_upstream,
     parse_answer,
     parse_hosts,
@@ -85,8 +86,8 @@ def test_duplicate_names_do_not_drift(tmp_path: Path, fp) -> None:  # type: igno
         (DnsRecord("example.com", ("10.0.0.1",)), "only names under .internal"),
         (DnsRecord("internal", ("10.0.0.1",)), "only names under .internal"),
         (DnsRecord("a.internal", ()), "has no ips"),
-        (DnsRecord("a.internal", ("10.0.0.1 b.internal",)), "not an IP address"),
-        (DnsRecord("a.internal", ("010.0.0.1",)), "not an IP address"),
+        (DnsRecord("a.internal", ("10.0.0.1 b.internal",)), "not an IPv4 address"),
+        (DnsRecord("a.internal", ("010.0.0.1",)), "not an IPv4 address"),
     ],
 )
 def test_bad_records(record: DnsRecord, problem: str) -> None:
@@ -101,6 +102,46 @@ def test_bad_records_touch_nothing(tmp_path: Path, fp) -> None:  # type: ignore[
     assert not dns.conf_path.exists() and not dns.hosts_path.exists()
 
 
+def test_one_bad_record_is_skipped_once_and_the_rest_hashed(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    dns = make(tmp_path)
+    good = DnsRecord("api.internal", ("10.200.1.2",))
+    state = ExpectedState(dns_records=(DnsRecord("www.google.com", ("6.6.6.6",)), good))
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            assert dns.expected_hash(state) == dns_hash([good])
+    assert len([r for r in caplog.records if "only names under .internal" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [DnsRecord("a.internal", ("10.0.0.1\n6.6.6.6 www.google.com",))],
+        [DnsRecord("a.internal", ("fe80::1%x\n6.6.6.6 www.google.com",))],
+        [DnsRecord("a.internal\n6.6.6.6 www.google.com", ("10.0.0.1",))],
+        [DnsRecord("a.internal www.google.com", ("10.0.0.1",))],
+        [DnsRecord("a.internal", ("10.0.0.1\u2028x",))],
+        [DnsRecord("a.internal#x", ("10.0.0.1",))],
+    ],
+)
+def test_a_hosts_file_that_would_not_read_back_is_refused(records: list[DnsRecord]) -> None:
+    with pytest.raises(DnsError, match="nothing was written"):
+        check_hosts(render_hosts(records), records)
+
+
+def test_bad_records_never_reach_the_hosts_file(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    dns = make(tmp_path)
+    # Bypassing the model (a DnsRecord built by hand) still writes nothing.
+    with pytest.raises(DnsError, match="nothing was changed"):
+        dns.apply_records([DnsRecord("a.internal", ("fe80::1%x\n6.6.6.6 www.google.com",))])
+    assert not dns.hosts_path.exists()
+
+
+def test_drop_in_with_a_line_break_in_a_setting_is_refused(tmp_path: Path) -> None:
+    dns = make(tmp_path, dns_upstream_servers=("192.0.2.53",), dns_hosts_dir=Path("/x\nserver=6.6.6.6"))
+    with pytest.raises(DnsError, match="nothing was written"):
+        dns.render_conf()
+
+
 def test_upstreams_skip_loopback_stubs(tmp_path: Path) -> None:
     stub = tmp_path / "stub"
     stub.write_text("nameserver 127.0.0.53\noptions edns0\n")
@@ -109,7 +150,7 @@ def test_upstreams_skip_loopback_stubs(tmp_path: Path) -> None:
     assert upstream_servers([stub, real], ["10.200.3.1"]) == ["192.0.2.53", "fe80::1"]
     assert upstream_servers([stub, tmp_path / "missing"], []) == []
     assert check_upstream("127.0.0.1#5353") == "127.0.0.1#5353"
-    for bad in ("1.2.3.4#x", "nope", "1.2.3.4#70000", "1.2.3.4\nserver=9.9.9.9"):
+    for bad in ("1.2.3.4#x", "nope", "1.2.3.4#70000", "1.2.3.4\nserver=9.9.9.9", "1.2.3.4#５３", "fe80::1%eth0"):
         with pytest.raises(ValueError):
             check_upstream(bad)
 

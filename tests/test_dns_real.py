@@ -144,6 +144,29 @@ def test_records_change_without_restart(tmp_path: Path, fake_upstream: int) -> N
         stop(proc)
 
 
+def test_one_bad_record_is_skipped_and_the_rest_is_served(tmp_path: Path, fake_upstream: int) -> None:
+    port = free_udp_port()
+    dns = make_sync(tmp_path, 7, port, "127.0.0.1", fake_upstream)
+    dns.prepare()
+    proc = start_dnsmasq(dns.conf_path)
+    try:
+        assert wait_answer("127.0.0.1", port, "public.example") == ["192.0.2.10"]
+        state = ExpectedState(dns_records=(
+            DnsRecord("www.google.com", ("6.6.6.6",)),  # outside .internal: skipped
+            DnsRecord("api.internal", ("10.200.7.2",)),
+            DnsRecord("web.internal", ("10.200.7.3",)),
+        ))
+        dns.apply(state)
+        assert lookup("127.0.0.1", port, "api.internal") == ["10.200.7.2"]
+        assert lookup("127.0.0.1", port, "web.internal") == ["10.200.7.3"]
+        assert "google" not in dns.hosts_path.read_text()
+        # The skipped record is not drift: the next poll does not rewrite anything.
+        assert dns.actual_hash() == dns.expected_hash(state)
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+
+
 def test_verification_fails_clearly_when_dnsmasq_is_not_running(tmp_path: Path, fake_upstream: int) -> None:
     dns = make_sync(tmp_path, 7, free_udp_port(), "127.0.0.1", fake_upstream)
     dns.prepare()

@@ -151,3 +151,120 @@ def test_peer_endpoint_with_an_unbracketed_ipv6_address_is_accepted():
     peer = {"publicKey": "11RXTfrcyoZt2d7lU9xvoix87aedvwyjV7HsIbFkikg=", "allowedIps": "10.100.2.0/24", "endpoint": "2001:db8::1:51820"}
     peers, problems = parse_wireguard_peers([peer])
     assert problems == [] and peers[0].endpoint == "2001:db8::1:51820"
+
+
+# --- doubt protects ----------------------------------------------------------------------------
+
+DEP = "44444444-4444-4444-8444-444444444444"
+
+
+def _running(deployment_id: str):
+    from agent.drift import LABEL_DEPLOYMENT_ID, ContainerInfo
+
+    return ContainerInfo("c" * 64, f"web-{deployment_id[:8]}", "docker.io/library/nginx:alpine", "running",
+                         {LABEL_DEPLOYMENT_ID: deployment_id})
+
+
+@pytest.mark.parametrize("garbled", [DEP + " ", " " + DEP, DEP + "\n", DEP + "\u2028", "\x00" + DEP])
+def test_a_garbled_deployment_id_protects_the_container_it_might_describe(garbled):
+    from agent.drift import ChangeKind, plan
+
+    state = parse_expected_state({"containers": [container(deploymentId=garbled)]}, SUBNET)
+    assert state.containers == () and state.problem_count == 1
+    assert DEP in state.protected_deployments
+    # The control plane still lists the deployment: its running container is not "no longer expected".
+    assert not [c for c in plan(state, [_running(DEP)]) if c.kind is ChangeKind.REMOVE_UNEXPECTED]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [container(deploymentId="x" * 5000), container(deploymentId=DEP + "/.."), container(deploymentId=None),
+     container(deploymentId=7), container(deploymentId=""), {}, "not an object", None],
+)
+def test_an_entry_without_a_usable_id_blocks_every_removal(entry):
+    state = parse_expected_state({"containers": [entry]}, SUBNET)
+    assert state.containers == ()
+    # It might describe any container: the reconciler removes none while it is listed.
+    assert state.invalid_sections == {"containers"}
+
+
+def test_problems_are_counted_but_only_the_first_texts_kept():
+    from agent.model import MAX_PROBLEMS
+
+    state = parse_expected_state({"containers": [{}] * 1000, "dns": {"records": [{}] * 10}}, SUBNET)
+    assert state.problem_count == 1010
+    assert len(state.problems) == MAX_PROBLEMS
+    assert state.invalid_sections == {"containers"}
+
+
+def test_model_parsing_logs_nothing_itself(caplog):
+    with caplog.at_level("DEBUG"):
+        parse_expected_state({"containers": [{}] * 50}, SUBNET)
+    assert caplog.records == []
+
+
+class _Client:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def expected_state(self, deadline=None):
+        return json.loads(self.text)
+
+
+def test_a_15_mb_state_of_empty_entries_logs_a_bounded_number_of_lines(caplog):
+    from agent.loop import ControlPlaneSource
+
+    text = '{"containers":[' + ",".join(["{}"] * (15 * 1024 * 1024 // 3)) + "]}"
+    source = ControlPlaneSource(_Client(text), SUBNET, None)
+    with caplog.at_level("DEBUG"):
+        for _ in range(2):
+            state = source.fetch()
+    assert state.problem_count == 5_242_880 and state.invalid_sections == {"containers"}
+    # The first poll names a few and counts the rest; the next polls say nothing new.
+    assert 1 <= len(caplog.records) <= 10, len(caplog.records)
+    assert any("5,242,880" in record.getMessage() for record in caplog.records)
+
+
+def test_the_expected_state_says_once_when_it_is_valid_again(caplog):
+    from agent.loop import ControlPlaneSource
+
+    client = _Client(json.dumps({"containers": [container(ipAddress="10.200.1.2"), container(deploymentId="d2", ipAddress="10.200.1.2")]}))
+    source = ControlPlaneSource(client, SUBNET, None)
+    with caplog.at_level("INFO"):
+        source.fetch()
+        source.fetch()
+        client.text = json.dumps({"containers": [container()]})
+        source.fetch()
+        source.fetch()
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("also given" in m for m in messages) == 1
+    assert messages.count("expected state is valid again") == 1
+
+
+def test_five_thousand_entries_sharing_one_ip_are_logged_once_not_every_poll(caplog):
+    from agent.loop import ControlPlaneSource
+
+    entries = [container(deploymentId=f"dep-{i}", name=f"web-{i}", ipAddress="10.200.1.2") for i in range(5000)]
+    source = ControlPlaneSource(_Client(json.dumps({"containers": entries})), SUBNET, None)
+    with caplog.at_level("DEBUG"):
+        for _ in range(10):
+            state = source.fetch()
+    assert len(state.containers) == 1 and state.problem_count == 4999
+    assert len(caplog.records) <= 6
+    assert "4,999 problem(s) in all" in caplog.records[-1].getMessage()
+
+
+def test_a_hostile_registration_peer_is_dropped_with_one_line(tmp_path, caplog):
+    from agent.identity import DataDir
+    from agent.registration import ensure_registered
+    from agent.settings import Settings
+    from tests.test_identity import ANSWER, FakeRegisterClient
+
+    evil = {"publicKey": "11RXTfrcyoZt2d7lU9xvoix87aedvwyjV7HsIbFkikg=", "allowedIps": "10.100.3.0/24",
+            "endpoint": "fe80::1%x\n[Interface]\nPreUp = cd; touch pwned:51820"}
+    answer = dict(ANSWER, peers=[*ANSWER["peers"], evil])
+    settings = Settings.load({"token": "tok", "data_dir": str(tmp_path)}, environ={})
+    with caplog.at_level("INFO"):
+        result = ensure_registered(settings, DataDir(tmp_path), FakeRegisterClient(answer), "")
+    assert [peer.allowed_ips for peer in result.initial_peers] == ["10.100.2.0/24,10.200.2.0/24"]
+    assert [r.getMessage() for r in caplog.records if "registration answer" in r.getMessage() and "endpoint" in r.getMessage()]

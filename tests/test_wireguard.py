@@ -23,6 +23,7 @@ from agent.host.wireguard import (
     parse_dump,
     parse_forward_rules,
     render_quick_conf,
+    check_rendered,
     render_wg_conf,
     validate_peers,
 )
@@ -114,6 +115,7 @@ def test_forward_rule_check() -> None:
         (WireGuardPeer(K2, "10.100.2.0/24 ,10.200.2.0/24"), "spaces"),
         (WireGuardPeer(K2, "10.100.2.0/24\n"), "allowedIps"),
         (WireGuardPeer(K2, "10.100.2.0/33"), "invalid CIDR"),
+        (WireGuardPeer(K2, "10.100.2.0/24", "fe80::1%x\n[Interface]\nPreUp = cd; touch pwned:51820"), "endpoint"),
         (WireGuardPeer(K2, "10.200.1.0/24"), "overlaps this server's own"),
         (WireGuardPeer(K2, "10.100.0.0/16"), "overlaps this server's own"),
         (WireGuardPeer(K2, "10.100.2.0/24", "1.2.3.4"), "host:port"),
@@ -134,10 +136,53 @@ def test_duplicate_and_overlapping_peers() -> None:
     assert "overlaps" in " ".join(validate_peers([P2, replace(P3, allowed_ips="10.100.2.128/25")], PUB, own))
 
 
-def test_bad_peers_run_no_command_and_write_no_file(tmp_path: Path, fp: object) -> None:
+def test_a_list_of_only_bad_peers_runs_no_command_and_writes_no_file(tmp_path: Path, fp: object) -> None:
     wg = sync(tmp_path)
     with pytest.raises(WireGuardError, match="nothing was changed"):
-        wg.apply(ExpectedState(wireguard_peers=(P2, WireGuardPeer(K3, "0.0.0.0/0"))))
+        wg.apply(ExpectedState(wireguard_peers=(WireGuardPeer(K2, "10.200.1.0/24"), WireGuardPeer(K3, "0.0.0.0/0"))))
+    assert not wg.conf_path.exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [WireGuardPeer(K3, "0.0.0.0/0"), WireGuardPeer(K3, "10.200.1.0/24"), WireGuardPeer(K3, "10.100.2.128/25"),
+     WireGuardPeer(PUB, "10.100.9.0/24"), WireGuardPeer(K2, "10.100.9.0/24"),
+     WireGuardPeer(K3, "10.100.3.0/24", "fe80::1%x\n[Interface]\nPreUp = cd; touch pwned:51820")],
+)
+def test_one_bad_peer_is_skipped_and_the_rest_applies(tmp_path: Path, fp, caplog, bad: WireGuardPeer) -> None:  # type: ignore[no-untyped-def]
+    wg = sync(tmp_path)
+    state = ExpectedState(wireguard_peers=(P2, bad))
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            assert wg.expected_hash(state) == wireguard_hash([P2])
+    # One clear line for the skipped peer, not one per poll.
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == 1
+    assert wg.usable(state.wireguard_peers) == [P2]
+
+
+def test_rendered_conf_reads_back_or_is_refused() -> None:
+    interface = {"PrivateKey": PRIV, "Address": "10.100.1.1/32", "ListenPort": "51820", "MTU": "1420"}
+    check_rendered(render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [P2, P3]), "wg0.conf", interface, [P2, P3])
+    evil = [
+        WireGuardPeer(K2, "10.100.2.0/24", "1.2.3.4:1\n[Interface]\nPreUp = touch /tmp/pwned"),
+        WireGuardPeer(K2, "10.100.2.0/24", "fe80::1%x\rPostUp = id:1"),
+        WireGuardPeer(K2, "10.100.2.0/24", "host#x:1"),
+        WireGuardPeer(K2 + "\nPostUp = id", "10.100.2.0/24"),
+        WireGuardPeer(K2, "10.100.2.0/24\u2028PostUp = id"),
+    ]
+    for peer in evil:
+        with pytest.raises(WireGuardError):
+            check_rendered(render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [peer]), "wg0.conf", interface, [peer])
+    with pytest.raises(WireGuardError) as caught:
+        check_rendered(render_quick_conf(PRIV, "10.100.1.1", 51820, 1420, [P2]) + f"PrivateKey = {PRIV}\n", "wg0.conf", interface, [P2])
+    assert PRIV not in str(caught.value)
+
+
+def test_a_peer_that_would_not_read_back_writes_nothing(tmp_path: Path, fp) -> None:  # type: ignore[no-untyped-def]
+    wg = sync(tmp_path)
+    # Bypasses the model on purpose: the renderer's read-back is the last line of defence.
+    with pytest.raises(WireGuardError, match="line"):
+        wg._write_file([WireGuardPeer(K2, "10.100.2.0/24", "1.2.3.4:1\n[Interface]\nPreUp = touch /tmp/pwned")])
     assert not wg.conf_path.exists()
 
 

@@ -173,11 +173,33 @@ def test_hostile_peers_leave_the_running_interface_alone(lan: Lan, tmp_path: Pat
     for peer in hostile:
         with pytest.raises(WireGuardError, match="nothing was changed"):
             server.sync.apply_peers([peer])
+    # Beside a good peer, a bad one is skipped and the good one stays: nothing else changes.
     overlapping = [other.as_peer(), WireGuardPeer(crypto.wireguard_public_key(crypto.new_wireguard_private_key()), "10.100.2.0/23")]
-    with pytest.raises(WireGuardError, match="overlaps"):
-        server.sync.apply_peers(overlapping)
+    server.sync.apply_peers(overlapping)
     assert server.sync.actual_hash() == good_hash
     assert server.sync.conf_path.read_text() == conf_before
+
+
+def test_one_bad_peer_does_not_keep_a_new_server_out_of_the_mesh(lan: Lan, tmp_path: Path) -> None:
+    servers = [make_server(lan, i, tmp_path) for i in range(3)]
+    a, b, c = servers
+    stranger = crypto.wireguard_public_key(crypto.new_wireguard_private_key())
+    for server in servers:
+        bad = [
+            WireGuardPeer(stranger, "0.0.0.0/0"),
+            WireGuardPeer(stranger, f"10.200.{server.subnet_id}.0/24"),  # this server's own container subnet
+            WireGuardPeer(stranger, "10.100.9.0/24", "fe80::1%x\n[Interface]\nPreUp = cd; touch pwned:51820"),
+        ]
+        server.sync.prepare()
+        state = ExpectedState(wireguard_peers=(*bad, *mesh_state(servers, server).wireguard_peers))
+        server.sync.apply(state)
+        assert server.sync.actual_hash() == server.sync.expected_hash(state)
+        text = server.sync.conf_path.read_text()
+        assert "PreUp" not in text
+        assert "0.0.0.0/0" not in text
+        assert stranger not in text
+    # The new server (c) joined everyone's mesh although each list held bad peers.
+    assert ping(a, c) and ping(c, b)
 
 
 def snapshot(ns: str, interface: str) -> tuple[str, str, str]:

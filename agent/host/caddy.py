@@ -11,7 +11,9 @@ Differences from the original agent, on purpose (§17 items 10, 20, 23):
 * routes with no upstream are neither written nor hashed, so they cause no perpetual drift;
 * `log_append` is used when the Caddy build has it and left out when it does not;
 * every request has a timeout; domains, ids and upstreams are validated before anything
-  is sent, and a non-200 answer raises with Caddy's own error text;
+  is sent (a bad route is skipped with one line, counted, and the others are written), the
+  JSON sent is read back and must hold exactly the intended routes, and a non-200 answer
+  raises with Caddy's own error text;
 * an upstream must be `<IPv4>:<port>` inside the deployment networks (§9.9.4): a host name,
   loopback (`127.0.0.1:2019` would publish Caddy's own admin API on a public domain),
   link-local (`169.254.169.254`, cloud metadata) or `0.0.0.0` is refused;
@@ -34,6 +36,7 @@ from agent import validate
 from agent.drift import caddy_hash
 from agent.identity import Identity
 from agent.model import CaddyRoute, ExpectedState
+from agent.problems import ProblemLog
 from agent.settings import Settings
 from agent.validate import InvalidValue
 
@@ -101,12 +104,15 @@ def check_upstream(value: str, networks: Sequence[ipaddress.IPv4Network]) -> Non
         raise InvalidValue(f"upstream {value!r} is outside the deployment networks {allowed}")
 
 
-def validate_routes(
+def sort_routes(
     routes: Sequence[CaddyRoute], networks: Sequence[ipaddress.IPv4Network] | None = None
-) -> list[str]:
+) -> tuple[list[CaddyRoute], list[str]]:
+    """(the routes safe to send, one problem per skipped route); of two routes with the same
+    id the one listed first is kept."""
     if networks is None:
         networks = parse_upstream_networks(DEFAULT_UPSTREAM_NETWORKS)
-    problems = []
+    usable: list[CaddyRoute] = []
+    problems: list[str] = []
     seen: dict[str, str] = {}
     for index, route in enumerate(routes):
         label = f"caddy route #{index}"
@@ -114,29 +120,44 @@ def validate_routes(
             domain = validate.hostname(route.domain, "domain", allow_wildcard=True)
             label = f"caddy route {domain}"
             if domain != route.domain:
-                problems.append(f"{label}: domain must be lower case without a trailing dot")
-        except InvalidValue as exc:
-            problems.append(f"{label}: {exc}")
-        try:
+                raise InvalidValue("domain must be lower case without a trailing dot")
             validate.free_text(route.id, "id")
             if not route.id:
                 raise InvalidValue("id must not be empty")
-        except InvalidValue as exc:
-            problems.append(f"{label}: {exc}")
-        if route.id in seen:
-            problems.append(f"{label}: id {route.id!r} is also used by the route for {seen[route.id]}")
-        seen[route.id] = route.domain
-        if route.service_id:
-            try:
+            if route.id in seen:
+                raise InvalidValue(f"id {route.id!r} is also used by the route for {seen[route.id]}")
+            if route.service_id:
                 validate.identifier(route.service_id, "serviceId")
-            except InvalidValue as exc:
-                problems.append(f"{label}: {exc}")
-        for upstream in route.upstreams:
-            try:
+            for upstream in route.upstreams:
                 check_upstream(upstream, networks)
-            except InvalidValue as exc:
-                problems.append(f"{label}: {exc}")
-    return problems
+        except InvalidValue as exc:
+            problems.append(f"{label}: {exc}; skipped")
+            continue
+        seen[route.id] = route.domain
+        usable.append(route)
+    return usable, problems
+
+
+def validate_routes(
+    routes: Sequence[CaddyRoute], networks: Sequence[ipaddress.IPv4Network] | None = None
+) -> list[str]:
+    """Every problem with the routes (empty when all of them are safe to send)."""
+    return sort_routes(routes, networks)[1]
+
+
+def check_body(body: list[Any], foreign: list[Any], wanted: Sequence[CaddyRoute]) -> None:
+    """Refuse (CaddyError) unless the JSON we are about to send decodes to the foreign routes
+    unchanged followed by exactly `wanted`, each matching one host and nothing else."""
+    decoded = json.loads(json.dumps(body))
+    ours = decoded[len(foreign) :]
+    if (
+        decoded[: len(foreign)] != json.loads(json.dumps(foreign))
+        or len(ours) != len(wanted)
+        or not all(is_ours(route) for route in ours)
+        or [parse_route(route) for route in ours] != list(wanted)
+        or [route.get("match") for route in ours] != [[{"host": [route.domain]}] for route in wanted]
+    ):
+        raise CaddyError("the routes to send do not read back as the intended routes; nothing was changed")
 
 
 def render_route(route: CaddyRoute, log_append: bool) -> dict[str, Any]:
@@ -263,6 +284,7 @@ class CaddySync:
         self._log_append: bool | None = None if mode == "auto" else mode == "true"
         # Conditional writes; turned off for good if this Caddy's ETags are not what we compute.
         self._if_match = True
+        self.problems = ProblemLog(log, "caddy", cleared="routes are all valid again")
 
     # ConfigSync ---------------------------------------------------------------------------------
 
@@ -272,7 +294,13 @@ class CaddySync:
         log.info("caddy: admin API at %s answers; routes go to server %s", self.admin_url, name)
 
     def expected_hash(self, state: ExpectedState) -> str:
-        return caddy_hash(managed_routes(state.caddy_routes))
+        return caddy_hash(managed_routes(self.usable(state.caddy_routes)))
+
+    def usable(self, routes: Sequence[CaddyRoute]) -> list[CaddyRoute]:
+        """The routes that are sent; the skipped ones are reported once (then counted)."""
+        usable, problems = sort_routes(routes, self.upstream_networks)
+        self.problems.report(problems)
+        return usable
 
     def actual_hash(self) -> str:
         return caddy_hash(self.live_routes())
@@ -290,10 +318,16 @@ class CaddySync:
         return [parse_route(route) for route in routes if is_ours(route)]
 
     def apply_routes(self, routes: Sequence[CaddyRoute]) -> None:
-        problems = validate_routes(routes, self.upstream_networks)
-        if problems:
-            raise CaddyError("refusing to change Caddy routes (nothing was changed): " + "; ".join(problems))
-        wanted = managed_routes(routes)
+        """Skip the bad routes, write the rest (keeping foreign routes), verify.
+
+        When every listed route is bad nothing is changed: that is a broken list, not a
+        request to take every public route down."""
+        listed = list(routes)
+        usable, problems = sort_routes(listed, self.upstream_networks)
+        if listed and not usable:
+            raise CaddyError("refusing to change Caddy routes (nothing was changed): " + "; ".join(problems[:5]))
+        self.problems.report(problems)
+        wanted = managed_routes(usable)
         server = self.server_name()
         config_path = f"/config/apps/http/servers/{server}/routes"
         path = f"/config/apps/http/servers/{quote(server, safe='')}/routes"
@@ -350,6 +384,7 @@ class CaddySync:
         self, path: str, foreign: list[Any], wanted: list[CaddyRoute], log_append: bool, exists: bool, etag: str | None
     ) -> None:
         body = foreign + [render_route(route, log_append) for route in wanted]
+        check_body(body, foreign, wanted)
         # PATCH replaces an existing value, only if it is still what we read (If-Match: Caddy
         # answers 412 otherwise); PUT creates a missing one and fails (409) if it appeared
         # meanwhile. Both get a JSON array.

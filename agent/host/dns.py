@@ -9,7 +9,11 @@ Differences from the original agent, on purpose (§17 items 20, 22):
 * `local=/internal/`: unknown `*.internal` names get NXDOMAIN and are never forwarded (no
   wildcard answer); other names go to real upstream servers, never to a loopback stub,
   so systemd-resolved (which sends `~internal` to dnsmasq) and dnsmasq cannot loop;
-* duplicate names are merged on both sides of the hash; names must end in `.internal`.
+* duplicate names are merged on both sides of the hash; names must end in `.internal`;
+* a bad record (outside `.internal`, not canonical) is skipped with one line (counted, not
+  repeated every poll) and the others are served;
+* every file is read back before it is written and written only when it holds exactly the
+  intended lines and records: no value from the wire can become a line of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from agent.fsutil import atomic_write, ensure_dir
 from agent.host.run import CommandError, run
 from agent.identity import Identity
 from agent.model import DnsRecord, ExpectedState
+from agent.problems import ProblemLog
 from agent.settings import Settings
 from agent.validate import InvalidValue
 
@@ -51,34 +56,63 @@ class DnsError(RuntimeError):
 # --- pure parts --------------------------------------------------------------------------------
 
 
-def validate_records(records: Sequence[DnsRecord], domain: str = "internal") -> list[str]:
-    """Every problem with the records (empty when they are safe to write into a hosts file)."""
-    problems = []
+def sort_records(records: Sequence[DnsRecord], domain: str = "internal") -> tuple[list[DnsRecord], list[str]]:
+    """(the records safe to write into a hosts file, one problem per skipped record)."""
+    usable: list[DnsRecord] = []
+    problems: list[str] = []
     suffix = "." + domain
     for index, record in enumerate(records):
+        label = f"dns record #{index}"
         try:
             name = validate.hostname(record.name, "dns name")
+            label = f"dns record {name}"
+            if name != record.name:
+                raise InvalidValue(f"name {record.name!r} must be lower case without a trailing dot")
+            if not name.endswith(suffix) or name == suffix[1:]:
+                raise InvalidValue(f"only names under .{domain} are served here")
+            if not record.ips:
+                raise InvalidValue("has no ips")
+            for ip in record.ips:
+                if validate.ip_address(ip, "ip") != ip:
+                    raise InvalidValue(f"ip {ip!r} is not in canonical form")
         except InvalidValue as exc:
-            problems.append(f"dns record #{index}: {exc}")
+            problems.append(f"{label}: {exc}; skipped")
             continue
-        if name != record.name:
-            problems.append(f"dns record #{index}: name {record.name!r} must be lower case without a trailing dot")
-        elif not name.endswith(suffix) or name == suffix[1:]:
-            problems.append(f"dns record {name}: only names under .{domain} are served here")
-        if not record.ips:
-            problems.append(f"dns record {name}: has no ips")
-        for ip in record.ips:
-            try:
-                if validate.ip_address(ip, f"dns record {name} ip") != ip:
-                    problems.append(f"dns record {name}: ip {ip!r} is not in canonical form")
-            except InvalidValue as exc:
-                problems.append(str(exc))
-    return problems
+        usable.append(record)
+    return usable, problems
+
+
+def validate_records(records: Sequence[DnsRecord], domain: str = "internal") -> list[str]:
+    """Every problem with the records (empty when all are safe to write into a hosts file)."""
+    return sort_records(records, domain)[1]
 
 
 def render_hosts(records: Iterable[DnsRecord]) -> str:
     lines = [f"{ip} {record.name}" for record in records for ip in record.ips]
     return HEADER + "".join(line + "\n" for line in lines)
+
+
+def check_hosts(text: str, records: Sequence[DnsRecord]) -> None:
+    """Refuse (DnsError) unless a rendered hosts file holds exactly one `ip name` line per
+    address of `records` and reads back (as dnsmasq groups it) as exactly those records."""
+    wanted = [f"{ip} {record.name}" for record in records for ip in record.ips]
+    _check_lines(text, "the dnsmasq hosts file", [HEADER.rstrip("\n"), *wanted])
+    for line in wanted:
+        fields = line.split()
+        if len(fields) != 2 or "#" in line:
+            raise DnsError(f"the dnsmasq hosts file line {line[:80]!r} is not one address and one name; nothing was written")
+    if parse_hosts(text) != list(records):
+        raise DnsError("the dnsmasq hosts file does not read back as the intended records; nothing was written")
+
+
+def _check_lines(text: str, what: str, wanted: Sequence[str]) -> None:
+    """Refuse unless `text` is exactly the lines `wanted`, each one line for every reader."""
+    try:
+        lines = validate.one_line_text(text, what)
+    except InvalidValue as exc:
+        raise DnsError(f"{exc}; nothing was written") from None
+    if lines != list(wanted):
+        raise DnsError(f"{what} does not read back as the intended lines; nothing was written")
 
 
 def parse_hosts(text: str) -> list[DnsRecord]:
@@ -102,8 +136,14 @@ def parse_hosts(text: str) -> list[DnsRecord]:
 def render_dnsmasq_conf(
     port: int, listen: Sequence[str], hosts_dir: Path, upstreams: Sequence[str], domain: str = "internal"
 ) -> str:
+    return "\n".join([HEADER.rstrip("\n"), *dnsmasq_conf_lines(port, listen, hosts_dir, upstreams, domain)]) + "\n"
+
+
+def dnsmasq_conf_lines(
+    port: int, listen: Sequence[str], hosts_dir: Path, upstreams: Sequence[str], domain: str = "internal"
+) -> list[str]:
+    """The settings of our drop-in, one per line."""
     lines = [
-        HEADER.rstrip("\n"),
         f"port={port}",
         f"listen-address={','.join(listen)}",
         # bind-dynamic: start even before the container bridge (10.200.X.1) exists.
@@ -114,12 +154,16 @@ def render_dnsmasq_conf(
         f"hostsdir={hosts_dir}",
     ]
     lines += [f"server={server}" for server in upstreams]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def resolved_conf_lines(port: int, domain: str = "internal") -> list[str]:
+    server = "127.0.0.1" if port == 53 else f"127.0.0.1:{port}"
+    return [HEADER.rstrip("\n"), "[Resolve]", f"DNS={server}", f"Domains=~{domain}"]
 
 
 def render_resolved_conf(port: int, domain: str = "internal") -> str:
-    server = "127.0.0.1" if port == 53 else f"127.0.0.1:{port}"
-    return f"{HEADER}[Resolve]\nDNS={server}\nDomains=~{domain}\n"
+    return "\n".join(resolved_conf_lines(port, domain)) + "\n"
 
 
 def upstream_servers(resolv_files: Sequence[Path], exclude: Iterable[str]) -> list[str]:
@@ -139,12 +183,13 @@ def upstream_servers(resolv_files: Sequence[Path], exclude: Iterable[str]) -> li
             fields = line.split()
             if len(fields) >= 2 and fields[0] == "nameserver":
                 try:
-                    address = ipaddress.ip_address(fields[1].split("%", 1)[0])
-                except ValueError:
+                    # A zone id (fe80::1%eth0) cannot go into a server= line: dropped.
+                    address = validate.ip_address(fields[1].split("%", 1)[0], "nameserver")
+                except InvalidValue:
                     continue
-                if address.is_loopback or str(address) in excluded or str(address) in found:
+                if ipaddress.ip_address(address).is_loopback or address in excluded or address in found:
                     continue
-                found.append(str(address))
+                found.append(address)
         if found:
             return found
     return []
@@ -155,7 +200,7 @@ def check_upstream(value: str) -> str:
     address, _, port = value.partition("#")
     validate.ip_address(address, "dns upstream server")
     if port:
-        validate.port(int(port) if port.isdigit() else -1, "dns upstream server port")
+        validate.port(int(port) if port.isascii() and port.isdigit() else -1, "dns upstream server port")
     return value
 
 
@@ -280,6 +325,7 @@ class DnsSync:
         self.explicit_upstreams: tuple[str, ...] = tuple(
             check_upstream(s) for s in settings.dns_upstream_servers or ()
         )
+        self.problems = ProblemLog(log, "dns", cleared="records are all valid again")
 
     @property
     def conf_path(self) -> Path:
@@ -297,8 +343,10 @@ class DnsSync:
         if not upstreams:
             log.warning("dns: no upstream resolver found in %s: containers will not resolve public names",
                         ", ".join(map(str, self.resolv_files)))
-        return render_dnsmasq_conf(self.settings.dns_port, self.listen_addresses(), Path(self.settings.dns_hosts_dir),
-                                   upstreams, self.domain)
+        args = (self.settings.dns_port, self.listen_addresses(), Path(self.settings.dns_hosts_dir), upstreams, self.domain)
+        text = render_dnsmasq_conf(*args)
+        _check_lines(text, str(self.conf_path), [HEADER.rstrip("\n"), *dnsmasq_conf_lines(*args)])
+        return text
 
     # ConfigSync ---------------------------------------------------------------------------------
 
@@ -311,7 +359,13 @@ class DnsSync:
         self._ensure_resolved()
 
     def expected_hash(self, state: ExpectedState) -> str:
-        return dns_hash(merge_dns_records(state.dns_records))
+        return dns_hash(merge_dns_records(self.usable(state.dns_records)))
+
+    def usable(self, records: Sequence[DnsRecord]) -> list[DnsRecord]:
+        """The records that are served; the skipped ones are reported once (then counted)."""
+        usable, problems = sort_records(records, self.domain)
+        self.problems.report(problems)
+        return usable
 
     def actual_hash(self) -> str:
         """What dnsmasq serves from our files; raises when our drop-in is missing or stale."""
@@ -338,15 +392,22 @@ class DnsSync:
         self.apply_records(state.dns_records)
 
     def apply_records(self, records: Sequence[DnsRecord]) -> None:
-        problems = validate_records(records, self.domain)
-        if problems:
-            raise DnsError("refusing to write DNS records (nothing was changed): " + "; ".join(problems))
-        merged = merge_dns_records(records)
+        """Skip the bad records, write the rest, verify that dnsmasq serves them.
+
+        When every listed record is bad nothing is changed: that is a broken list (or a
+        broken setting here), not a request to serve no names."""
+        listed = list(records)
+        usable = self.usable(listed)
+        if listed and not usable:
+            raise DnsError(f"refusing to write DNS records: none of the {len(listed)} listed is valid (nothing was changed)")
+        merged = merge_dns_records(usable)
+        text = render_hosts(merged)
+        check_hosts(text, merged)
         ensure_dir(self.settings.dns_hosts_dir, 0o755)
         self._ensure_conf()
         previous = {record.name for record in self.served_records()}
         # The temp file starts with '.', which dnsmasq's inotify ignores; the rename is what it reads.
-        atomic_write(self.hosts_path, render_hosts(merged), 0o644)
+        atomic_write(self.hosts_path, text, 0o644)
         self._verify(merged, previous - {record.name for record in merged})
         log.info("dns: %d *.%s names served", len(merged), self.domain)
 
@@ -375,6 +436,7 @@ class DnsSync:
             return
         path = Path(self.resolved_dir) / RESOLVED_DROP_IN_NAME
         wanted = render_resolved_conf(self.settings.dns_port, self.domain)
+        _check_lines(wanted, str(path), resolved_conf_lines(self.settings.dns_port, self.domain))
         try:
             if path.read_text(encoding="utf-8") == wanted:
                 return

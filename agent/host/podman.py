@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import validate
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
 from agent.host.images import ImageLedger
 from agent.host.run import CommandError, CommandNotFound, CommandTimeout, Result, run
@@ -530,6 +531,16 @@ class Podman:
         if env_file is not None:
             argv.append(f"--env-file={env_file}")
         argv += ["--", canonical_image(spec.image)]
+        # The spec is the model's, but nothing may reach argv unchecked: a spec built
+        # elsewhere (a test, a cache) goes through the same grammars.
+        try:
+            validate.identifier(spec.deployment_id, "deploymentId")
+            validate.identifier(spec.service_id, "serviceId")
+            validate.free_text(spec.service_name, "serviceName")
+            validate.image_reference(spec.image)
+            validate.argv(argv, f"podman run of {spec.name}")
+        except validate.InvalidValue as exc:
+            raise PodmanError(f"refusing to run container {spec.name}: {exc}") from None
         return argv
 
     def _env_file(self, env: Mapping[str, str]) -> int:
@@ -546,6 +557,7 @@ class Podman:
             if len(line.encode()) > MAX_ENV_LINE:
                 raise PodmanError(f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes)")
             lines.append(line)
+        validate.check_env_file("".join(lines), env)  # read back as podman reads it, or refuse
         data = "".join(lines).encode("utf-8")
         try:
             fd = os.memfd_create("techulus-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

@@ -9,7 +9,11 @@ Differences from the original agent, on purpose (§17 items 11, 12, 20):
 * MTU 1420 is set; IP forwarding and the FORWARD rule towards the containers are checked
   and reported (the agent adds no firewall rules);
 * every peer is validated (key, CIDRs inside the mesh ranges and outside this server's own
-  subnets, no overlap, endpoint) before anything is touched;
+  subnets, no overlap, endpoint) before anything is touched; a bad peer is skipped with one
+  line (counted, not repeated every poll) and the others apply, so one bad peer cannot keep
+  a new server out of the mesh;
+* the rendered file is read back, strictly and the way wg-quick reads it, and written only
+  when it holds exactly the intended interface and peers: no value can become a line;
 * only what is ours is touched: the file carries an OWNER_HEADER line, and a wg0.conf or a live
   interface that is somebody else's (another private key, no header) is refused, never taken
   over. A file of the original agent (no header, but our key) is adopted: the upgrade path.
@@ -20,6 +24,7 @@ at boot even before the agent runs. The private key only ever travels through st
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import logging
@@ -37,6 +42,7 @@ from agent.fsutil import atomic_write, ensure_dir
 from agent.host.run import CommandError, CommandNotFound, Result, run
 from agent.identity import Identity
 from agent.model import ExpectedState, WireGuardPeer
+from agent.problems import ProblemLog
 from agent.settings import Settings
 from agent.validate import InvalidValue
 
@@ -44,7 +50,6 @@ log = logging.getLogger(__name__)
 
 PERSISTENT_KEEPALIVE = 25
 DEFAULT_ALLOWED_NETWORKS = ("10.100.0.0/16", "10.200.0.0/16")
-_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 # First line of every wg0.conf we write: wg-quick, `wg-quick strip` and `wg syncconf` all
 # skip `#` comments, and it tells our file from an administrator's.
@@ -240,80 +245,152 @@ def parse_forward_rules(iptables_s: str, interface: str, subnet: str) -> str | N
     )
 
 
+def sort_peers(
+    peers: Sequence[WireGuardPeer],
+    own_public_key: str,
+    own_networks: Sequence[str],
+    allowed_networks: Sequence[str] = DEFAULT_ALLOWED_NETWORKS,
+) -> tuple[list[WireGuardPeer], list[str]]:
+    """(the peers safe to apply, one problem per skipped peer), in the listed order.
+
+    Beyond the per-field checks, a peer's AllowedIPs must lie inside the mesh ranges and
+    outside this server's own subnets: `0.0.0.0/0` or our own 10.200.X.0/24 would send this
+    server's traffic (or its containers') into someone else's tunnel. Of two peers with the
+    same key or overlapping AllowedIPs, the one listed first is kept.
+    """
+    problems: list[str] = []
+    usable: list[WireGuardPeer] = []
+    mesh = [ipaddress.ip_network(n) for n in allowed_networks]
+    own = [ipaddress.ip_network(n) for n in own_networks]
+    seen_keys: set[str] = set()
+    claimed = _Claims()
+    for index, peer in enumerate(peers):
+        try:
+            key = validate.wireguard_key(peer.public_key)
+        except InvalidValue as exc:
+            problems.append(f"wireguard peer #{index}: {exc}; skipped")
+            continue
+        label = f"wireguard peer {key}"
+        try:
+            if key == own_public_key:
+                raise InvalidValue("is this server's own key")
+            if key in seen_keys:
+                raise InvalidValue("is listed twice")
+            validate.cidr_list(peer.allowed_ips)
+            networks = [ipaddress.ip_network(part, strict=False) for part in peer.allowed_ips.split(",")]
+            for network in networks:
+                if not any(network.version == m.version and network.subnet_of(m) for m in mesh):  # type: ignore[arg-type]
+                    raise InvalidValue(f"allowedIps {network} is outside the mesh ranges {', '.join(allowed_networks)}")
+                for mine in own:
+                    if network.overlaps(mine):
+                        raise InvalidValue(f"allowedIps {network} overlaps this server's own {mine}")
+            if peer.endpoint:
+                validate.host_port(peer.endpoint, "endpoint")
+            clash = claimed.overlap(networks)
+            if clash is not None:
+                raise InvalidValue(f"allowedIps {clash[0]} overlaps {clash[1]} of peer {clash[2]}")
+        except InvalidValue as exc:
+            problems.append(f"{label}: {exc}; skipped")
+            continue
+        seen_keys.add(key)
+        claimed.add(networks, key)
+        usable.append(peer)
+    return usable, problems
+
+
 def validate_peers(
     peers: Sequence[WireGuardPeer],
     own_public_key: str,
     own_networks: Sequence[str],
     allowed_networks: Sequence[str] = DEFAULT_ALLOWED_NETWORKS,
 ) -> list[str]:
-    """Every problem with the peer list (empty when it is safe to apply).
+    """Every problem with the peer list (empty when all of it is safe to apply)."""
+    return sort_peers(peers, own_public_key, own_networks, allowed_networks)[1]
 
-    Beyond the per-field checks, a peer's AllowedIPs must lie inside the mesh ranges and
-    outside this server's own subnets: `0.0.0.0/0` or our own 10.200.X.0/24 would send this
-    server's traffic (or its containers') into someone else's tunnel.
-    """
-    problems: list[str] = []
-    mesh = [ipaddress.ip_network(n) for n in allowed_networks]
-    own = [ipaddress.ip_network(n) for n in own_networks]
-    seen_keys: set[str] = set()
-    claimed: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
-    for index, peer in enumerate(peers):
-        label = f"wireguard peer #{index}"
-        key = peer.public_key
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
-            problems.append(f"{label}: publicKey is not a 44-character base64 WireGuard key: {str(key)[:60]!r}")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Claims:
+    """The AllowedIPs of the peers kept so far: disjoint ranges sorted by start address, so
+    checking a new peer costs O(log n) per CIDR (a 250-peer mesh has 500 CIDRs)."""
+
+    def __init__(self) -> None:
+        self._starts: list[tuple[int, int]] = []
+        self._ranges: list[tuple[int, int, int, Network, str]] = []
+
+    def overlap(self, networks: Sequence[Network]) -> tuple[Network, Network, str] | None:
+        for network in networks:
+            start, end = int(network.network_address), int(network.broadcast_address)
+            position = bisect.bisect_right(self._starts, (network.version, start))
+            for neighbour in self._ranges[max(0, position - 1) : position + 1]:
+                version, other_start, other_end, other, key = neighbour
+                if version == network.version and other_start <= end and start <= other_end:
+                    return network, other, key
+        return None
+
+    def add(self, networks: Sequence[Network], key: str) -> None:
+        # A peer's own CIDRs may overlap each other (WireGuard merges them): collapse first,
+        # so that the ranges kept stay disjoint.
+        for version in (4, 6):
+            mine = [n for n in networks if n.version == version]
+            for network in ipaddress.collapse_addresses(mine):  # type: ignore[type-var]
+                item = (version, int(network.network_address), int(network.broadcast_address), network, key)
+                position = bisect.bisect_right(self._starts, item[:2])
+                self._starts.insert(position, item[:2])
+                self._ranges.insert(position, item)
+
+
+def read_back(text: str, what: str) -> tuple[dict[str, str], list[WireGuardPeer]]:
+    """A config we rendered, parsed strictly: each line blank, a `#` comment, a section
+    header or `Key = Value`, no key twice in a section, every peer with our keepalive.
+    Raises WireGuardError for anything else (a value that smuggled in a line, say)."""
+    try:
+        lines = validate.one_line_text(text, what)
+    except InvalidValue as exc:
+        raise WireGuardError(str(exc)) from None
+    interface: dict[str, str] | None = None
+    peers: list[dict[str, str]] = []
+    current: dict[str, str] | None = None
+    for number, line in enumerate(lines, 1):
+        if not line or line.startswith("#"):
             continue
-        try:
-            validate.wireguard_key(key)
-        except InvalidValue as exc:
-            problems.append(f"{label}: {exc}")
-            continue
-        label = f"wireguard peer {key}"
-        if key == own_public_key:
-            problems.append(f"{label}: is this server's own key")
-        if key in seen_keys:
-            problems.append(f"{label}: listed twice")
-        seen_keys.add(key)
-        try:
-            validate.cidr_list(peer.allowed_ips)
-        except InvalidValue as exc:
-            problems.append(f"{label}: {exc}")
-            continue
-        for part in peer.allowed_ips.split(","):
-            network = ipaddress.ip_network(part, strict=False)
-            if not any(network.version == m.version and network.subnet_of(m) for m in mesh):  # type: ignore[arg-type]
-                problems.append(f"{label}: allowedIps {part} is outside the mesh ranges {', '.join(allowed_networks)}")
-                continue
-            for mine in own:
-                if network.overlaps(mine):
-                    problems.append(f"{label}: allowedIps {part} overlaps this server's own {mine}")
-            claimed.append((network, key))
-        if peer.endpoint:
-            try:
-                validate.host_port(peer.endpoint, "endpoint")
-            except InvalidValue as exc:
-                problems.append(f"{label}: {exc}")
-    problems += _overlaps(claimed)
-    return problems
+        if line == "[Interface]" and interface is None and not peers:
+            current = interface = {}
+        elif line == "[Peer]":
+            current = {}
+            peers.append(current)
+        elif current is not None and " = " in line:
+            key, _, value = line.partition(" = ")
+            allowed = _PEER_KEYS if current is not interface else _INTERFACE_KEYS
+            if key not in allowed or key in current or "#" in value:
+                raise WireGuardError(f"{what} line {number} is not what was meant to be written: {_shown(line)}")
+            current[key] = value
+        else:
+            raise WireGuardError(f"{what} line {number} is not what was meant to be written: {_shown(line)}")
+    result = []
+    for peer in peers:
+        if peer.get("PersistentKeepalive") != str(PERSISTENT_KEEPALIVE) or "PublicKey" not in peer:
+            raise WireGuardError(f"{what} holds a peer that was not meant to be written: {peer!r:.200}")
+        result.append(WireGuardPeer(peer["PublicKey"], peer.get("AllowedIPs", ""), peer.get("Endpoint", "")))
+    return interface or {}, result
 
 
-def _overlaps(claimed: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]) -> list[str]:
-    """CIDRs of different peers that overlap, in O(n log n) (a 250-peer mesh has 500 CIDRs).
+def _shown(line: str) -> str:
+    """A line in an error message: up to its `=` only, since the line may hold the private key."""
+    return repr(line.split("=", 1)[0][:60])
 
-    Sorted by start address, a network overlaps an earlier one exactly when it starts
-    before the furthest end seen so far.
-    """
-    problems = []
-    ordered = sorted(claimed, key=lambda item: (item[0].version, int(item[0].network_address), item[0].prefixlen))
-    reach: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str] | None = None
-    for network, key in ordered:
-        if reach is not None and reach[0].version == network.version and int(network.network_address) <= int(reach[0].broadcast_address):
-            if reach[1] != key:
-                problems.append(f"wireguard peer {key}: allowedIps {network} overlaps {reach[0]} of peer {reach[1]}")
-            if int(network.broadcast_address) <= int(reach[0].broadcast_address):
-                continue
-        reach = (network, key)
-    return problems
+
+_INTERFACE_KEYS = frozenset({"PrivateKey", "Address", "ListenPort", "MTU"})
+_PEER_KEYS = frozenset({"PublicKey", "AllowedIPs", "Endpoint", "PersistentKeepalive"})
+
+
+def check_rendered(text: str, what: str, interface: dict[str, str], peers: Sequence[WireGuardPeer]) -> None:
+    """Refuse (WireGuardError) unless `text` reads back as exactly `interface` and `peers`,
+    both strictly and the way wg-quick reads it (comments stripped, keys case-insensitive)."""
+    got_interface, got_peers = read_back(text, what)
+    if got_interface != interface or got_peers != list(peers) or parse_conf_peers(text) != list(peers):
+        raise WireGuardError(f"{what} does not read back as the intended peers; nothing was written")
 
 
 # --- the adapter -------------------------------------------------------------------------------
@@ -343,6 +420,7 @@ class WireGuardSync:
         self.userspace = (
             os.environ.get("WG_QUICK_USERSPACE_IMPLEMENTATION") or settings.wireguard_go or "wireguard-go"
         )
+        self.problems = ProblemLog(log, "wireguard", cleared="peers are all valid again")
 
     @property
     def conf_path(self) -> Path:
@@ -354,26 +432,25 @@ class WireGuardSync:
         """Bring the interface up with the peers of the file when it is missing or down.
 
         Runs at agent start, so a reboot without `wg-quick@wg0` heals before the first poll.
-        A file with peers that no longer validate is not applied; the first reconcile will.
+        Peers of the file that no longer validate are left out; the first reconcile decides.
         An interface or file that is not ours is refused before anything is touched.
         """
         self.check_ownership()
         peers = self.file_peers(missing_ok=True)
-        problems = self.validate(peers)
+        usable, problems = self.sort(peers)
         if problems:
             # Keep the file as it is (it is evidence, and bad input destroys nothing); the
             # first reconcile writes the expected peers.
             log.warning("%s holds peers that do not validate (%s); bringing %s up without them",
-                        self.conf_path, "; ".join(problems), self.interface)
-            peers = []
+                        self.conf_path, "; ".join(problems[:5]), self.interface)
         else:
             self._write_file(peers)
-        self._bring_up(peers)
+        self._bring_up(usable)
         for problem in self.forwarding_problems():
             log.warning("wireguard: %s", problem)
 
     def expected_hash(self, state: ExpectedState) -> str:
-        return wireguard_hash(state.wireguard_peers)
+        return wireguard_hash(self.usable(state.wireguard_peers))
 
     def actual_hash(self) -> str:
         return wireguard_hash(self.actual_peers())
@@ -382,11 +459,14 @@ class WireGuardSync:
         self.apply_peers(state.wireguard_peers)
 
     def apply_peers(self, peers: Sequence[WireGuardPeer]) -> None:
-        """Validate, write the file, sync the live interface without a reload, verify."""
-        peers = list(peers)
-        problems = self.validate(peers)
-        if problems:
-            raise WireGuardError("refusing to apply WireGuard peers (nothing was changed): " + "; ".join(problems))
+        """Skip the bad peers, write the file, sync the live interface without a reload, verify.
+
+        When every listed peer is bad nothing is changed: that is a broken list (or a broken
+        setting here), not a request to leave the mesh."""
+        listed = list(peers)
+        peers = self.usable(listed)
+        if listed and not peers:
+            raise WireGuardError(f"refusing to apply WireGuard peers: none of the {len(listed)} listed is valid (nothing was changed)")
         self.check_ownership()
         self._write_file(peers)
         self._bring_up(peers)
@@ -463,8 +543,14 @@ class WireGuardSync:
 
     # Reading the live state -------------------------------------------------------------------
 
-    def validate(self, peers: Sequence[WireGuardPeer]) -> list[str]:
-        return validate_peers(peers, self.identity.wireguard_public_key, self.own_networks, self.allowed_networks)
+    def sort(self, peers: Sequence[WireGuardPeer]) -> tuple[list[WireGuardPeer], list[str]]:
+        return sort_peers(peers, self.identity.wireguard_public_key, self.own_networks, self.allowed_networks)
+
+    def usable(self, peers: Sequence[WireGuardPeer]) -> list[WireGuardPeer]:
+        """The peers that apply; the skipped ones are reported once (then counted)."""
+        usable, problems = self.sort(peers)
+        self.problems.report(problems)
+        return usable
 
     def file_peers(self, missing_ok: bool = False) -> list[WireGuardPeer]:
         try:
@@ -526,10 +612,10 @@ class WireGuardSync:
     # Changing the live state ------------------------------------------------------------------
 
     def _write_file(self, peers: Sequence[WireGuardPeer]) -> None:
-        text = render_quick_conf(
-            self.identity.wireguard_private_key, self.address, self.settings.wireguard_port,
-            self.settings.wireguard_mtu, peers,
-        )
+        key, port, mtu = self.identity.wireguard_private_key, self.settings.wireguard_port, self.settings.wireguard_mtu
+        text = render_quick_conf(key, self.address, port, mtu, peers)
+        interface = {"PrivateKey": key, "Address": f"{self.address}/32", "ListenPort": str(port), "MTU": str(mtu)}
+        check_rendered(text, str(self.conf_path), interface, peers)
         ensure_dir(self.conf_path.parent, 0o700)
         try:
             if self.conf_path.read_text(encoding="utf-8") == text and (self.conf_path.stat().st_mode & 0o777) == 0o600:
@@ -539,14 +625,15 @@ class WireGuardSync:
         atomic_write(self.conf_path, text, 0o600)
 
     def _bring_up(self, peers: Sequence[WireGuardPeer]) -> None:
+        key = self.identity.wireguard_private_key
+        conf = render_wg_conf(key, self.settings.wireguard_port, peers)
+        check_rendered(conf, "the `wg syncconf` input", {"PrivateKey": key, "ListenPort": str(self.settings.wireguard_port)}, peers)
         link = self._link()
         if link is None:
             self._create()
             link = self._link()
             if link is None:
                 raise WireGuardError(f"{self.interface} did not appear after creating it")
-        key = self.identity.wireguard_private_key
-        conf = render_wg_conf(key, self.settings.wireguard_port, peers)
         # /dev/stdin keeps the private key out of argv and off the disk a second time.
         self._run(["wg", "syncconf", self.interface, "/dev/stdin"], input=conf, secrets=(key,))
         for info in link.get("addr_info") or []:
