@@ -627,6 +627,22 @@ class Podman:
         if result.returncode != 0:
             log.warning("podman image prune failed: %s", result.stderr.strip()[-500:])
 
+    def remove_network(self) -> bool:
+        """Remove our network (`agent standalone --down`); False when it does not exist.
+
+        Never forced: podman refuses while any container, ours or not, is attached, and
+        that refusal is raised with its reason.
+        """
+        name = self.options.network
+        result = self._run("network", "rm", "--", name, check=False)
+        if result.returncode == 0:
+            log.info("removed podman network %s", name)
+            return True
+        reason = result.stderr.strip()
+        if "not found" in reason.lower() or "no such network" in reason.lower():
+            return False
+        raise PodmanError(f"cannot remove podman network {name}: {reason[-500:] or f'exit {result.returncode}'}")
+
 
 def stable_mac(ip: str) -> str:
     """02:42:<ip octets>: the same static IP always gets the same MAC, so peers' ARP stays valid."""
