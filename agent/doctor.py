@@ -157,7 +157,9 @@ def check_buildkit(settings: Settings) -> Check:
     return Check(OK, "buildkit", f"{address} accepts connections")
 
 
-def check_forwarding(proc: Path) -> Check:
+def check_forwarding(proc: Path, required: bool = True) -> Check:
+    """Required on a worker (the mesh routes to containers); standalone, this host reaches
+    its containers over the bridge without it."""
     try:
         value = (proc / "sys/net/ipv4/ip_forward").read_text().strip()
     except OSError as exc:
@@ -165,7 +167,7 @@ def check_forwarding(proc: Path) -> Check:
     if value == "1":
         return Check(OK, "ip forwarding", "enabled")
     return Check(
-        FAIL, "ip forwarding", "disabled: containers are unreachable from other servers",
+        FAIL if required else WARN, "ip forwarding", "disabled: containers are unreachable from other servers",
         "sysctl -w net.ipv4.ip_forward=1 (install.sh makes it permanent)",
     )
 
@@ -414,7 +416,7 @@ def collect(
     checks.extend(c for c in optional if c is not None)
     if not settings.standalone:
         checks.append(check_buildkit(settings))
-    checks.append(check_forwarding(proc))
+    checks.append(check_forwarding(proc, required=not settings.standalone))
     checks.extend(check_data_dir(settings))
     checks.extend(check_secret_files(settings, conf_dir))
     identity: object | None = None

@@ -216,3 +216,13 @@ def test_container_probe_is_skipped_with_a_warning_before_registration(fp, tmp_p
                      proc=host[0], net=host[1], conf_dir=host[0].parent / "etc-techulus")
     lines = [check.line() for check in checks]
     assert "WARN  container probe: skipped: not registered yet (the container subnet comes with registration)" in lines
+
+
+def test_standalone_mode_only_warns_about_forwarding(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state.toml"
+    state.write_text("containers = []\n")
+    (host[0] / "sys/net/ipv4/ip_forward").write_text("0\n")
+    fake_tools(fp, {"podman": TOOLS["podman"]})
+    code, text = doctor(base_settings(tmp_path, state_file=str(state), url=""), host, {"podman"})
+    assert code == 0, text
+    assert "WARN  ip forwarding: disabled" in text
