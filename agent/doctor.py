@@ -297,7 +297,7 @@ def check_container(settings: Settings) -> list[Check]:
     import tempfile
 
     from agent.host.podman import PodmanError
-    from agent.host.probe import ProbeFailed, cause, run_probe
+    from agent.host.probe import ProbeFailed, ProbeSkipped, cause, run_probe
     from agent.runtime import podman_options
 
     try:
@@ -313,6 +313,8 @@ def check_container(settings: Settings) -> list[Check]:
     try:
         with tempfile.TemporaryDirectory(prefix="techulus-doctor-") as workdir:
             result = run_probe(Podman(options), config.container_subnet, config.container_gateway, Path(workdir), taken)
+    except ProbeSkipped as exc:
+        return [Check(WARN, "container probe", f"skipped: {exc}")]
     except ProbeFailed as exc:
         text = str(exc)
         what, fix = cause(text)

@@ -98,3 +98,14 @@ def test_cni_without_plugins_is_named(tmp_path: Path, podman_net: TestNetwork, m
 def test_cause_names_the_errors_seen_on_real_hosts(podman_error: str, expected: str) -> None:
     what, fix = cause(podman_error)
     assert expected in what and bool(fix) == bool(expected)
+
+
+
+def test_without_a_static_busybox_the_probe_is_skipped_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.host import probe
+
+    dynamic = Path("/bin/sh").resolve()  # dash: dynamically linked
+    assert probe.is_static(Path("/bin/busybox")) and not probe.is_static(dynamic)
+    monkeypatch.setattr(probe, "PROBE_IMAGE", f"localhost/techulus-no-such-probe:{tmp_path.name}")
+    with pytest.raises(probe.ProbeSkipped, match="apt-get install busybox-static"):
+        probe.ensure_image(Podman(PodmanOptions()), tmp_path, busybox=dynamic)

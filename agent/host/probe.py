@@ -60,6 +60,10 @@ class ProbeFailed(Exception):
         self.step = step
 
 
+class ProbeSkipped(ProbeFailed):
+    """The probe cannot run here for a reason that says nothing about podman (no busybox)."""
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     name: str
@@ -108,7 +112,7 @@ def ensure_image(podman: Podman, workdir: Path, busybox: Path = BUSYBOX) -> None
     if podman.image_exists(PROBE_IMAGE):
         return
     if not is_static(busybox):
-        raise ProbeFailed("image", f"no probe image and no static {busybox} to build one (apt-get install busybox-static)")
+        raise ProbeSkipped("image", f"no probe image and no static {busybox} to build one (apt-get install busybox-static)")
     tar_path = workdir / "probe.tar"
     tar_path.write_bytes(probe_image_tar(busybox, "techulus doctor probe\n"))
     command = json.dumps(["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"])
