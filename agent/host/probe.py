@@ -148,11 +148,11 @@ def run_probe(
     # Its own copy: no grace period (busybox as PID 1 ignores SIGTERM), no respawning.
     podman = Podman(dataclasses.replace(podman.options, stop_timeout=0, restart_policy="no"))
     started = time.monotonic()
+    ensure_image(podman, workdir, busybox)  # first: a skipped probe creates nothing
     try:
         podman.ensure_network(subnet, gateway)
     except PodmanError as exc:
         raise ProbeFailed("network", str(exc)) from exc
-    ensure_image(podman, workdir, busybox)
     token = secrets.token_hex(4)
     spec = ExpectedContainer(
         deployment_id=f"doctor-probe-{token}",
