@@ -296,7 +296,7 @@ def check_container(settings: Settings) -> list[Check]:
     The other checks all pass on a host where `podman run` fails; this one does not."""
     import tempfile
 
-    from agent.host.podman import PodmanError
+    from agent.host.podman import Podman, PodmanError
     from agent.host.probe import ProbeFailed, ProbeSkipped, cause, run_probe
     from agent.runtime import podman_options
 
@@ -308,19 +308,21 @@ def check_container(settings: Settings) -> list[Check]:
         options = podman_options(settings, config, ())
     except PodmanError as exc:
         return [Check(FAIL, "container probe", str(exc), "fix the podman settings")]
-    from agent.host.podman import Podman
-
     try:
         with tempfile.TemporaryDirectory(prefix="techulus-doctor-") as workdir:
             result = run_probe(Podman(options), config.container_subnet, config.container_gateway, Path(workdir), taken)
     except ProbeSkipped as exc:
         return [Check(WARN, "container probe", f"skipped: {exc}")]
-    except ProbeFailed as exc:
+    except (ProbeFailed, PodmanError) as exc:
+        step = exc.step if isinstance(exc, ProbeFailed) else "podman"
         text = str(exc)
         what, fix = cause(text)
         first = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), text)[:300]
-        detail = f"{exc.step} failed on network {options.network}: {what + ' -- ' if what else ''}{first}"
-        return [Check(FAIL, "container probe", detail, fix or "run the failing podman command by hand: see `podman info`")]
+        detail = f"{step} failed on network {options.network}: {what + ' -- ' if what else ''}{first}"
+        if not fix:
+            fix = (f"check `ip route get {config.container_gateway}` and the firewall rules for network {options.network}"
+                   if step == "reach" else "run the failing podman command by hand; see `podman info`")
+        return [Check(FAIL, "container probe", detail, fix)]
     return [Check(
         OK, "container probe",
         f"created, started, reached http://{result.ip}/ and removed a container on network {options.network} "

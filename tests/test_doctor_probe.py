@@ -109,3 +109,16 @@ def test_without_a_static_busybox_the_probe_is_skipped_with_a_hint(tmp_path: Pat
     monkeypatch.setattr(probe, "PROBE_IMAGE", f"localhost/techulus-no-such-probe:{tmp_path.name}")
     with pytest.raises(probe.ProbeSkipped, match="apt-get install busybox-static"):
         probe.ensure_image(Podman(PodmanOptions()), tmp_path, busybox=dynamic)
+
+
+def test_reach_names_what_answered_or_why_nothing_did() -> None:
+    from agent.host.probe import ProbeFailed, reach
+
+    def refused(url: str, timeout: float) -> str:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(ProbeFailed, match=r"http://10\.200\.9\.254/ did not answer within 0\.3s: .*Connection refused") as exc:
+        reach("10.200.9.254", refused, timeout=0.3)
+    assert exc.value.step == "reach"
+    with pytest.raises(ProbeFailed, match="another page"):
+        reach("10.200.9.254", lambda url, timeout: "<h1>someone else</h1>", timeout=0.3)
