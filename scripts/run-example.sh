@@ -120,4 +120,7 @@ fi
 
 ip=$(grep -m1 -oE 'ipAddress"? *[:=] *"[0-9.]+' "$state" | grep -oE '[0-9]+(\.[0-9]+){3}' || true)
 step $total "agent standalone $state${ip:+; try: curl http://$ip/} (Ctrl-C stops the agent, the container keeps running; remove everything: $0 --down)"
-exec env PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m agent standalone "$state" --data-dir "$data_dir"
+status=0
+agent standalone "$state" --data-dir "$data_dir" || status=$?
+echo "$PROG: the agent stopped (exit $status); its container keeps running. Remove everything it made: $0 --down"
+exit "$status"

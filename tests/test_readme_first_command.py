@@ -110,7 +110,8 @@ def test_readme_first_command_serves_its_page_offline_and_cleans_up(tmp_path: Pa
         assert [line.split("]")[0] for line in steps] == [f"run-example: [{i}/5" for i in range(1, 6)], output
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        assert proc.wait(timeout=60) in (0, 130), log_path.read_text(errors="replace")
+        assert proc.wait(timeout=60) == 0, log_path.read_text(errors="replace")
+        assert "Remove everything it made: scripts/run-example.sh --down" in log_path.read_text(errors="replace")
         assert PAGE_TEXT in fetch(url), "the container keeps running after Ctrl-C"
 
         down_started = time.monotonic()
