@@ -32,6 +32,16 @@ missing_packages() {
   done
 }
 
+# The packages of "$@" that apt can install here (after apt_update): Ubuntu 22.04 has no
+# netavark, for instance, and its podman uses CNI with the plugins it depends on.
+available_packages() {
+  local pkg
+  for pkg in "$@"; do
+    [ -n "$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" {print $2}')" ] && printf '%s\n' "$pkg"
+  done
+  return 0
+}
+
 # python3-venv when `python3 -m venv` cannot work (minimal Debian/Ubuntu lack ensurepip).
 venv_package() {
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv

@@ -74,6 +74,7 @@ mapfile -t missing < <(missing_packages podman netavark aardvark-dns busybox-sta
 if [ "${#missing[@]}" -gt 0 ]; then
   step $total "installing ${missing[*]}"
   apt_update
+  mapfile -t missing < <(available_packages "${missing[@]}")
   apt_install --no-install-recommends "${missing[@]}"
 else
   step $total "packages: podman, netavark, busybox-static and python3-venv are installed"

@@ -116,3 +116,15 @@ def test_not_root_reruns_with_sudo_keeping_the_settings_or_says_how_without_sudo
 def test_the_example_uses_the_image_run_example_builds() -> None:
     image = load_state_file(REPO / "examples/hello.toml")["containers"][0]["image"]
     assert f"image={image}" in (REPO / "scripts/run-example.sh").read_text()
+
+
+@pytest.mark.real
+def test_packages_the_release_lacks_are_left_out(tmp_path: Path) -> None:
+    """Ubuntu 22.04 has no netavark: asking apt for it would fail the whole install."""
+    fake_bin(tmp_path, "apt-cache", """case "$2" in
+  netavark) printf 'netavark:\\n  Installed: (none)\\n  Candidate: (none)\\n' ;;
+  *) printf '%s:\\n  Installed: (none)\\n  Candidate: 1.0\\n' "$2" ;;
+esac
+""")
+    result = lib("available_packages podman netavark busybox-static", tmp_path)
+    assert result.returncode == 0 and result.stdout.split() == ["podman", "busybox-static"]
