@@ -317,7 +317,7 @@ def check_container(settings: Settings) -> list[Check]:
         step = exc.step if isinstance(exc, ProbeFailed) else "podman"
         text = str(exc)
         what, fix = cause(text)
-        first = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), text)[:300]
+        first = podman_words(text)
         detail = f"{step} failed on network {options.network}: {what + ' -- ' if what else ''}{first}"
         if not fix:
             fix = (f"check `ip route get {config.container_gateway}` and the firewall rules for network {options.network}"
@@ -328,6 +328,13 @@ def check_container(settings: Settings) -> list[Check]:
         f"created, started, reached http://{result.ip}/ and removed a container on network {options.network} "
         f"({result.seconds:.1f}s)",
     )]
+
+
+def podman_words(text: str) -> str:
+    """podman's own message ("Error: …") from a failed command's text, not its long argv."""
+    at = text.rfind("Error:")
+    words = text[at:] if at >= 0 else text
+    return next((line.strip() for line in words.splitlines() if line.strip()), text)[:300]
 
 
 def probe_subnet(settings: Settings) -> tuple[AgentConfig, set[str]]:

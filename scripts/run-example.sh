@@ -52,6 +52,46 @@ if [ -n "${EXAMPLE_SUBNET:-}" ]; then
   state=$copy
 fi
 
+# A containers.conf an earlier run wrote because podman's defaults could not run containers.
+own_conf=$data_dir/containers.conf
+conf_copy=
+if [ -z "${CONTAINERS_CONF:-}" ] && [ -f "$own_conf" ]; then
+  CONTAINERS_CONF=$own_conf
+  if [ "$down" = 1 ]; then  # a copy: --down removes the data dir before the images
+    conf_copy=$(mktemp)
+    cp "$own_conf" "$conf_copy"
+    CONTAINERS_CONF=$conf_copy
+  fi
+  export CONTAINERS_CONF
+fi
+
+# podman's defaults fail on some hosts (ulimits above the hard limits, a cgroup layout crun
+# refuses, a CNI backend without plugins): settings that avoid all three, for the example only.
+write_containers_conf() {
+  local nofile nproc pid_max limits=()
+  nofile=$(ulimit -Hn)
+  nproc=$(ulimit -Hu)
+  # More processes than PIDs cannot exist, and some kernels refuse an nproc above pid_max.
+  pid_max=$(cat /proc/sys/kernel/pid_max 2>/dev/null || echo unlimited)
+  if [ "$pid_max" != unlimited ] && { [ "$nproc" = unlimited ] || [ "$nproc" -gt "$pid_max" ]; }; then
+    nproc=$pid_max
+  fi
+  [ "$nofile" = unlimited ] || limits+=("\"nofile=$nofile:$nofile\"")
+  [ "$nproc" = unlimited ] || limits+=("\"nproc=$nproc:$nproc\"")
+  {
+    echo "# Written by scripts/run-example.sh: podman's defaults could not run containers here."
+    echo "[containers]"
+    if [ "${#limits[@]}" -gt 0 ]; then (IFS=,; echo "default_ulimits = [${limits[*]}]"); fi
+    echo "[engine]"
+    echo 'cgroup_manager = "cgroupfs"'
+    echo 'events_logger = "file"'
+    if command -v runc >/dev/null; then echo 'runtime = "runc"'; fi
+    if [ -x /usr/lib/podman/netavark ] || command -v netavark >/dev/null; then
+      printf '[network]\nnetwork_backend = "netavark"\n'
+    fi
+  } >"$1"
+}
+
 if [ "$down" = 1 ]; then
   if [ ! -x "$venv/bin/python" ]; then
     echo "$PROG: no venv at $venv: nothing was started from this checkout" >&2
@@ -65,6 +105,7 @@ if [ "$down" = 1 ]; then
       echo "$PROG: kept image $name (a container still uses it)"
     fi
   done
+  [ -z "$conf_copy" ] || rm -f "$conf_copy"
   echo "$PROG: done"
   exit 0
 fi
@@ -113,7 +154,28 @@ else
 fi
 
 step $total "doctor: can this machine run the agent's containers?"
-if ! report=$(agent doctor "$state" --data-dir "$data_dir" 2>&1); then
+use_own_conf() {
+  mkdir -p "$data_dir"
+  chmod 700 "$data_dir"
+  write_containers_conf "$own_conf"
+  export CONTAINERS_CONF=$own_conf
+  echo "$PROG: so the example uses its own $own_conf (ulimits, cgroupfs, runc, netavark)"
+}
+if [ -z "${CONTAINERS_CONF:-}" ] && [ "$(podman info --format '{{.Host.NetworkBackend}}' 2>/dev/null)" = cni ] \
+  && ! ls /usr/lib/cni/bridge /usr/libexec/cni/bridge /opt/cni/bin/bridge /usr/local/lib/cni/bridge >/dev/null 2>&1; then
+  # Checked before doctor runs: a network made under this backend could not even be removed.
+  echo "$PROG: podman's network backend here is CNI without its plugins: it cannot run containers"
+  use_own_conf
+fi
+status=0
+report=$(agent doctor "$state" --data-dir "$data_dir" 2>&1) || status=$?
+if [ "$status" != 0 ] && [ -z "${CONTAINERS_CONF:-}" ] && grep -q '^FAIL  container probe' <<<"$report"; then
+  echo "$PROG: podman's defaults cannot run containers here: $(grep -m1 '^FAIL  container probe' <<<"$report" | cut -c 24-)"
+  use_own_conf
+  status=0
+  report=$(agent doctor "$state" --data-dir "$data_dir" 2>&1) || status=$?
+fi
+if [ "$status" != 0 ]; then
   printf '%s\n' "$report" | grep -v ' INFO ' >&2
   echo "$PROG: agent doctor found a problem (the FAIL lines above say how to fix it)" >&2
   exit 1

@@ -68,7 +68,13 @@ def fetch(url: str) -> str:
         return str(response.read().decode(errors="replace"))
 
 
-def test_readme_first_command_serves_its_page_offline_and_cleans_up(tmp_path: Path, podman_env: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("podman_config", ["tests", "host"])
+def test_readme_first_command_serves_its_page_offline_and_cleans_up(
+    tmp_path: Path, podman_env: Path, podman_config: str  # noqa: F811
+) -> None:
+    """`tests`: with the suite's containers.conf; `host`: with podman's defaults on this
+    machine, which on the testbed cannot run containers (CNI without plugins, ulimits), so
+    the script must notice and use a containers.conf of its own."""
     run_command, down_command = readme_commands()
     clone = tmp_path / "clone"
     if shutil.which("git") and (REPO / ".git").exists():
@@ -89,6 +95,8 @@ def test_readme_first_command_serves_its_page_offline_and_cleans_up(tmp_path: Pa
         "TECHULUS_AGENT_RUN_DIR": str(tmp_path / "run"),
     })
     env.pop("PYTHONPATH", None)  # the clone's own code must run, not this checkout's
+    if podman_config == "host":
+        env.pop("CONTAINERS_CONF", None)
     url = f"http://10.200.{subnet}.2/"
     log_path = tmp_path / "run-example.log"
     started = time.monotonic()
@@ -106,7 +114,9 @@ def test_readme_first_command_serves_its_page_offline_and_cleans_up(tmp_path: Pa
         wall = time.monotonic() - started
         output = log_path.read_text(errors="replace")
         assert PAGE_TEXT in page, f"{run_command!r} served no page at {url} (exit {proc.poll()}):\n{output}"
-        print(f"\nREADME first command {run_command!r} in a fresh clone: first 200 from {url} after {wall:.1f}s")
+        print(f"\nREADME first command {run_command!r} in a fresh clone ({podman_config} podman config): "
+              f"first 200 from {url} after {wall:.1f}s")
+        print("\n".join(line for line in output.splitlines() if line.startswith("run-example: ")))
         steps = [line for line in output.splitlines() if line.startswith("run-example: [")]
         assert [line.split("]")[0] for line in steps] == [f"run-example: [{i}/5" for i in range(1, 6)], output
 
