@@ -6,8 +6,9 @@
 #
 # Steps (one line each): Debian packages if missing (podman, netavark, busybox-static,
 # python3-venv), a venv, the demo image localhost/techulus-example (built here from
-# busybox-static: nothing is pulled), `agent doctor` (runs a throwaway container), then the
-# agent in the foreground. As root; otherwise it re-runs itself with sudo. The container
+# busybox-static: nothing is pulled), `agent doctor` (runs a throwaway container; where
+# podman's defaults cannot run one, the example gets a containers.conf of its own in the
+# data dir), then the agent in the foreground. As root; otherwise it re-runs itself with sudo. The container
 # keeps running after Ctrl-C. Environment: VENV (default .venv), DATA_DIR (default
 # /var/lib/techulus-agent-example), EXAMPLE_SUBNET (run the example on 10.200.N.0/24
 # instead of the file's subnet), CONTAINERS_CONF and TECHULUS_AGENT_* pass through.
