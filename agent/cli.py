@@ -3,6 +3,8 @@
     agent [run]            register if needed, then reconcile forever (default)
     agent plan             print what the next pass would change; change nothing
     agent standalone FILE  reconcile from a local state file (same as --state FILE)
+    agent standalone --down FILE [--purge]
+                           remove its containers and network (and data dir)
     agent doctor           check this server's prerequisites
     agent --version
 
@@ -53,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--logs-endpoint", help="VictoriaLogs base URL; empty disables log shipping")
     p.add_argument("--config", help="TOML file with settings (flags win)")
     p.add_argument("--state", help="standalone mode: reconcile from this TOML/JSON state file, no control plane")
+    p.add_argument("--down", action="store_true", help="with `standalone FILE`: remove its containers and network, then exit")
+    p.add_argument("--purge", action="store_true", help="with `standalone --down`: remove the data dir too")
     p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
     p.add_argument("--version", action="version", version=version_text())
     return p
@@ -62,11 +66,15 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from agent.settings import Settings
 
     state = args.state
+    if args.down and args.command != "standalone":
+        raise UsageError("--down goes with standalone: agent standalone --down FILE")
+    if args.purge and not args.down:
+        raise UsageError("--purge goes with --down: agent standalone --down FILE --purge")
     if args.command == "standalone":
         if not args.target and not state:
             raise UsageError("standalone needs a state file: agent standalone FILE")
         state = args.target or state
-    elif args.command == "plan" and args.target:
+    elif args.command in ("plan", "doctor") and args.target:
         state = args.target
     elif args.target:
         raise UsageError(f"unexpected argument {args.target!r}")
@@ -97,7 +105,7 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     from agent.settings import SettingsError
 
     try:
@@ -121,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("agent: --url is required (or --state FILE / `agent standalone FILE` to run without a control plane)", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.down:
+            from agent.teardown import standalone_down
+
+            return standalone_down(settings, purge=args.purge)
         if args.command == "plan":
             return run_plan(settings)
         from agent.runtime import run_agent
@@ -180,16 +192,25 @@ def run_plan(settings: Any) -> int:
     if not settings.standalone and not DataDir(settings.data_dir).is_registered():
         print("agent: not registered yet; `plan` never registers (run `agent --url … --token …` first)", file=sys.stderr)
         return EXIT_FAILURE
-    components = assemble(settings, create=False)
-    if isinstance(components.source, ControlPlaneSource):
-        components.source.cache_path = None  # plan writes nothing, not even the cache
+    # The source logs invalid entries for the running agent (also while assembling, for the
+    # collision check); plan prints each itself, once.
+    model_log = logging.getLogger("agent.loop")
+    level = model_log.level
+    model_log.setLevel(logging.CRITICAL)
     try:
+        components = assemble(settings, create=False)
+        if isinstance(components.source, ControlPlaneSource):
+            components.source.cache_path = None  # plan writes nothing, not even the cache
         expected = components.source.fetch()
     except ApiError as exc:
         print(f"agent: cannot fetch the expected state: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        model_log.setLevel(level)
     for problem in expected.problems:
         print(f"invalid: {problem}")
+    if expected.problem_count > len(expected.problems):
+        print(f"invalid: … and {expected.problem_count - len(expected.problems)} more entries skipped")
     reconciler = components.reconciler
     reconciler.note_fetch(expected)
     changes = reconciler.compute_plan(expected)
@@ -211,7 +232,8 @@ def run_plan(settings: Any) -> int:
     for container, verdict in survey:
         if not verdict.ours:
             print(f"left alone: container {container.name or container.short_id} ({container.short_id}): {verdict.why}")
-    return 0
+    # Non-zero so scripts and CI notice a state file (or answer) with entries it skips.
+    return EXIT_USAGE if expected.problems else 0
 
 
 def _removal(change: Any, verdicts: dict[str, Any]) -> str:

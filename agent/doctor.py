@@ -3,7 +3,9 @@
 Each line is `OK`, `WARN` or `FAIL`, what was found, and for anything not OK how to fix it.
 The exit status is non-zero when a required check fails; optional parts (the build tools,
 or Caddy/DNS/WireGuard when the settings turn their management off) only warn.
-install.sh ends with it, so it must never change anything: it only reads and asks.
+install.sh ends with it, so it changes nothing the agent has not made itself: it reads and
+asks, and runs one throwaway container of ours on the agent's network (agent/host/probe.py;
+the network is created if missing, as the agent would at start) which it removes again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import urllib3
 
 from agent import __version__
 from agent.host.run import CommandError, run
+from agent.identity import AgentConfig
 from agent.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -154,7 +157,9 @@ def check_buildkit(settings: Settings) -> Check:
     return Check(OK, "buildkit", f"{address} accepts connections")
 
 
-def check_forwarding(proc: Path) -> Check:
+def check_forwarding(proc: Path, required: bool = True) -> Check:
+    """Required on a worker (the mesh routes to containers); standalone, this host reaches
+    its containers over the bridge without it."""
     try:
         value = (proc / "sys/net/ipv4/ip_forward").read_text().strip()
     except OSError as exc:
@@ -162,7 +167,7 @@ def check_forwarding(proc: Path) -> Check:
     if value == "1":
         return Check(OK, "ip forwarding", "enabled")
     return Check(
-        FAIL, "ip forwarding", "disabled: containers are unreachable from other servers",
+        FAIL if required else WARN, "ip forwarding", "disabled: containers are unreachable from other servers",
         "sysctl -w net.ipv4.ip_forward=1 (install.sh makes it permanent)",
     )
 
@@ -286,6 +291,79 @@ def check_control_plane(settings: Settings, identity: object | None, http: urlli
     return checks
 
 
+def check_container(settings: Settings) -> list[Check]:
+    """A real container on the agent's network: create, start, fetch its page, remove.
+    The other checks all pass on a host where `podman run` fails; this one does not."""
+    import tempfile
+
+    from agent.host.podman import Podman, PodmanError
+    from agent.host.probe import ProbeFailed, ProbeSkipped, cause, run_probe
+    from agent.runtime import podman_options
+
+    try:
+        config, taken = probe_subnet(settings)
+    except ProbeFailed as exc:
+        return [Check(WARN, "container probe", f"skipped: {exc}")]
+    try:
+        options = podman_options(settings, config, ())
+    except PodmanError as exc:
+        return [Check(FAIL, "container probe", str(exc), "fix the podman settings")]
+    try:
+        with tempfile.TemporaryDirectory(prefix="techulus-doctor-") as workdir:
+            result = run_probe(Podman(options), config.container_subnet, config.container_gateway, Path(workdir), taken)
+    except ProbeSkipped as exc:
+        return [Check(WARN, "container probe", f"skipped: {exc}")]
+    except (ProbeFailed, PodmanError) as exc:
+        step = exc.step if isinstance(exc, ProbeFailed) else "podman"
+        text = str(exc)
+        what, fix = cause(text)
+        first = podman_words(text)
+        detail = f"{step} failed on network {options.network}: {what + ' -- ' if what else ''}{first}"
+        if not fix:
+            fix = (f"check `ip route get {config.container_gateway}` and the firewall rules for network {options.network}"
+                   if step == "reach" else "run the failing podman command by hand; see `podman info`")
+        return [Check(FAIL, "container probe", detail, fix)]
+    return [Check(
+        OK, "container probe",
+        f"created, started, reached http://{result.ip}/ and removed a container on network {options.network} "
+        f"({result.seconds:.1f}s)",
+    )]
+
+
+def podman_words(text: str) -> str:
+    """podman's own message ("Error: …") from a failed command's text, not its long argv."""
+    at = text.rfind("Error:")
+    words = text[at:] if at >= 0 else text
+    return next((line.strip() for line in words.splitlines() if line.strip()), text)[:300]
+
+
+def probe_subnet(settings: Settings) -> tuple[AgentConfig, set[str]]:
+    """The agent's container subnet (its AgentConfig) and the addresses the probe must avoid."""
+    from agent.host.probe import ProbeFailed
+    from agent.identity import DataDir, IdentityError
+
+    if settings.standalone:
+        from agent.loop import load_state_file
+        from agent.model import ModelError
+        from agent.runtime import standalone_config
+
+        try:
+            data = load_state_file(settings.state_file)  # type: ignore[arg-type]
+            config = standalone_config(settings)
+        except (ModelError, IdentityError, OSError) as exc:
+            raise ProbeFailed("state", f"cannot read the state file: {exc}") from exc
+        containers = data.get("containers")
+        taken = {str(c.get("ipAddress")) for c in containers if isinstance(c, dict)} if isinstance(containers, list) else set()
+        return config, taken
+    data_dir = DataDir(settings.data_dir)
+    if not data_dir.is_registered():
+        raise ProbeFailed("state", "not registered yet (the container subnet comes with registration)")
+    try:
+        return data_dir.load().config, set()
+    except IdentityError as exc:
+        raise ProbeFailed("state", str(exc)) from exc
+
+
 def _skew_check(date: str | None, now: float) -> Check:
     import email.utils
 
@@ -331,6 +409,7 @@ def collect(
     proc: Path = Path("/proc"),
     net: Path = Path("/sys/class/net"),
     conf_dir: Path = CONF_DIR,
+    container_check: Callable[[Settings], list[Check]] = check_container,
 ) -> list[Check]:
     if settings.standalone:
         # Standalone runs containers only: no mesh, DNS, Caddy, builds or registration.
@@ -338,6 +417,8 @@ def collect(
     http = urllib3.PoolManager(num_pools=2, headers={"User-Agent": f"techulus-agent-doctor/{__version__}"})
     checks: list[Check] = [Check(OK, "python", sys.version.split()[0])]
     checks.extend(check_tool(tool, which) for tool in tools(settings))
+    if any(c.name == "podman" and c.status == OK for c in checks):  # it runs: can it run a container?
+        checks.extend(container_check(settings))
     optional: Sequence[Check | None] = (
         check_caddy_modules(settings, which),
         check_caddy_admin(settings, http),
@@ -346,7 +427,7 @@ def collect(
     checks.extend(c for c in optional if c is not None)
     if not settings.standalone:
         checks.append(check_buildkit(settings))
-    checks.append(check_forwarding(proc))
+    checks.append(check_forwarding(proc, required=not settings.standalone))
     checks.extend(check_data_dir(settings))
     checks.extend(check_secret_files(settings, conf_dir))
     identity: object | None = None
@@ -374,10 +455,11 @@ def run_doctor(
     proc: Path = Path("/proc"),
     net: Path = Path("/sys/class/net"),
     conf_dir: Path = CONF_DIR,
+    container_check: Callable[[Settings], list[Check]] = check_container,
 ) -> int:
     """Print one line per check; 1 when a required check failed, else 0."""
     stream = out or sys.stdout
-    checks = collect(settings, which=which, proc=proc, net=net, conf_dir=conf_dir)
+    checks = collect(settings, which=which, proc=proc, net=net, conf_dir=conf_dir, container_check=container_check)
     for check in checks:
         print(check.line(), file=stream)
     failed = [c for c in checks if c.status == FAIL]

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs on a fresh Debian/Ubuntu machine (as root):
+# Installs everything the test suite needs on a fresh Debian/Ubuntu machine (as root, or
+# re-run through sudo when packages are missing):
 # the real tools of ../shared/TESTBED.md and a Python venv with the dev dependencies.
 # Idempotent: a second run only checks.
 set -euo pipefail
+PROG=install-test-deps
 here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$here/scripts/lib.sh"
 venv=${VENV:-$here/.venv}
 
 apt_packages=(
@@ -13,24 +17,18 @@ apt_packages=(
 )
 apt_norecommends=(wireguard-tools wireguard-go iputils-ping)
 
-missing=()
-for pkg in "${apt_packages[@]}" "${apt_norecommends[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
+mapfile -t missing < <(missing_packages "${apt_packages[@]}" "${apt_norecommends[@]}"; venv_package)
 if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "install-test-deps: need root to install: ${missing[*]}" >&2
-    exit 1
-  fi
-  echo "install-test-deps: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${apt_packages[@]}" >/dev/null
-  apt-get install -y -qq --no-install-recommends "${apt_norecommends[@]}" >/dev/null
+  as_root "$@"
+  echo "$PROG: installing ${missing[*]}"
+  apt_update
+  venv_pkg=$(venv_package)
+  apt_install "${apt_packages[@]}" ${venv_pkg:+"$venv_pkg"}
+  apt_install --no-install-recommends "${apt_norecommends[@]}"
 fi
 
 if [ ! -x "$venv/bin/pytest" ] || [ "$here/pyproject.toml" -nt "$venv/.installed" ]; then
-  echo "install-test-deps: preparing venv $venv"
+  echo "$PROG: preparing venv $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >/dev/null
   "$venv/bin/pip" install -q -e "${here}[dev]"

@@ -166,3 +166,94 @@ def test_plan_with_wrongly_typed_sections_is_a_clean_error(run_cli, tmp_path):
     state.write_text("containers = 5\n")
     code, output = run_cli("plan", str(state), "--data-dir", str(tmp_path / "data"))
     assert code == 1 and "containers must be a list" in output and "Traceback" not in output
+
+
+def test_plan_exits_2_and_names_each_invalid_entry_once(run_cli, tmp_path, fp):
+    fp.register(["podman", "network", "ls", "--format", "json"], stdout="[]")
+    fp.register(["podman", "ps", fp.any()], stdout="[]", occurrences=3)
+    state = tmp_path / "state.toml"
+    state.write_text(
+        '[[containers]]\ndeploymentId = "good"\nserviceId = "s"\nserviceName = "S"\nname = "good"\n'
+        'image = "localhost/x:latest"\nipAddress = "10.200.1.2"\n'
+        '[[containers]]\ndeploymentId = "bad"\nserviceId = "s2"\nserviceName = "S2"\nname = "bad"\n'
+        'image = "localhost/x:latest"\nipAddress = "10.200.9.2"\n'
+    )
+    code, output = run_cli("plan", str(state), "--data-dir", str(tmp_path / "data"))
+    assert code == 2
+    assert output.count("10.200.9.2 is outside") == 1, output
+    assert "invalid: container #1 (deployment 'bad')" in output
+    assert "deploy good (deployment good)" in output, "the valid entry is still planned"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--down", "--url", "http://127.0.0.1:9"], "--down goes with standalone"),
+        (["standalone", "x.toml", "--purge"], "--purge goes with --down"),
+    ],
+)
+def test_down_and_purge_flags_are_checked(run_cli, argv, message):
+    code, output = run_cli(*argv)
+    assert code == 2 and message in output and "Traceback" not in output
+
+
+LABELS = {"techulus.service.id": "hello", "techulus.deployment.id": "hello-1"}
+CID = "c" * 64
+
+
+def fake_down(fp, data_dir, network_rm: dict, network_exists: bool = True) -> None:  # type: ignore[type-arg]
+    import json
+
+    from agent.identity import standalone_owner
+
+    labels = {**LABELS, "techulus.owner": standalone_owner(data_dir)}
+    ps = [{"Id": CID, "Names": ["hello-hello-1"], "State": "running", "Image": "localhost/x:latest", "Labels": labels,
+           "Networks": ["techulus-standalone"]}]
+    fp.register(["podman", "ps", fp.any()], stdout=json.dumps(ps))
+    fp.register(["podman", "container", "inspect", "--format", "json", CID],
+                stdout=json.dumps([{"Id": CID, "Name": "hello-hello-1", "Config": {"Labels": labels}}]))
+    fp.register(["podman", "rm", "--force", fp.any()])
+    fp.register(["podman", "container", "inspect", "--format", "json", CID], returncode=125,
+                stderr="Error: no such container " + CID)
+    if not network_exists:
+        fp.register(["podman", "network", "inspect", "--", "techulus-standalone"], returncode=125,
+                    stderr="Error: network not found\n")
+        return
+    network = [{"name": "techulus-standalone", "labels": {"techulus.owner": standalone_owner(data_dir)}}]
+    fp.register(["podman", "network", "inspect", "--", "techulus-standalone"], stdout=json.dumps(network))
+    fp.register(["podman", "network", "rm", "--", "techulus-standalone"], **network_rm)
+
+
+def test_standalone_down_removes_our_containers_and_network_and_with_purge_the_data_dir(run_cli, tmp_path, fp, caplog):
+    caplog.set_level("INFO")
+    state = tmp_path / "state.toml"
+    state.write_text("subnetId = 1\n")
+    data = tmp_path / "data"
+    (data / "volumes").mkdir(parents=True)
+    fake_down(fp, data, {"stdout": "techulus-standalone\n"})
+    code, output = run_cli("standalone", "--down", str(state), "--data-dir", str(data))
+    assert code == 0, output
+    assert "removed container hello-hello-1" in output and "removed podman network techulus-standalone" in output
+    assert data.exists() and "add --purge" in output
+    assert fp.call_count(["podman", "rm", "--force", fp.any()]) == 1
+
+    fake_down(fp, data, {}, network_exists=False)
+    code, output = run_cli("standalone", "--down", str(state), "--data-dir", str(data), "--purge")
+    assert code == 0, output
+    assert "network techulus-standalone does not exist" in output and not data.exists()
+
+
+def test_standalone_down_refuses_while_an_agent_runs_and_names_a_busy_network(run_cli, tmp_path, fp):
+    from agent.runtime import hold_lock
+
+    state = tmp_path / "state.toml"
+    state.write_text("subnetId = 1\n")
+    running = hold_lock(tmp_path / "data")
+    try:
+        code, output = run_cli("standalone", "--down", str(state), "--data-dir", str(tmp_path / "data"))
+    finally:
+        running.close()
+    assert code == 1 and "already running" in output and "Traceback" not in output
+    fake_down(fp, tmp_path / "data", {"returncode": 2, "stderr": "Error: network techulus-standalone has associated containers with it\n"})
+    code, output = run_cli("standalone", "--down", str(state), "--data-dir", str(tmp_path / "data"))
+    assert code == 1 and "cannot remove podman network techulus-standalone: Error: network techulus-standalone has associated" in output

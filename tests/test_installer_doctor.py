@@ -47,7 +47,9 @@ def host(tmp_path: Path) -> tuple[Path, Path]:
 def doctor(settings: Settings, host: tuple[Path, Path], present: set[str]) -> tuple[int, str]:
     out = io.StringIO()
     conf_dir = host[0].parent / "etc-techulus"
-    code = run_doctor(settings, out=out, which=which_of(present), proc=host[0], net=host[1], conf_dir=conf_dir)
+    # The container probe runs real podman: tests/test_doctor_probe.py covers it.
+    code = run_doctor(settings, out=out, which=which_of(present), proc=host[0], net=host[1], conf_dir=conf_dir,
+                      container_check=lambda _settings: [])
     return code, out.getvalue()
 
 
@@ -204,3 +206,23 @@ def test_standalone_mode_checks_only_what_standalone_uses(fp, tmp_path: Path, ho
     assert code == 0, text
     for absent in ("registration", "control plane", "wireguard", "wg", "dnsmasq", "caddy", "buildkit", "buildctl"):
         assert f"  {absent}:" not in text, f"{absent} is not used in standalone mode:\n{text}"
+
+
+def test_container_probe_is_skipped_with_a_warning_before_registration(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    from agent.doctor import collect
+
+    fake_tools(fp, {"podman": TOOLS["podman"]})
+    checks = collect(base_settings(tmp_path, manage_wireguard=False, manage_dns=False), which=which_of({"podman"}),
+                     proc=host[0], net=host[1], conf_dir=host[0].parent / "etc-techulus")
+    lines = [check.line() for check in checks]
+    assert "WARN  container probe: skipped: not registered yet (the container subnet comes with registration)" in lines
+
+
+def test_standalone_mode_only_warns_about_forwarding(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state.toml"
+    state.write_text("containers = []\n")
+    (host[0] / "sys/net/ipv4/ip_forward").write_text("0\n")
+    fake_tools(fp, {"podman": TOOLS["podman"]})
+    code, text = doctor(base_settings(tmp_path, state_file=str(state), url=""), host, {"podman"})
+    assert code == 0, text
+    assert "WARN  ip forwarding: disabled" in text

@@ -70,6 +70,8 @@ STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
 # How long killed leftovers of a removed container get to disappear before we say so.
 REAP_WAIT = 5.0
 
+# The service id of `agent doctor`'s throwaway container (agent/host/probe.py).
+DOCTOR_PROBE_SERVICE = "techulus-doctor"
 # The owner mark on every container and network the agent creates.
 LABEL_OWNER = "techulus.owner"
 # Podman's default network: the Go agent ran port-publishing (no static IP) containers on it.
@@ -215,8 +217,13 @@ class Podman:
     # --- reading ----------------------------------------------------------------------------
 
     def list_containers(self) -> list[ContainerInfo]:
-        """Every container this agent owns (see `judge`), any state."""
-        return [container for container, verdict in self.survey() if verdict.ours]
+        """Every container this agent owns (see `judge`), any state, except `agent doctor`'s
+        probe: it lives for a second beside a running agent, which must neither remove it as
+        unexpected nor report it to the control plane."""
+        return [
+            container for container, verdict in self.survey()
+            if verdict.ours and container.service_id != DOCTOR_PROBE_SERVICE
+        ]
 
     def survey(self) -> list[tuple[ContainerInfo, Ownership]]:
         """Every container with the §9.1 service label (and scope label, if set), ours or
@@ -844,6 +851,27 @@ class Podman:
             log.info("image %s stays: %s", reference, result.stderr.strip()[-300:])
             return False
         return True
+
+    def remove_network(self) -> bool:
+        """Remove our network (`agent standalone --down`); False when it does not exist.
+
+        Never forced: podman refuses while any container, ours or not, is attached, and
+        that refusal is raised with its reason.
+        """
+        name = self.options.network
+        found = self._run("network", "inspect", "--", name, check=False)
+        if found.returncode != 0:
+            return False
+        if not self._check_network_owner(name, found.stdout):
+            raise PodmanError(f"podman network {name} belongs to another agent; not removing it")
+        result = self._run("network", "rm", "--", name, check=False)
+        if result.returncode == 0:
+            log.info("removed podman network %s", name)
+            return True
+        reason = result.stderr.strip()
+        if "not found" in reason.lower() or "no such network" in reason.lower():
+            return False
+        raise PodmanError(f"cannot remove podman network {name}: {reason[-500:] or f'exit {result.returncode}'}")
 
 
 def stable_mac(ip: str) -> str:

@@ -1,0 +1,59 @@
+"""`agent standalone --down FILE`: removes what a standalone agent created on this host.
+
+A newcomer who stops the example must be able to undo it with one command: the agent's
+containers, its podman network and, with `--purge`, its data dir. It goes through the
+Podman adapter, so it touches exactly what the agent itself would consider its own (labels,
+scope and owner marks), and it refuses while an agent runs with the same data dir (that
+agent would re-create everything on its next tick).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import IO
+
+from agent.host.podman import Podman
+from agent.identity import AgentConfig, IdentityError
+from agent.model import ModelError
+from agent.runtime import hold_lock, podman_options, standalone_config
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def standalone_down(settings: Settings, purge: bool = False) -> int:
+    """Remove the standalone agent's containers and network (and data dir if `purge`).
+    Raises AlreadyRunning while an agent holds the data dir, PodmanError when podman
+    refuses (e.g. a container that is not ours still uses the network)."""
+    data_dir = settings.data_dir
+    lock: IO[str] | None = hold_lock(data_dir) if data_dir.exists() else None
+    try:
+        podman = Podman(podman_options(settings, _config(settings), ()))
+        containers = podman.list_containers()
+        for container in containers:
+            podman.force_remove(container.id)
+            log.info("removed container %s (%s)", container.name, container.id[:12])
+        network = podman.options.network
+        if not podman.remove_network():
+            log.info("podman network %s does not exist", network)
+        podman.remove_stale_env_files(older_than=0)
+        if purge and data_dir.exists():
+            shutil.rmtree(data_dir)
+            log.info("removed data dir %s", data_dir)
+        elif data_dir.exists():
+            log.info("kept data dir %s (volumes, cursors); add --purge to remove it too", data_dir)
+    finally:
+        if lock is not None:
+            lock.close()
+    log.info("down: removed %d container(s); nothing of this standalone agent runs any more", len(containers))
+    return 0
+
+
+def _config(settings: Settings) -> AgentConfig:
+    """The state file's identity; an unreadable file must not keep its containers alive."""
+    try:
+        return standalone_config(settings)
+    except (ModelError, IdentityError) as exc:
+        log.warning("%s; removing the containers anyway", exc)
+        return AgentConfig("standalone", 1, "127.0.0.1")
