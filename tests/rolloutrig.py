@@ -24,9 +24,9 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.model import canonical_image
 from tests.fakecp import FakeControlPlane
@@ -42,6 +42,7 @@ from tests.testbed import (
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_INTERVAL = 0.05
+FAST_HEALTH: dict[str, int | None] = {"interval": 1, "timeout": 2, "retries": 2, "startPeriod": 0}
 WATCH_INTERVAL = 0.25
 
 
@@ -57,35 +58,58 @@ class ProbeSample:
     pages: tuple[str, ...]
 
 
-@dataclass
-class RouteProber:
-    """Is the route's upstream list answering? Every PROBE_INTERVAL, until stopped."""
+S = TypeVar("S", bound="Sampler")
 
-    caddy_admin: str
-    route_id: str
-    samples: list[ProbeSample] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def start(self) -> RouteProber:
-        self._thread = threading.Thread(target=self._run, name="route-prober", daemon=True)
+class Sampler:
+    """A daemon thread calling `sample()` every `interval` seconds until `stop()`."""
+
+    interval = 0.25
+    name = "sampler"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def start(self: S) -> S:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            upstreams = self._upstreams()
-            answers = {dial: _fetch(f"http://{dial}/", 0.3) for dial in upstreams}
-            live = tuple(d for d, (status, _) in answers.items() if status == 200)
-            pages = tuple(answers[d][1].strip() for d in live)
-            self.samples.append(ProbeSample(started, upstreams, live, pages))
-            self._stop.wait(max(0.0, PROBE_INTERVAL - (time.monotonic() - started)))
+            self.sample()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+
+class RouteProber(Sampler):
+    """Is the route's upstream list answering? Every PROBE_INTERVAL, until stopped."""
+
+    interval = PROBE_INTERVAL
+    name = "route-prober"
+
+    def __init__(self, caddy_admin: str, route_id: str) -> None:
+        super().__init__()
+        self.caddy_admin = caddy_admin
+        self.route_id = route_id
+        self.samples: list[ProbeSample] = []
+
+    def sample(self) -> None:
+        started = time.monotonic()
+        upstreams = self._upstreams()
+        answers = {dial: _fetch(f"http://{dial}/", 0.3) for dial in upstreams}
+        live = tuple(d for d, (status, _) in answers.items() if status == 200)
+        pages = tuple(answers[d][1].strip() for d in live)
+        self.samples.append(ProbeSample(started, upstreams, live, pages))
 
     def _upstreams(self) -> tuple[str, ...]:
         status, body = _fetch(f"{self.caddy_admin}/id/{self.route_id}", 1.0)
@@ -137,28 +161,19 @@ class Seen:
     state: str
 
 
-@dataclass
-class ContainerWatcher:
+class ContainerWatcher(Sampler):
     """Which containers each deployment had over time (ids, images, creation), every WATCH_INTERVAL."""
 
-    scope_label: str
-    seen: dict[str, list[tuple[float, Seen]]] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    interval = WATCH_INTERVAL
+    name = "container-watcher"
 
-    def start(self) -> ContainerWatcher:
-        self._thread = threading.Thread(target=self._run, name="container-watcher", daemon=True)
-        self._thread.start()
-        return self
+    def __init__(self, scope_label: str) -> None:
+        super().__init__()
+        self.scope_label = scope_label
+        self.seen: dict[str, list[tuple[float, Seen]]] = {}
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(WATCH_INTERVAL):
-            self.look()
+    def sample(self) -> None:
+        self.look()
 
     def look(self) -> None:
         now = time.monotonic()
@@ -283,16 +298,23 @@ class RolloutRig:
 
     # --- the service --------------------------------------------------------------------------
 
-    def add_service(self, image: str = ROLLOUT_V1, health: bool = False, interval: int = 1) -> str:
-        """One replica on this server, port 80 public on `self.domain`; with `health`, the
-        rollout images' health check every `interval` s with no start period."""
+    def add_service(
+        self,
+        image: str = ROLLOUT_V1,
+        health: bool = False,
+        timing: dict[str, int | None] | None = None,
+        domain: str | None = None,
+    ) -> str:
+        """One replica on this server, port 80 public on `domain` (default `self.domain`); with
+        `health`, the rollout images' health check with `timing` (interval/timeout/retries/
+        startPeriod; default every 1 s, no start period; None values get the CP's defaults)."""
         service = self.cp.add_service(
-            f"web-{self.tag}",
+            f"web-{self.tag}-{len(self.cp.rollout.services)}",
             image,
             {self.server_id: 1},
             health_cmd=ROLLOUT_HEALTH_CMD if health else None,
-            health={"interval": interval, "timeout": 2, "retries": 2, "startPeriod": 0},
-            ports=[(80, self.domain)],
+            health=timing if timing is not None else FAST_HEALTH,
+            ports=[(80, domain or self.domain)],
         )
         return service.id
 
@@ -313,13 +335,13 @@ class RolloutRig:
         changes = [c for c in self.cp.rollout_snapshot()["timeline"] if c["id"] == rollout_id]
         return (changes[-1]["time"] - changes[0]["time"]) / 1000
 
-    def serve(self) -> tuple[int, str]:
-        """GET / through Caddy for our domain."""
-        status, body = _fetch(f"http://127.0.0.1:{self.caddy.https_port}/", 2.0, host=self.domain)
+    def serve(self, domain: str | None = None) -> tuple[int, str]:
+        """GET / through Caddy for `domain` (default `self.domain`)."""
+        status, body = _fetch(f"http://127.0.0.1:{self.caddy.https_port}/", 2.0, host=domain or self.domain)
         return status, body.strip()
 
-    def prober(self) -> RouteProber:
-        return RouteProber(self.caddy.admin_url, self.domain)
+    def prober(self, domain: str | None = None) -> RouteProber:
+        return RouteProber(self.caddy.admin_url, domain or self.domain)
 
     def watcher(self) -> ContainerWatcher:
         assert self.net is not None
