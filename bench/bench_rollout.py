@@ -35,6 +35,11 @@ from tests.rolloutrig import FAST_HEALTH, RigError, RolloutRig  # noqa: E402
 from tests.testbed import ROLLOUT_V1, ROLLOUT_V2, prepare_podman, prepare_rollout_images  # noqa: E402
 
 API = "/api/v1/agent"
+HEALTH_LABELS = {
+    "none": "no health check",
+    "default": "health check with the CP's defaults 10/5/3/30 s",
+    "fast": "health check every 1 s",
+}
 HEALTH_MODES: dict[str, tuple[bool, dict[str, int | None]]] = {
     "none": (False, {}),
     "default": (True, {"interval": None, "timeout": None, "retries": None, "startPeriod": None}),
@@ -109,8 +114,8 @@ def run_mode(rig: RolloutRig, mode: str, runs: int, timeout: float) -> None:
         print(f"  [{mode} #{run + 1}] redeploy: {describe(redeploy)}", flush=True)
         if redeploy["seconds"] is None:
             break
-    summarise(f"deploy -> running ({mode} health check)", deploys)
-    summarise(f"redeploy -> running ({mode} health check)", redeploys)
+    summarise(f"deploy -> running ({HEALTH_LABELS[mode]})", deploys)
+    summarise(f"redeploy -> running ({HEALTH_LABELS[mode]})", redeploys)
 
 
 def describe(result: dict) -> str:

@@ -74,7 +74,7 @@ class World:
     def running_first_deploy(self, health: bool = False) -> tuple[str, str]:
         """A service with D1 `running` (reported, container c-D1)."""
         service = self.service(health)
-        (d1,) = [d.id for d in self.model.rows(service)] or [self.deploy(service)]
+        d1 = self.deploy(service)
         row = self.model.deployment(d1)
         assert row is not None and row.rollout_id is not None
         row.status, row.container_id = "running", f"c-{d1}"
