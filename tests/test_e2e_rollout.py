@@ -8,6 +8,13 @@ image whose health check fails rolls back and leaves the old deployment serving.
 
 The health-check variants need health checks that work without systemd (this machine has
 none: podman leaves health `starting` forever unless the agent runs the checks itself).
+
+Against the agent before issue 9's fixes: (a) passes without a health check; (b) fails on
+both counts it exists for (the old deployment's container is re-created on v2 as soon as the
+redeploy starts, and the route has dead stretches of 1-3 s even with 1 s timers); the health
+variants and (c) time out with the deployment stuck in `starting`. With health checks run by
+hand (`podman healthcheck run` in a loop), (c) showed the issue's outage: the old container
+re-imaged to the broken image and Caddy answering 404 after the rollback.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Each table row below is a line of ROLLOUT.md: what the expected state lists at each stage of
 a new deployment D2 (old D1 `running`), and how each status report moves the rows (with and
-without a health check), the rollback, and deployService's refusals. The last tests drive
-the same machine over HTTP (admin endpoints, signed agent requests) as the e2e tests do.
+without a health check), the rollback, and deployService's refusals. Then the same machine
+over HTTP (admin endpoints, signed agent requests) as the e2e tests drive it, and the e2e
+rig's dead-route arithmetic.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from agent import api, crypto
 from agent.model import parse_expected_state
 from tests.fakecp import FakeControlPlane
 from tests.fakerollout import ERR_IN_PROGRESS, Port, RolloutModel, RolloutRefused, ServerView, cp_image
+from tests.rolloutrig import ProbeSample, RouteProber
 
 SERVER, OTHER = "a" * 24, "b" * 24
 V1, V2 = "registry.test/app:v1", "registry.test/app:v2"
@@ -463,3 +465,18 @@ def test_seeded_services_and_admin_errors(served: tuple[FakeControlPlane, api.Co
     assert [d["ipAddress"] for d in cp.deployment_rows("s1")] == [ip(2), ip(3)]
     assert admin(cp, "POST", "/services/nope/deploy")[0] == 404
     assert admin(cp, "POST", "/services", {"name": "x"})[0] == 400
+
+
+# --- the e2e rig's dead-route measurement -------------------------------------------------------
+
+
+def test_dead_route_stretches_count_only_after_the_route_was_first_live() -> None:
+    prober = RouteProber("http://127.0.0.1:9", "app.test")
+    up, down = ("10.200.5.2:80",), ()
+    timeline = [(0.0, down), (0.1, up), (0.2, down), (0.3, down), (0.5, up), (0.6, down), (0.9, down)]
+    prober.samples = [ProbeSample(t, up, live, ("v1",) * len(live)) for t, live in timeline]
+    assert prober.dead_intervals() == [(0.2, pytest.approx(0.3)), (0.6, pytest.approx(0.3))]
+    assert prober.longest_dead() == pytest.approx(0.3)
+    assert prober.dead_samples() == 4, "the samples before the route was first live do not count"
+    prober.samples = prober.samples[:1]
+    assert (prober.dead_intervals(), prober.longest_dead(), prober.dead_samples()) == ([], 0.0, 0)
