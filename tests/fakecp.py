@@ -51,7 +51,10 @@ atomically after every agent request with the snapshot described below. The seed
      "workItems": [{"serverId", "type", "payload": <object or string>, "id": optional}],
      "builds": [{"id", "serviceId", "projectId", "commitSha", "branch", "commitMessage",
                  "githubRepoId", "cloneUrl", "imageUri", "secrets": {"K": "plaintext"}}],
-     "domains": {"app.example.com": 200}}
+     "domains": {"app.example.com": 200},
+     "services": [{"id"?, "name", "image", "replicas": {"<serverId>": 1},
+                   "healthCheck"?: {"cmd", "interval"?, "timeout"?, "retries"?, "startPeriod"?},
+                   "ports"?: [{"containerPort": 80, "domain"?: "app.example.com"}], "hostname"?}]}
 
 Unauthenticated admin endpoints (JSON in, JSON out):
     GET  /__test__/snapshot          servers, statusReports, completions, buildUpdates,
@@ -67,9 +70,26 @@ Unauthenticated admin endpoints (JSON in, JSON out):
                                       |"drip", "count", "status", "body", "seconds", "path"}
     POST /__test__/clock             {"nowMs": <int>} freezes, {"nowMs": null} real time,
                                      {"offsetSeconds": -200} runs 200 s behind
+    POST /__test__/services          as one "services" entry -> {"id"}
+    POST /__test__/services/ID/deploy                deployService -> {"rolloutId"}; 409 {"error"}
+                                     when refused ("A deployment is already in progress")
+    POST /__test__/services/ID/image {"image", "deploy"?: true} the service's new image (and deploy)
+    GET  /__test__/rollout           services, deployments, rollouts and the timeline of every
+                                     status change with its time (ms), for measurements
 
-Not modelled: rollouts (expected states are whatever the test sets; `on_status` is a
-hook to change them when a report arrives), GitHub, the offline flag.
+Rollouts (opt-in): a server whose expected state no test has set verbatim gets the document
+the real control plane computes from its deployment rows, and every status report advances
+the rows exactly as the real one does (ROLLOUT.md; tests/fakerollout.py)::
+
+    svc = cp.add_service("web", "localhost/app:v1", {server_id: 1}, health_cmd=None,
+                         ports=[(80, "app.test")])
+    rollout = cp.deploy_service(svc.id)          # pending row, new IP, a `deploy` work item
+    cp.redeploy(svc.id, "localhost/app:v2")      # new image for every row, then deployService
+    cp.rollout_status(rollout.id), cp.deployment_rows(svc.id), cp.rollout_snapshot()
+
+A test that sets an expected state verbatim keeps it (`on_status` remains a hook to change
+it when a report arrives). Not modelled: GitHub, the offline flag, the servers list's
+lazy offline marking, services' env and volumes.
 """
 
 from __future__ import annotations
@@ -101,6 +121,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from tests.fakerollout import Port, Rollout, RolloutModel, RolloutRefused, ServerView, Service
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +470,9 @@ class FakeControlPlane:
         self._build_updates: list[BuildUpdate] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # The rollout stage machine (tests/fakerollout.py); it speaks for a server whose
+        # expected state no test has set verbatim.
+        self.rollout = RolloutModel(self._server_views, self._queue_work, self.now_ms, lambda: self._new_id())
         # Called (outside the lock) after every accepted status report; tests use it to move
         # expected states along like the CP's rollout logic would.
         self.on_status: Callable[[str, dict[str, Any]], None] | None = None
@@ -579,6 +604,63 @@ class FakeControlPlane:
                 "wireguard": {"peers": self._peers_for(server_id)},
             }
 
+    # --- rollouts (tests/fakerollout.py) -------------------------------------------------
+
+    def add_service(
+        self,
+        name: str,
+        image: str,
+        replicas: dict[str, int],
+        *,
+        service_id: str | None = None,
+        health_cmd: str | None = None,
+        health: dict[str, int | None] | None = None,
+        ports: list[tuple[int, str | None]] | None = None,
+        hostname: str | None = None,
+    ) -> Service:
+        """A service (no deployment yet) placed as `replicas` ({serverId: count}); `ports` are
+        (containerPort, public domain or None); `health` holds interval/timeout/retries/startPeriod."""
+        with self._lock:
+            return self.rollout.add_service(
+                name, image, replicas, service_id=service_id, health_cmd=health_cmd, health=health,
+                ports=[Port(port, domain) for port, domain in ports or []], hostname=hostname,
+            )  # fmt: skip
+
+    def deploy_service(self, service_id: str) -> Rollout:
+        """deployService: a new rollout, or RolloutRefused (e.g. one is already in progress)."""
+        with self._lock:
+            return self.rollout.deploy_service(service_id)
+
+    def update_image(self, service_id: str, image: str) -> None:
+        """updateServiceConfig: every listed deployment of the service shows `image` at once."""
+        with self._lock:
+            self.rollout.update_image(service_id, image)
+
+    def redeploy(self, service_id: str, image: str | None = None) -> Rollout:
+        """update_image (when given) and deploy_service in one step, as a finished build does."""
+        with self._lock:
+            return self.rollout.redeploy(service_id, image)
+
+    def deployment_rows(self, service_id: str | None = None) -> list[dict[str, Any]]:
+        """Copies of the deployment rows (as in the rollout snapshot), oldest first."""
+        with self._lock:
+            return [d.snapshot() for d in self.rollout.rows(service_id)]
+
+    def rollout_status(self, rollout_id: str) -> str:
+        with self._lock:
+            return self.rollout.rollouts[rollout_id].status
+
+    def rollout_snapshot(self) -> dict[str, Any]:
+        """services, deployments, rollouts and the timeline of status changes (with times)."""
+        with self._lock:
+            return self.rollout.snapshot()
+
+    def _server_views(self) -> list[ServerView]:
+        return [ServerView(s.id, s.subnet_id, s.status == "online") for s in self._servers.values()]
+
+    def _queue_work(self, server_id: str, type: str, payload: dict[str, Any]) -> str:
+        return self.add_work_item(server_id, type, payload)
+
     def add_work_item(
         self,
         server_id: str,
@@ -665,7 +747,16 @@ class FakeControlPlane:
 
     def seed(self, data: dict[str, Any]) -> None:
         """Apply a seed document (module docstring); unknown keys are an error."""
-        known = {"encryptionKey", "tokens", "servers", "expectedStates", "workItems", "builds", "domains"}
+        known = {
+            "encryptionKey",
+            "tokens",
+            "servers",
+            "expectedStates",
+            "workItems",
+            "builds",
+            "domains",
+            "services",
+        }
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown seed keys: {sorted(unknown)}")
@@ -708,6 +799,18 @@ class FakeControlPlane:
             )
         for domain, status in data.get("domains", {}).items():
             self.add_domain(domain, int(status))
+        for service in data.get("services", []):
+            health = service.get("healthCheck") or {}
+            self.add_service(
+                str(service["name"]),
+                str(service["image"]),
+                {str(k): int(v) for k, v in service["replicas"].items()},
+                service_id=service.get("id"),
+                health_cmd=health.get("cmd"),
+                health={k: health.get(k) for k in ("interval", "timeout", "retries", "startPeriod")},
+                ports=[(int(p["containerPort"]), p.get("domain")) for p in service.get("ports", [])],
+                hostname=service.get("hostname"),
+            )
 
     # --- faults ---------------------------------------------------------------------------
 
@@ -1052,7 +1155,8 @@ class FakeControlPlane:
     def _expected_state(self, server: Server, _text: str) -> Response:
         raw = self._expected.get(server.id)
         if raw is None:
-            raw = js_json(self.default_expected_state(server.id))
+            # With no service this is the default document (empty sections, the peers).
+            raw = js_json(self.rollout.expected_state(server.id, self._peers_for(server.id)))
         return Response(200, raw)
 
     def _status(self, server: Server, text: str) -> Response:
@@ -1070,6 +1174,7 @@ class FakeControlPlane:
             server.resources = report["resources"]
         if isinstance(report.get("publicIp"), str) and report["publicIp"]:
             server.public_ip = report["publicIp"]
+        self.rollout.on_report(server.id, report)  # steps 2-4, after step 1 above
         accepted = StatusReport(server.id, now, report)
         self._reports.append(accepted)
         response = _ok(_OK)
@@ -1165,7 +1270,8 @@ class FakeControlPlane:
 
     def _domain_from_routes(self, domain: str) -> int:
         """Without an explicit answer, a domain routed in any expected state is allowed."""
-        for raw in self._expected.values():
+        documents = [*self._expected.values(), js_json({"caddy": {"routes": self.rollout.caddy_routes()}})]
+        for raw in documents:
             try:
                 routes = json.loads(raw).get("caddy", {}).get("routes") or []
             except (ValueError, AttributeError):
@@ -1228,6 +1334,8 @@ class FakeControlPlane:
         if match and method == "POST":
             self.set_build_status(match.group(1), str(data["status"]))
             return _ok(_OK)
+        if path.startswith("/services") or path == "/rollout":
+            return self._admin_rollout(method, path, data)
         if method == "POST" and path == "/faults":
             raw = data.get("body", "")
             self.add_fault(
@@ -1251,6 +1359,28 @@ class FakeControlPlane:
                 self.freeze(None if now is None else int(now))
             return _ok(_OK)
         return _error(404, f"admin: no endpoint {method} {path}")
+
+    def _admin_rollout(self, method: str, path: str, data: Any) -> Response:
+        if method == "GET" and path == "/rollout":
+            return _ok(self.rollout_snapshot())
+        if method == "POST" and path == "/services":
+            self.seed({"services": [data]})
+            return _ok({"id": list(self.rollout.services)[-1]})
+        match = re.fullmatch(r"/services/([^/]+)/(deploy|image)", path)
+        if match is None or method != "POST":
+            return _error(404, f"admin: no endpoint {method} {path}")
+        service_id = match.group(1)
+        if service_id not in self.rollout.services:
+            return _error(404, f"admin: no service {service_id}")
+        try:
+            if match.group(2) == "image":
+                self.update_image(service_id, str(data["image"]))
+                if not data.get("deploy"):
+                    return _ok(_OK)
+            rollout = self.deploy_service(service_id)
+        except RolloutRefused as exc:
+            return _error(409, str(exc))
+        return _ok({"rolloutId": rollout.id})
 
     def _write_state_file(self) -> None:
         if self.state_file is None:

@@ -165,3 +165,26 @@ def podman_net(podman_env: Path) -> Iterator[TestNetwork]:
         yield net
     finally:
         remove_network(net)
+
+
+# Rollout images (tests/test_e2e_rollout.py, bench/bench_rollout.py): busybox httpd writing its
+# own page at start. ROLLOUT_HEALTH_CMD fetches /health: v1 and v2 pass it; "broken" serves
+# nothing (404 everywhere, as the broken image of issue 9 did) and fails it.
+ROLLOUT_V1 = "localhost/techulus-rollout:v1"
+ROLLOUT_V2 = "localhost/techulus-rollout:v2"
+ROLLOUT_BROKEN = "localhost/techulus-rollout:broken"
+ROLLOUT_HEALTH_CMD = "wget -q -O /dev/null http://127.0.0.1/health"
+_SERVE = "mkdir -p /tmp/www && {setup} exec httpd -f -p 80 -h /tmp/www"
+ROLLOUT_SCRIPTS = {
+    ROLLOUT_V1: _SERVE.format(setup="echo v1 > /tmp/www/index.html && echo ok > /tmp/www/health &&"),
+    ROLLOUT_V2: _SERVE.format(setup="echo v2 > /tmp/www/index.html && echo ok > /tmp/www/health &&"),
+    ROLLOUT_BROKEN: _SERVE.format(setup=""),
+}
+
+
+def prepare_rollout_images(workdir: Path) -> None:
+    """The three rollout images, each built once per machine (after prepare_podman/podman_env)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for image, script in ROLLOUT_SCRIPTS.items():
+        if podman("image", "exists", image, check=False).returncode != 0:
+            podman("import", "--change", f'CMD ["sh","-c","{script}"]', str(_image_tar(workdir)), image)
