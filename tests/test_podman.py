@@ -23,6 +23,7 @@ from agent.host.podman import (
     PodmanError,
     PodmanNotInstalled,
     PodmanOptions,
+    check_env,
     parse_ps,
     podman_environment,
     podman_reads,
@@ -565,6 +566,8 @@ def test_run_gives_up_when_the_name_stays_taken(fp: Any, podman: Podman, tmp_pat
      ({"TZ": '"Europe/Berlin"'}, "quote"), ({"LD_PRELOAD": "x" * MAX_ENV_LINE}, "env-file limit")],
 )
 def test_run_bad_env_runs_nothing(fp: Any, podman: Podman, tmp_path: Path, env: dict[str, str], match: str) -> None:
+    with pytest.raises(PodmanError, match=match):
+        check_env(env)  # what the loop asks before it stops the container being replaced
     with pytest.raises(PodmanError, match=match):
         podman.run_container(spec(), env, tmp_path)
     assert fp.call_count(["podman", fp.any()]) == 0

@@ -597,18 +597,7 @@ class Podman:
         only in memory: a sealed memfd, which `podman run` reads as `/dev/fd/N` (it inherits
         the descriptor). Nothing reaches a disk, so a kill -9 or a power cut leaves no
         secret behind. The caller closes it."""
-        text = "".join(f"{key}={value}\n" for key, value in env.items())
-        try:
-            validate.check_env_file(text, env)  # read back as every podman reads it, or refuse
-        except validate.InvalidValue as exc:
-            raise PodmanError(f"{exc}; podman reads this name itself, so it can only travel in an env file") from None
-        for key, value in env.items():
-            if len(f"{key}={value}\n".encode()) > MAX_ENV_LINE:
-                raise PodmanError(
-                    f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes); "
-                    "podman reads this name itself, so it can only travel in an env file"
-                )
-        data = text.encode("utf-8")
+        data = _env_file_text(env).encode("utf-8")
         try:
             fd = os.memfd_create("techulus-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except (AttributeError, OSError) as exc:
@@ -928,6 +917,28 @@ def podman_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
     meant for the agent alone."""
     source = os.environ if environ is None else environ
     return {k: v for k, v in source.items() if podman_reads(k) and k not in SERVICE_MANAGER_ENV}
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    """Raise PodmanError unless every variable can reach the container exactly: callers
+    check before they stop the container that a refused value would replace."""
+    _env_file_text(split_env(env)[1])
+
+
+def _env_file_text(env: Mapping[str, str]) -> str:
+    """The env file for the variables podman reads itself, once it reads back exactly."""
+    text = "".join(f"{key}={value}\n" for key, value in env.items())
+    try:
+        validate.check_env_file(text, env)  # read back as every podman reads it, or refuse
+    except validate.InvalidValue as exc:
+        raise PodmanError(f"{exc}; podman reads this name itself, so it can only travel in an env file") from None
+    for key, value in env.items():
+        if len(f"{key}={value}\n".encode()) > MAX_ENV_LINE:
+            raise PodmanError(
+                f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes); "
+                "podman reads this name itself, so it can only travel in an env file"
+            )
+    return text
 
 
 def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
