@@ -119,13 +119,26 @@ def files_holding(needle: bytes, roots: list[Path], since: float) -> list[Path]:
     return found
 
 
+def environ_holders(needle: bytes) -> set[int]:
+    """Live pids whose environment holds `needle`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_secrets_reach_the_container_from_memory_and_never_touch_the_disk(
     podman_net: TestNetwork, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """podman 4.3 takes `--env=NAME` values from its own environment and reads the names it
     uses itself from `--env-file=/dev/fd/N` (a memfd it inherits): the container sees every
     variable, and neither the agent nor podman writes a file holding one (outside podman's
-    own record of the container in its storage), so a kill -9 leaves none behind."""
+    own record of the container in its storage), so a kill -9 leaves none behind; and no
+    process outlives `podman run` with a value in its environment but the container's."""
     from agent.host import podman as podman_module
     from agent.model import ExpectedContainer
 
@@ -162,6 +175,8 @@ def test_secrets_reach_the_container_from_memory_and_never_touch_the_disk(
         assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
         temp = [Path(p) for p in {os.environ.get("TMPDIR", "/tmp"), "/tmp", "/var/tmp", "/dev/shm", "/run/techulus-agent"}]
         assert files_holding(secret.encode(), [tmp_path, *temp], started) == []
+        holders = environ_holders(secret.encode())
+        assert holders and holders <= set(processes_of(container_id))
     finally:
         podman("rm", "--force", "--time", "0", container_id, check=False)
 
