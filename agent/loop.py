@@ -25,7 +25,7 @@ from agent import crypto
 from agent.configsync import ConfigSync
 from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, plan
 from agent.fsutil import atomic_write
-from agent.host.podman import Podman
+from agent.host.podman import Podman, check_env
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.problems import ProblemLog
 from agent.settings import Settings
@@ -367,6 +367,7 @@ class Reconciler:
         env: dict[str, str] = {}
         if change.expected is not None and change.kind in (ChangeKind.DEPLOY, ChangeKind.REDEPLOY):
             env = decrypt_env(change.expected, self.encryption_key)
+            check_env(env)  # a value that cannot reach the container fails before anything is stopped
             self._pull(change.expected.image, deadline)
         with self.host_lock:
             if change.expected is not None and change.expected.deployment_id in self.stopped_deployments():

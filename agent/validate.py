@@ -311,6 +311,32 @@ def argv(args: Iterable[str], what: str = "command") -> None:
             raise InvalidValue(f"{what}: argument {arg[:60]!r} holds the control or separator character {bad!r}")
 
 
+#: Linux's MAX_ARG_STRLEN (32 pages): the longest `KEY=VALUE` string, its NUL included,
+#: that an environment handed to execve may hold (podman's, then the container's).
+MAX_ENV_ENTRY = 32 * 4096
+
+
+def env_value(key: str, value: object) -> str:
+    """A container's environment value, carried byte for byte through an environment:
+    anything (line breaks, quotes, `=`, any Unicode) except what no environment can hold
+    (NUL, text that is not UTF-8) or what execve refuses (longer than MAX_ENV_ENTRY)."""
+    env_key(key)
+    if not isinstance(value, str):
+        raise InvalidValue(f"environment variable {key} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidValue(f"environment variable {key} contains a NUL character, which no environment can carry")
+    try:
+        size = len(key) + 2 + len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidValue(f"environment variable {key} is not valid Unicode text (a lone surrogate)") from None
+    if size > MAX_ENV_ENTRY:
+        raise InvalidValue(
+            f"environment variable {key} is {size - len(key) - 2} bytes long; "
+            f"name and value must stay under {MAX_ENV_ENTRY // 1024} KiB (Linux's MAX_ARG_STRLEN)"
+        )
+    return value
+
+
 def env_file_entries(text: str) -> list[tuple[str, str]]:
     """An env file as podman's `--env-file` reads it (pkg/env: lines split at \\n, a trailing
     \\r dropped, leading blanks trimmed, `#` lines skipped, KEY=VALUE split at the first `=`;
@@ -329,7 +355,8 @@ def env_file_entries(text: str) -> list[tuple[str, str]]:
 
 
 def check_env_file(text: str, env: Mapping[str, str]) -> None:
-    """Raise unless `text` reads back, as every podman reads it, as exactly `env` in order.
+    """Raise unless `text` reads back, as every podman reads it, as exactly `env` in order
+    (the env file carries only the few variables podman itself reads, see agent/host/podman.py).
 
     Podman >= 4.7 reads a value that opens with a quote as possibly spanning lines, so such a
     value is refused too: one podman would read it differently from another."""

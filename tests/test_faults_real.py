@@ -106,19 +106,51 @@ def test_a_container_podman_already_forgot_is_killed(stuck: tuple[str, Podman, T
     assert caplog.text.count("was removed but") == 1
 
 
+def files_holding(needle: bytes, roots: list[Path], since: float) -> list[Path]:
+    """Regular files under `roots` changed since `since` whose content holds `needle`."""
+    found = []
+    for root in roots:
+        for path in root.rglob("*") if root.is_dir() else ():
+            try:
+                if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since and needle in path.read_bytes():
+                    found.append(path)
+            except OSError:
+                continue  # vanished meanwhile (other tests), or unreadable
+    return found
+
+
+def environ_holders(needle: bytes) -> set[int]:
+    """Live pids whose environment holds `needle`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_secrets_reach_the_container_from_memory_and_never_touch_the_disk(
     podman_net: TestNetwork, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    """podman 4.3 reads `--env-file=/dev/fd/N` (a memfd it inherits): the container sees the
-    variables, and no file holding them is ever written, so a kill -9 leaves none."""
+    """podman 4.3 takes `--env=NAME` values from its own environment and reads the names it
+    uses itself from `--env-file=/dev/fd/N` (a memfd it inherits): the container sees every
+    variable, and neither the agent nor podman writes a file holding one (outside podman's
+    own record of the container in its storage), so a kill -9 leaves none behind; and no
+    process outlives `podman run` with a value in its environment but the container's."""
     from agent.host import podman as podman_module
     from agent.model import ExpectedContainer
 
     secret = f"s3cr3t-{uuid.uuid4().hex}"
+    values = {"DATABASE_URL": secret, "PEM": f"-----BEGIN KEY-----\n{secret}\n-----END KEY-----\n", "EMPTY": "",
+              "TZ": f"UTC-{secret}"}
     env_files: list[str] = []
+    argvs: list[list[str]] = []
     real_run = podman_module.run
 
     def recording_run(argv: list[str], **kw: object) -> object:
+        argvs.append(list(argv))
         for arg in argv:
             if arg.startswith("--env-file="):
                 path = arg.split("=", 1)[1]
@@ -132,13 +164,19 @@ def test_secrets_reach_the_container_from_memory_and_never_touch_the_disk(
     spec = ExpectedContainer(
         "dep-secret", "svc-secret", "Secret", f"tt-secret-{uuid.uuid4().hex[:8]}", HTTPD_IMAGE, podman_net.ip(9)
     )
-    container_id = adapter.run_container(spec, {"DATABASE_URL": secret, "EMPTY": ""}, tmp_path / "volumes")
+    started = time.time() - 1
+    container_id = adapter.run_container(spec, values, tmp_path / "volumes")
     try:
-        env_inside = podman("exec", container_id, "env").stdout.splitlines()
-        assert f"DATABASE_URL={secret}" in env_inside and "EMPTY=" in env_inside
-        assert len(env_files) == 1 and env_files[0].startswith("/memfd:")
+        environ = subprocess.run(["podman", "exec", container_id, "cat", "/proc/1/environ"], capture_output=True,
+                                 check=True, timeout=60).stdout.split(b"\0")
+        assert {f"{k}={v}".encode() for k, v in values.items()} <= set(environ)
+        assert len(env_files) == 1 and env_files[0].startswith("/memfd:")  # TZ: a name podman reads itself
+        assert not any(secret in arg for argv in argvs for arg in argv)
         assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
-        assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+        temp = [Path(p) for p in {os.environ.get("TMPDIR", "/tmp"), "/tmp", "/var/tmp", "/dev/shm", "/run/techulus-agent"}]
+        assert files_holding(secret.encode(), [tmp_path, *temp], started) == []
+        holders = environ_holders(secret.encode())
+        assert holders and holders <= set(processes_of(container_id))
     finally:
         podman("rm", "--force", "--time", "0", container_id, check=False)
 

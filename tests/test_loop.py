@@ -132,6 +132,20 @@ def test_undecryptable_secret_fails_that_deployment_only():
         decrypt_env(spec("a", env={"X": "AAAA"}), "")
 
 
+def test_an_env_value_that_cannot_reach_the_container_keeps_the_old_one_running():
+    from agent.drift import Change, ChangeKind
+    from agent.host.podman import PodmanError
+
+    podman = FakePodman()
+    old = podman.add("a", image="localhost/app:v0")
+    reconciler, podman, _ = make(ListSource(ExpectedState()), podman)
+    # PATH is read by podman itself: it travels in an env file, which holds no line break.
+    new = spec("a", env={"PATH": crypto.encrypt_secret(KEY, "/app/bin\n/usr/bin")})
+    with pytest.raises(PodmanError, match="line break"):
+        reconciler.apply(Change(ChangeKind.REDEPLOY, "image", old, new), ExpectedState())
+    assert list(podman.containers) == [old.id] and podman.pull_timeouts == []
+
+
 def test_restore_mode_never_removes():
     podman = FakePodman()
     podman.add("stale")

@@ -1,6 +1,7 @@
 """Unit tests of the Podman adapter: the exact argv of every operation (pytest-subprocess),
 parsing from stdout only, not-found handling, refusal of foreign containers, and the
-secrets path (env file 0600, deleted, never in argv)."""
+secrets path (values only in podman's own, minimal environment; the names podman reads in a
+sealed memfd; never in argv)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ import pytest
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME
 from agent.host.podman import (
     DEFAULT_CAPS,
+    MAX_ENV_LINE,
     Podman,
     PodmanCommandError,
     PodmanError,
     PodmanNotInstalled,
     PodmanOptions,
+    check_env,
     parse_ps,
+    podman_environment,
+    podman_reads,
+    split_env,
     stable_mac,
 )
 from agent.host.run import CommandError
@@ -339,7 +345,9 @@ def test_image_exists(fp: Any, podman: Podman) -> None:
 # --- run ------------------------------------------------------------------------------------
 
 
-def expected_run_argv(spec_: ExpectedContainer, volumes_dir: Path, env_file: str | None, **opt: Any) -> list[str]:
+def expected_run_argv(
+    spec_: ExpectedContainer, volumes_dir: Path, env_file: str | None, env_names: tuple[str, ...] = (), **opt: Any
+) -> list[str]:
     argv = ["podman", "run", "--detach", f"--name={spec_.name}", "--restart=always", "--pull=never",
             "--security-opt=no-new-privileges", "--cap-drop=ALL"]
     argv += [f"--cap-add={c}" for c in DEFAULT_CAPS]
@@ -358,6 +366,7 @@ def expected_run_argv(spec_: ExpectedContainer, volumes_dir: Path, env_file: str
     argv += [f"--volume={volumes_dir / 'svc1' / v.name}:{v.container_path}" for v in spec_.volumes]
     if env_file:
         argv.append(f"--env-file={env_file}")
+    argv += [f"--env={name}" for name in env_names]
     return [*argv, "--", "docker.io/library/nginx:1.27"]
 
 
@@ -371,20 +380,34 @@ IN_USE = (
 )
 
 
-def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -> None:
+AGENT_ENV = {
+    "PATH": "/usr/sbin:/usr/bin", "CONTAINERS_CONF": "/etc/test/containers.conf", "HTTPS_PROXY": "http://proxy:3128",
+    "TECHULUS_AGENT_URL": "https://cp.example", "TECHULUS_AGENT_TOKEN": "agent-token-hunter2",
+    "NOTIFY_SOCKET": "/run/systemd/notify", "SSH_AUTH_SOCK": "/tmp/ssh", "AWS_SECRET_ACCESS_KEY": "agent-aws",
+}
+
+
+def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if podman_reads(k)]:
+        monkeypatch.delenv(key)
+    for key, value in AGENT_ENV.items():
+        monkeypatch.setenv(key, value)
     podman = Podman(opts(tmp_path, dns_servers=("10.200.3.1",)), sleep=lambda _s: None)
     volumes_dir = tmp_path / "volumes"
     s = spec(
         health_check=HealthCheck("curl -f http://localhost/ || exit 1", 10, 5, 3, 30),
         volumes=(Volume("data", "/data"), Volume("cache", "/var/cache/app")),
     )
-    env = {"DATABASE_URL": "postgres://u:hunter2-secret@db/x", "EMPTY": "", "SPACED": "  a b  "}
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIE hunter2\n-----END PRIVATE KEY-----\n"
+    env = {"DATABASE_URL": "postgres://u:hunter2-secret@db/x", "EMPTY": "", "PEM": pem, "JSON": '"{\n  \"a\": 1\n}"',
+           "TZ": "Europe/Berlin", "PATH": "/app/bin:/usr/bin"}
     seen: dict[str, Any] = {}
 
     def capture(process: Any) -> None:
         argv = [str(a) for a in process.args]
         env_file = Path(next(a for a in argv if a.startswith("--env-file=")).split("=", 1)[1])
         seen["argv"] = argv
+        seen["env"] = dict(process.kwargs["env"])
         seen["file"] = env_file
         fd = int(env_file.name)
         seen["pass_fds"] = tuple(process.kwargs["pass_fds"])
@@ -398,18 +421,68 @@ def test_run_argv_is_exact_and_secrets_stay_out_of_it(fp: Any, tmp_path: Path) -
 
     # The happy path is exactly one run and one inspect.
     assert [list(c)[:3] for c in fp.calls] == [["podman", "run", "--detach"], [*INSPECT[:3]]]
-    assert seen["argv"] == expected_run_argv(s, volumes_dir, str(seen["file"]), dns=("10.200.3.1",))
-    assert not any("hunter2" in a for a in seen["argv"])
-    # The env file is a memfd handed to podman as /dev/fd/N: never a file on disk.
+    assert seen["argv"] == expected_run_argv(
+        s, volumes_dir, str(seen["file"]), ("DATABASE_URL", "EMPTY", "PEM", "JSON"), dns=("10.200.3.1",)
+    )
+    assert not any("hunter2" in a or "Berlin" in a for a in seen["argv"])
+    # Podman's environment: the values passed by name, and of the agent's own only what
+    # podman reads (its config, PATH, proxies); no agent setting, token or notify socket.
+    assert seen["env"] == {
+        "PATH": "/usr/sbin:/usr/bin", "CONTAINERS_CONF": "/etc/test/containers.conf", "HTTPS_PROXY": "http://proxy:3128",
+        "DATABASE_URL": env["DATABASE_URL"], "EMPTY": "", "PEM": pem, "JSON": env["JSON"],
+    }
+    # PATH and TZ are names podman reads: they go in the env file, a memfd handed to podman
+    # as /dev/fd/N, never a file on disk.
     assert str(seen["file"]).startswith("/dev/fd/") and seen["pass_fds"] == (int(seen["file"].name),)
     assert seen["target"].startswith("/memfd:") and seen["mode"] == 0o600
-    assert seen["content"] == "DATABASE_URL=postgres://u:hunter2-secret@db/x\nEMPTY=\nSPACED=  a b  \n"
+    assert seen["content"] == "TZ=Europe/Berlin\nPATH=/app/bin:/usr/bin\n"
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
     with pytest.raises(OSError):  # closed after the run
         os.fstat(int(seen["file"].name))
     for name in ("data", "cache"):
         path = volumes_dir / "svc1" / name
         assert path.is_dir() and stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def test_run_without_variables_podman_reads_needs_no_env_file(fp: Any, podman: Podman, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TECHULUS_AGENT_TOKEN", "agent-token")
+    s = spec()
+    fp.register(expected_run_argv(s, tmp_path, None, ("K", "EMPTY")), stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(s, {"K": "v", "EMPTY": ""}, tmp_path)
+    fp.register(expected_run_argv(s, tmp_path, None), stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(s, {}, tmp_path)  # no variables: still not the agent's environment
+    runs = [c for c in fp.calls if list(c)[:2] == ["podman", "run"]]
+    assert len(runs) == 2
+
+
+def test_only_run_gets_a_minimal_environment(fp: Any, podman: Podman, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other podman command runs as before, in the agent's environment (env=None)."""
+    seen: list[Any] = []
+    fp.register(["podman", "image", "exists", fp.any()], callback=lambda p: seen.append(p.kwargs.get("env")))
+    podman.image_exists("nginx:1.27")
+    assert seen == [None]
+
+
+def test_which_names_podman_reads() -> None:
+    for name in ("PATH", "HOME", "TMPDIR", "LD_PRELOAD", "LD_LIBRARY_PATH", "CONTAINERS_CONF", "CONTAINER_HOST",
+                 "XDG_RUNTIME_DIR", "GODEBUG", "http_proxy", "NO_PROXY", "LANG", "LC_ALL", "TZ", "NOTIFY_SOCKET",
+                 "PODMAN_USERNS", "_CONTAINERS_USERNS_CONFIGURED", "DBUS_SYSTEM_BUS_ADDRESS"):
+        assert podman_reads(name), name
+    for name in ("DATABASE_URL", "PATHS", "GOOGLE_API_KEY", "NODE_ENV", "SECRET_KEY_BASE", "MY_HOME", "PRIVATE_KEY"):
+        assert not podman_reads(name), name
+    environ = {"PATH": "/bin", "NOTIFY_SOCKET": "/run/n", "LISTEN_FDS": "3", "TECHULUS_AGENT_TOKEN": "t", "X": "1"}
+    assert podman_environment(environ) == {"PATH": "/bin"}
+
+
+def test_any_value_an_environment_holds_is_passed_by_name() -> None:
+    values = {"PEM": "a\nb\r\n", "Q": '"x', "S": "'y'", "EQ": "a=b=", "U": "héllo \u2028 ✓", "T": "\tx ",
+              "BIG": "x" * (128 * 1024 - 5)}
+    by_name, in_file = split_env(values)
+    assert by_name == values and in_file == {}
+    assert split_env({"HOME": "/app", "K": "v"}) == ({"K": "v"}, {"HOME": "/app"})
 
 
 def test_run_without_ip_publishes_on_the_private_address_only(fp: Any, tmp_path: Path) -> None:
@@ -486,10 +559,15 @@ def test_run_gives_up_when_the_name_stays_taken(fp: Any, podman: Podman, tmp_pat
 
 @pytest.mark.parametrize(
     "env,match",
-    [({"K": "a\nb"}, "line break"), ({"K": "a\rb"}, "line break"), ({"BAD-KEY": "v"}, "not valid"),
-     ({"K": "x" * 70000}, "env-file limit")],
+    [({"K": "a\x00b"}, "NUL"), ({"K": "a\ud800"}, "surrogate"), ({"BAD-KEY": "v"}, "must match"),
+     ({"K": "x" * (128 * 1024 - 2)}, "128 KiB"),
+     ({f"K{i}": "x" * 120_000 for i in range(9)}, "add up to"),
+     ({"PATH": "a\nb"}, "line break.*podman reads this name"), ({"HOME": "a\rb"}, "line break"),
+     ({"TZ": '"Europe/Berlin"'}, "quote"), ({"LD_PRELOAD": "x" * MAX_ENV_LINE}, "env-file limit")],
 )
 def test_run_bad_env_runs_nothing(fp: Any, podman: Podman, tmp_path: Path, env: dict[str, str], match: str) -> None:
+    with pytest.raises(PodmanError, match=match):
+        check_env(env)  # what the loop asks before it stops the container being replaced
     with pytest.raises(PodmanError, match=match):
         podman.run_container(spec(), env, tmp_path)
     assert fp.call_count(["podman", fp.any()]) == 0
@@ -511,17 +589,20 @@ def test_volume_outside_volumes_dir_is_refused(fp: Any, podman: Podman, tmp_path
     assert fp.call_count(["podman", fp.any()]) == 0
 
 
-def test_stale_env_files_are_removed(fp: Any, podman: Podman, tmp_path: Path) -> None:
+def test_env_files_older_agents_left_are_removed(fp: Any, podman: Podman, tmp_path: Path) -> None:
     stale = tmp_path / "run" / "env-old"
     stale.mkdir(parents=True)
     (stale / "env").write_text("K=secret\n")
     os.utime(stale, (1, 1))
+    other = tmp_path / "run" / "agent.lock"
+    other.write_text("")
+    podman.remove_stale_env_files(older_than=300)
+    assert not stale.exists()
     fresh = tmp_path / "run" / "env-new"
     fresh.mkdir()
-    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
-    register_verify(fp)
-    podman.run_container(spec(), {}, tmp_path)
-    assert not stale.exists() and fresh.exists()
+    podman.remove_stale_env_files()  # at start-up: all of them
+    assert not fresh.exists() and other.exists()
+    assert fp.call_count([fp.any()]) == 0
 
 
 def register_removal(fp: Any, ref: str = CID) -> None:

@@ -1,5 +1,5 @@
 """The Podman adapter against real Podman 4.3 (TESTBED.md): static IPs reachable from the
-host, labels, secrets through the env file, volumes, batched health, stop/start/restart,
+host, labels, secrets (any value, byte for byte, never in argv nor on disk), volumes, batched health, stop/start/restart,
 foreign containers left alone, IPAM recovery, pulls from a real loopback registry (TLS
 only relaxed for listed registries), pull timeouts and the network bootstrap.
 
@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import threading
 import time
 import urllib.request
@@ -104,12 +105,12 @@ def foreign(podman_net: TestNetwork) -> Iterator[list[str]]:
 
 @pytest.fixture
 def capture_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Records every command the adapter runs, and the env file as `podman run` saw it."""
+    """Records every command the adapter runs, its environment, and the env file as `podman run` saw it."""
     calls: list[dict[str, Any]] = []
     real_run = podman_module.run
 
     def recording_run(argv: list[str], **kw: Any) -> Any:
-        record: dict[str, Any] = {"argv": list(argv)}
+        record: dict[str, Any] = {"argv": list(argv), "env": kw.get("env"), "inherit_env": kw.get("inherit_env", True)}
         env_files = [a.split("=", 1)[1] for a in argv if a.startswith("--env-file=")]
         if env_files:
             path = Path(env_files[0])
@@ -160,13 +161,13 @@ def test_deploy_two_containers_reachable_with_labels_secrets_volumes_health(
     assert "no-new-privileges" in " ".join(info1["HostConfig"].get("SecurityOpt") or [])
 
     # The secret is inside the container, but was never in an argv nor on disk: podman 4.3
-    # read it from a memfd passed as /dev/fd/N.
+    # took it from its own environment (`--env=DATABASE_URL`).
     env_inside = podman("exec", id1, "env").stdout.splitlines()
     assert {f"DATABASE_URL={secret}", "EMPTY=", "SPACED= a b "} <= set(env_inside)
     assert all(secret not in arg for call in capture_runs for arg in call["argv"])
-    runs = [call for call in capture_runs if "env_file" in call]
-    assert len(runs) == 1
-    assert runs[0]["env_target"].startswith("/memfd:") and runs[0]["pass_fds"] == (int(runs[0]["env_file"].name),)
+    runs = [call for call in capture_runs if call["argv"][1:2] == ["run"]]
+    assert len(runs) == 2 and not any("env_file" in call for call in runs)
+    assert {"--env=DATABASE_URL", "--env=EMPTY", "--env=SPACED"} <= set(runs[0]["argv"])
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
 
     # The volume lives under the agent's volumes dir, 0755, and is the container's /data.
@@ -257,6 +258,66 @@ def test_start_of_a_crashing_container_is_halted(podman_net: TestNetwork, tmp_pa
         time.sleep(0.5)
         again = inspect(name)
         assert not again["State"]["Running"] and again["RestartCount"] == first["RestartCount"]
+
+
+def environ_of(container_id: str, pid: str = "1") -> dict[str, str]:
+    """A process's environment inside the container, exactly as execve gave it."""
+    # Read as bytes: text mode would turn the \r of a value into \n.
+    raw = subprocess.run(
+        ["podman", "exec", container_id, "cat", f"/proc/{pid}/environ"], capture_output=True, check=True, timeout=60
+    ).stdout
+    entries = [entry.partition(b"=") for entry in raw.split(b"\0") if entry]
+    return {key.decode(): value.decode("utf-8") for key, _, value in entries}
+
+
+def test_any_env_value_reaches_the_container_exactly_and_no_argv_holds_it(
+    podman_net: TestNetwork, httpd_image: str, tmp_path: Path, capture_runs: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What an env file cannot carry (line breaks, leading quotes, 100 KB) arrives byte for
+    byte through podman's environment; names podman reads itself (TZ, LANG) come through
+    the in-memory env file; no argv, no CreateCommand and no helper process holds a value."""
+    monkeypatch.setenv("TECHULUS_AGENT_URL", "https://cp.example/agent-setting")
+    tag = uuid.uuid4().hex
+    values = {
+        "PEM": f"-----BEGIN PRIVATE KEY-----\nMIIEv{tag}\nQ==\n-----END PRIVATE KEY-----\n",
+        "JSON": f'{{\n  "key": "{tag}",\n  "n": 1\n}}',
+        "QUOTED": f'"{tag}" and \'more\'',
+        "SINGLE": f"'{tag}",
+        "EQUALS": f"a={tag}==b=",
+        "UNICODE": f"héllo ✓ 日本語 \u2028 \U0001f680 {tag}",
+        "CRLF": f"{tag}\r\nsecond\r",
+        "SPACES": f"  {tag}\t ",
+        "EMPTY": "",
+        "BIG": tag + "x" * (100_000 - len(tag)),
+        "LARGEST": "y" * (128 * 1024 - len("LARGEST") - 2),  # Linux's MAX_ARG_STRLEN, NUL included
+        "TZ": "Europe/Berlin",
+        "LANG": f"C.UTF-8-{tag}",
+    }
+    pm = make_podman(podman_net, tmp_path)
+    container_id = pm.run_container(make_spec(podman_net, 12, httpd_image), values, tmp_path / "volumes")
+
+    try:
+        inside = environ_of(container_id)
+        assert {key: inside.get(key) for key in values} == values
+        secrets = [value for value in values.values() if len(value) >= 4]
+        # No argv holds a value: ours, nor the one podman records (CreateCommand).
+        (run_call,) = [call for call in capture_runs if call["argv"][1:2] == ["run"]]
+        assert not any(value in arg for value in secrets for arg in run_call["argv"])
+        create_command = inspect(container_id)["Config"]["CreateCommand"]
+        assert not any(value in arg for value in secrets for arg in create_command)
+        env_args = [arg for arg in run_call["argv"] if arg.startswith("--env")]
+        assert [arg for arg in create_command if arg.startswith("--env")] == env_args
+        assert set(env_args) == {f"--env={key}" for key in values if key not in ("TZ", "LANG")} | {f"--env-file={run_call['env_file']}"}
+        assert run_call["env_target"].startswith("/memfd:")
+        # podman's environment is the values plus the few variables podman reads; not the agent's.
+        assert run_call["inherit_env"] is False and not any(key.startswith("TECHULUS_") for key in run_call["env"])
+        assert run_call["env"]["CONTAINERS_CONF"] == os.environ["CONTAINERS_CONF"]
+        # The container's monitor (conmon) outlives podman: it does not carry the values.
+        conmon = Path(f"/proc/{inspect(container_id)['State']['ConmonPid']}/environ").read_bytes()
+        assert not any(value.encode() in conmon for value in secrets)
+    finally:
+        podman("rm", "--force", "--time", "0", container_id, check=False)
 
 
 def test_foreign_container_with_our_name_is_refused(

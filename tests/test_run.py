@@ -67,3 +67,22 @@ def test_only_the_passed_descriptors_reach_the_child():
     finally:
         os.close(passed)
         os.close(kept)
+
+
+def test_a_child_with_its_own_environment_sees_nothing_of_the_agents(monkeypatch):
+    monkeypatch.setenv("TECHULUS_AGENT_TOKEN", "agent-token-hunter2")
+    value = "line one\nline 'two' = \"x\"\n\u2028 ✓"
+    # cat's /proc/self/environ is exactly the environment execve handed it.
+    own = run(["cat", "/proc/self/environ"], timeout=10, env={"SECRET": value, "EMPTY": ""}, inherit_env=False)
+    assert own.stdout == f"SECRET={value}\0EMPTY=\0"
+    # The default adds to the agent's environment (the token itself is dropped at start, cli.py).
+    inherited = run(["cat", "/proc/self/environ"], timeout=10, env={"SECRET": "s"}).stdout.split("\0")
+    assert "TECHULUS_AGENT_TOKEN=agent-token-hunter2" in inherited and "SECRET=s" in inherited
+
+
+def test_an_environment_beyond_the_kernels_limit_is_a_clear_error():
+    with pytest.raises(CommandError, match="cannot start: Argument list too long") as info:
+        run(["true"], timeout=5, env={"PATH": "/usr/bin:/bin", "K": "hunter2" + "x" * 200_000}, inherit_env=False)
+    assert "hunter2" not in str(info.value) and info.value.returncode is None
+    with pytest.raises(CommandError, match="cannot start: embedded null byte"):
+        run(["true"], timeout=5, env={"K": "a\x00b"}, inherit_env=False)

@@ -2,8 +2,8 @@
 
 Random text (control characters, `%`, `\\r`, `\\n`, `\\u2028`, NUL, very long strings, and
 valid-looking prefixes such as `fe80::1%x\\n[Interface]`) goes into every wire field that
-reaches wg0.conf, the dnsmasq hosts file, Caddy's JSON, the podman env file or podman's
-argv. Each property parses the result the way its real reader does (wg-quick, dnsmasq,
+reaches wg0.conf, the dnsmasq hosts file, Caddy's JSON, podman's environment, the podman
+env file or podman's argv. Each property parses the result the way its real reader does (wg-quick, dnsmasq,
 Caddy, podman) with a parser written here, independent of the agent's own read-back, and
 asserts that it holds exactly the intended entries, or that the entry was refused.
 Example counts are bounded (PROFILE) so that the whole file runs in a few seconds.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +23,7 @@ from agent import crypto, validate
 from agent.drift import merge_dns_records
 from agent.host import caddy as caddy_module
 from agent.host.dns import DnsError, check_hosts, render_hosts, sort_records
-from agent.host.podman import Podman, PodmanError, PodmanOptions
+from agent.host.podman import Podman, PodmanError, PodmanOptions, podman_reads, split_env
 from agent.host.wireguard import WireGuardError, check_rendered, render_quick_conf, sort_peers
 from agent.model import ModelError, parse_expected_state, parse_wireguard_peers
 
@@ -206,7 +207,7 @@ def test_container_fields_never_become_extra_podman_arguments(key: str, value: s
     spec = state.containers[0]
     podman = Podman(PodmanOptions(run_dir=Path("/nonexistent")))
     try:
-        argv = podman._run_argv(spec, Path("/var/lib/techulus-agent/volumes"), None)
+        argv = podman._run_argv(spec, Path("/var/lib/techulus-agent/volumes"))
     except PodmanError:
         return
     validate.argv(argv)
@@ -220,15 +221,50 @@ def test_container_fields_never_become_extra_podman_arguments(key: str, value: s
     assert all(not arg.startswith("-") or "=" in arg or arg in ("--detach", "--", "--init") for arg in argv[1:-1])
 
 
+ENV_VALUES = ["s3cr3t", "postgres://u:p@h/db", "", "-----BEGIN KEY-----\nAAAA\n-----END KEY-----\n", '"{\n}"', "a=b"]
+
+
+def environment_read(entries: list[bytes]) -> dict[str, str]:
+    """An environment as execve hands it on and Go's os.Getenv reads it: NUL-terminated
+    `KEY=VALUE` strings, each at most MAX_ARG_STRLEN (131072) bytes, split at the first '='."""
+    assert all(b"\0" not in entry and len(entry) + 1 <= 131072 for entry in entries)
+    return {key.decode(): value.decode("utf-8") for key, _, value in (entry.partition(b"=") for entry in entries)}
+
+
+def env_file_read(text: str) -> dict[str, str]:
+    """podman's --env-file: lines split at \\n, KEY=VALUE at the first '='; a value opening with a
+    quote is read across lines by podman 4.7+, so this reader gives up on it."""
+    read = {}
+    for line in text.split("\n"):
+        if line:
+            key, _, value = line.rstrip("\r").partition("=")
+            assert value[:1] not in ('"', "'")
+            read[key] = value
+    return read
+
+
 @PROFILE
-@given(values=st.dictionaries(st.sampled_from(["A", "DATABASE_URL", "TOKEN"]), field(["s3cr3t", "postgres://u:p@h/db", ""]),
-                              min_size=1, max_size=3))
-def test_env_values_never_become_extra_variables(values: dict[str, str]) -> None:
-    text = "".join(f"{key}={value}\n" for key, value in values.items())
+@given(values=st.dictionaries(st.sampled_from(["A", "DATABASE_URL", "TOKEN", "PATH", "TZ", "LD_PRELOAD"]),
+                              field(ENV_VALUES), min_size=1, max_size=4))
+def test_env_values_reach_the_container_exactly_and_never_argv(values: dict[str, str]) -> None:
+    podman = Podman(PodmanOptions(run_dir=Path("/nonexistent")))
     try:
-        validate.check_env_file(text, values)
-    except validate.InvalidValue:
+        by_name, in_file = split_env(values)
+        fd = podman._env_file(in_file) if in_file else None
+    except PodmanError:
         return
-    # podman splits at \n, drops a trailing \r, takes KEY=VALUE at the first '='.
-    read = [line.rstrip("\r").partition("=") for line in text.split("\n") if line]
-    assert [(k, v) for k, _, v in read] == list(values.items())
+    try:
+        text = os.pread(fd, 1 << 20, 0).decode() if fd is not None else ""
+    finally:
+        if fd is not None:
+            os.close(fd)
+    # Names podman itself reads travel in the env file, every other one by name alone.
+    assert all(podman_reads(key) for key in in_file) and not any(podman_reads(key) for key in by_name)
+    received = environment_read([f"{k}={v}".encode() for k, v in by_name.items()])
+    assert {**received, **env_file_read(text)} == values and len(by_name) + len(in_file) == len(values)
+    spec = parse_expected_state({"containers": [CONTAINER]}, SUBNET).containers[0]
+    argv = podman._run_argv(spec, Path("/v"), list(by_name), Path("/dev/fd/9") if in_file else None)
+    validate.argv(argv)
+    assert [a for a in argv if a.startswith("--env")] == (["--env-file=/dev/fd/9"] if in_file else []) + [
+        f"--env={key}" for key in by_name
+    ]

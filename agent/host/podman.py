@@ -12,9 +12,16 @@ container with another owner's mark is never touched, whatever else it carries. 
 container with the §9.1 labels and NO owner mark was made by the original Go agent (or
 this agent before owner marks): only a registered agent (`adopt_legacy`) adopts it, and
 only when it sits on that agent's network (or only on podman's default network, where
-the Go agent put port-publishing containers); a standalone agent never does. Secrets reach the container through an
-env file that exists only in memory (a memfd `podman run` reads as /dev/fd/N), never
-through argv or a file on disk (§17.4). Every
+the Go agent put port-publishing containers); a standalone agent never does.
+
+Secrets (§17.4) never reach an argv or a file on disk. `podman run` gets each variable as
+`--env=NAME` and takes the value from its own environment, which holds nothing else but the
+few variables podman needs from the agent's: any value arrives byte for byte (line breaks,
+quotes, `=`, any Unicode, up to Linux's 128 KiB per variable). A variable whose name podman,
+its helpers, the Go runtime or the dynamic linker read themselves (PATH, HOME, LD_*, ...;
+`podman_reads`) cannot ride there: it goes in an env file that exists only in memory (a
+sealed memfd `podman run` reads as /dev/fd/N), which carries one line per variable, so such
+a value with a line break or a leading quote is refused with a clear error. Every
 value that comes from outside is bound to its option (`--name=…`) and the image follows
 `--`, so nothing can be read as an extra option.
 """
@@ -59,12 +66,35 @@ DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "NET_BIND
 
 # Podman reads env files with Go's bufio.Scanner: a longer line fails the whole run.
 MAX_ENV_LINE = 60 * 1024
+# All of a container's variables together (`KEY=VALUE` and NUL each): well inside execve's
+# ARG_MAX (a quarter of the 8 MiB stack limit), which podman's environment and then the
+# container's first process must both fit in.
+MAX_ENV_TOTAL = 1024 * 1024
 # Env values shorter than this are not masked in podman's output: masking "1" or "abc"
 # would garble container ids and error messages, and such values are not secrets.
 MIN_SECRET_LEN = 4
-# Env files left behind by a crash (the agent killed between write and delete) are removed
-# once older than this; a live deploy deletes its own within seconds.
-STALE_ENV_SECONDS = 300.0
+# Names podman, conmon, the OCI runtime, netavark, the Go runtime, glibc or the dynamic
+# linker read from their own environment. A deployment's variable with such a name would
+# change how podman runs (PATH, LD_PRELOAD, CONTAINER_HOST, ...) if it sat in podman's
+# environment: it goes through the env file. The agent's own variables with these names are
+# the only ones of the agent's environment `podman run` sees (the others, tokens included,
+# never reach it), so that it runs as every other podman command does.
+PODMAN_ENV_NAMES = frozenset({
+    "PATH", "HOME", "TMPDIR", "TMP", "TEMP", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TZDIR",
+    "LANG", "LANGUAGE", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES", "HOSTALIASES",
+    "LOCALDOMAIN", "RES_OPTIONS", "GODEBUG", "GOGC", "GOMAXPROCS", "GOMEMLIMIT", "GOTRACEBACK",
+    "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY",
+    "http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REGISTRY_AUTH_FILE", "STORAGE_DRIVER", "STORAGE_OPTS",
+    "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+})
+PODMAN_ENV_PREFIXES = (
+    "LD_", "MALLOC_", "LC_", "XDG_", "CONTAINERS_", "CONTAINER_", "PODMAN_", "BUILDAH_", "DOCKER_",
+    "DBUS_", "SYSTEMD_", "_",
+)
+# Set by systemd for the agent itself: podman would hand the agent's notify socket and
+# socket-activated descriptors on to the container.
+SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"})
 
 STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
 # How long killed leftovers of a removed container get to disappear before we say so.
@@ -122,7 +152,7 @@ class PodmanOptions:
     dns_servers: tuple[str, ...] = ()
     # Address that legacy port publishing (no static IP) binds to; loopback when empty.
     publish_address: str = ""
-    # Where the short-lived env files live (0700); a tmpfs in production.
+    # Where agents before the in-memory env files wrote them: swept at start-up.
     run_dir: Path = Path("/run/techulus-agent")
     # How long a started container may take to be seen running (PROTOCOL.md §14: 30 s).
     verify_timeout: float = 30.0
@@ -190,8 +220,9 @@ class Podman:
 
     def _run(
         self, *args: str, timeout: float | None = None, check: bool = True, secrets: Sequence[str] = (),
-        pass_fds: Sequence[int] = (),
+        pass_fds: Sequence[int] = (), env: Mapping[str, str] | None = None,
     ) -> Result:
+        """Run podman; with `env`, that is its whole environment (`run_container`'s secrets)."""
         try:
             return run(
                 [self.options.binary, *args],
@@ -199,6 +230,8 @@ class Podman:
                 check=check,
                 secrets=secrets,
                 pass_fds=pass_fds,
+                env=env,
+                inherit_env=env is None,
             )
         except CommandNotFound as exc:
             raise PodmanNotInstalled(exc) from exc
@@ -434,12 +467,13 @@ class Podman:
         _checked_image(spec.image)
         for volume in spec.volumes:
             _make_volume_dir(volumes_dir, spec.volume_host_path(volumes_dir, volume))
-        self.remove_stale_env_files()
-        env_fd = self._env_file(env) if env else None
+        by_name, in_file = split_env(env)
+        env_fd = self._env_file(in_file) if in_file else None
         try:
-            argv = self._run_argv(spec, volumes_dir, Path(f"/dev/fd/{env_fd}") if env_fd is not None else None)
+            argv = self._run_argv(spec, volumes_dir, list(by_name), Path(f"/dev/fd/{env_fd}") if env_fd is not None else None)
             result = self._run_resolving_obstacles(
-                spec, argv, [v for v in env.values() if len(v) >= MIN_SECRET_LEN], () if env_fd is None else (env_fd,)
+                spec, argv, [v for v in env.values() if len(v) >= MIN_SECRET_LEN], () if env_fd is None else (env_fd,),
+                {**podman_environment(), **by_name},
             )
         finally:
             if env_fd is not None:
@@ -460,12 +494,13 @@ class Podman:
         return container_id
 
     def _run_resolving_obstacles(
-        self, spec: ExpectedContainer, argv: list[str], secrets: list[str], pass_fds: Sequence[int] = ()
+        self, spec: ExpectedContainer, argv: list[str], secrets: list[str], pass_fds: Sequence[int] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Result:
         handled: set[str] = set()
         while True:
             try:
-                return self._run(*argv, secrets=secrets, pass_fds=pass_fds)
+                return self._run(*argv, secrets=secrets, pass_fds=pass_fds, env=env)
             except PodmanCommandError as exc:
                 output = exc.output
                 if NAME_IN_USE in output and "name" not in handled:
@@ -492,7 +527,11 @@ class Podman:
                     continue
                 raise
 
-    def _run_argv(self, spec: ExpectedContainer, volumes_dir: Path, env_file: Path | None) -> list[str]:
+    def _run_argv(
+        self, spec: ExpectedContainer, volumes_dir: Path, env_names: Sequence[str] = (), env_file: Path | None = None
+    ) -> list[str]:
+        """`podman run`'s argv; the variables appear by name only (`--env=NAME`: podman takes
+        the value from its environment) or as the env file's path, never with a value."""
         opts = self.options
         argv = [
             "run", "--detach",
@@ -537,6 +576,7 @@ class Podman:
         argv += [f"--volume={spec.volume_host_path(volumes_dir, v)}:{v.container_path}" for v in spec.volumes]
         if env_file is not None:
             argv.append(f"--env-file={env_file}")
+        argv += [f"--env={name}" for name in env_names]
         argv += ["--", canonical_image(spec.image)]
         # The spec is the model's, but nothing may reach argv unchecked: a spec built
         # elsewhere (a test, a cache) goes through the same grammars.
@@ -545,27 +585,19 @@ class Podman:
             validate.identifier(spec.service_id, "serviceId")
             validate.free_text(spec.service_name, "serviceName")
             validate.image_reference(spec.image)
+            for name in env_names:
+                validate.env_key(name)
             validate.argv(argv, f"podman run of {spec.name}")
         except validate.InvalidValue as exc:
             raise PodmanError(f"refusing to run container {spec.name}: {exc}") from None
         return argv
 
     def _env_file(self, env: Mapping[str, str]) -> int:
-        """The secrets as an env file that exists only in memory: a sealed memfd, which
-        `podman run` reads as `/dev/fd/N` (it inherits the descriptor). Nothing reaches a
-        disk, so a kill -9 or a power cut leaves no secret behind. The caller closes it."""
-        lines = []
-        for key, value in env.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise PodmanError(f"environment variable name {key!r} is not valid")
-            if "\n" in value or "\r" in value or "\x00" in value:
-                raise PodmanError(f"environment variable {key} contains a line break or NUL, which an env file cannot carry")
-            line = f"{key}={value}\n"
-            if len(line.encode()) > MAX_ENV_LINE:
-                raise PodmanError(f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes)")
-            lines.append(line)
-        validate.check_env_file("".join(lines), env)  # read back as podman reads it, or refuse
-        data = "".join(lines).encode("utf-8")
+        """The variables podman itself reads (`podman_reads`) as an env file that exists
+        only in memory: a sealed memfd, which `podman run` reads as `/dev/fd/N` (it inherits
+        the descriptor). Nothing reaches a disk, so a kill -9 or a power cut leaves no
+        secret behind. The caller closes it."""
+        data = _env_file_text(env).encode("utf-8")
         try:
             fd = os.memfd_create("techulus-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except (AttributeError, OSError) as exc:
@@ -582,10 +614,10 @@ class Podman:
             raise
         return fd
 
-    def remove_stale_env_files(self, older_than: float = STALE_ENV_SECONDS) -> None:
+    def remove_stale_env_files(self, older_than: float = 0.0) -> None:
         """Env files that agents before the in-memory ones left in the run dir (a kill -9
-        between write and delete) hold secrets: remove them. At start-up no deploy is
-        running, so the agent removes them all (`older_than=0`)."""
+        between write and delete) hold secrets: remove them (at start-up and on teardown;
+        this agent writes none)."""
         try:
             entries = list(self.options.run_dir.glob("env-*"))
         except OSError:
@@ -872,6 +904,62 @@ class Podman:
         if "not found" in reason.lower() or "no such network" in reason.lower():
             return False
         raise PodmanError(f"cannot remove podman network {name}: {reason[-500:] or f'exit {result.returncode}'}")
+
+
+def podman_reads(name: str) -> bool:
+    """Whether podman or a program it starts reads `name` from its own environment."""
+    return name in PODMAN_ENV_NAMES or name.startswith(PODMAN_ENV_PREFIXES)
+
+
+def podman_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What `podman run` gets of the agent's environment: the variables podman reads (its
+    config files, PATH, proxies), not the agent's settings or anything a service manager
+    meant for the agent alone."""
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if podman_reads(k) and k not in SERVICE_MANAGER_ENV}
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    """Raise PodmanError unless every variable can reach the container exactly: callers
+    check before they stop the container that a refused value would replace."""
+    _env_file_text(split_env(env)[1])
+
+
+def _env_file_text(env: Mapping[str, str]) -> str:
+    """The env file for the variables podman reads itself, once it reads back exactly."""
+    text = "".join(f"{key}={value}\n" for key, value in env.items())
+    try:
+        validate.check_env_file(text, env)  # read back as every podman reads it, or refuse
+    except validate.InvalidValue as exc:
+        raise PodmanError(f"{exc}; podman reads this name itself, so it can only travel in an env file") from None
+    for key, value in env.items():
+        if len(f"{key}={value}\n".encode()) > MAX_ENV_LINE:
+            raise PodmanError(
+                f"environment variable {key} is longer than podman's env-file limit ({MAX_ENV_LINE} bytes); "
+                "podman reads this name itself, so it can only travel in an env file"
+            )
+    return text
+
+
+def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A container's variables as (passed by name through podman's environment, written to
+    the in-memory env file); raises PodmanError for a value neither can carry exactly."""
+    by_name: dict[str, str] = {}
+    in_file: dict[str, str] = {}
+    total = 0
+    for key, value in env.items():
+        try:
+            validate.env_value(key, value)
+        except validate.InvalidValue as exc:
+            raise PodmanError(str(exc)) from None
+        total += len(key) + 2 + len(value.encode("utf-8"))
+        (in_file if podman_reads(key) else by_name)[key] = value
+    if total > MAX_ENV_TOTAL:
+        raise PodmanError(
+            f"the environment variables add up to {total // 1024} KiB; at most {MAX_ENV_TOTAL // 1024} KiB fit "
+            "in a container's environment"
+        )
+    return by_name, in_file
 
 
 def stable_mac(ip: str) -> str:

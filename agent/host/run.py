@@ -87,10 +87,14 @@ def run(
     check: bool = True,
     max_output: int = MAX_OUTPUT,
     pass_fds: Sequence[int] = (),
+    inherit_env: bool = True,
 ) -> Result:
     """Run `argv` to completion and return its output.
 
-    `env`, when given, is added to (not substituted for) the agent's environment.
+    `env`, when given, is added to (not substituted for) the agent's environment; with
+    `inherit_env=False` it IS the child's whole environment (none when None): a child that
+    is handed secrets gets nothing of the agent's own environment unless it is passed on
+    by name.
     `secrets` are strings to mask wherever the command or its output is logged or raised.
     `pass_fds` are descriptors the child inherits (e.g. a memfd it reads as /dev/fd/N);
     every other descriptor is closed in the child.
@@ -100,10 +104,7 @@ def run(
     argv = tuple(str(arg) for arg in argv)
     hidden = tuple(s for s in secrets if s)
     shown = tuple(redact(a, hidden) for a in argv)
-    child_env = None
-    if env is not None:
-        child_env = dict(os.environ)
-        child_env.update(env)
+    child_env = _child_env(env, inherit_env)
     data = input.encode() if isinstance(input, str) else input
     started = time.monotonic()
     try:
@@ -119,8 +120,13 @@ def run(
         )
     except FileNotFoundError as exc:
         raise CommandNotFound(shown, None, reason=f"cannot start: {argv[0]} is not installed or not on PATH") from exc
-    except PermissionError as exc:
-        raise CommandError(shown, None, reason=f"cannot start: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        # E2BIG (an environment beyond the kernel's limits), EACCES, a NUL in an argument:
+        # the message names the cause, never an argument or an environment value.
+        cause = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:
+            cause = exc.strerror + (f": {argv[0]}" if exc.filename else "")
+        raise CommandError(shown, None, reason=f"cannot start: {redact(cause, hidden)}") from None
     # The pipes are read by threads and the child is waited for on its own: a descendant
     # that escaped the process group and keeps a pipe open can neither turn a finished
     # command into a timeout nor block us past the deadline. What is kept is bounded
@@ -164,10 +170,7 @@ def popen(
     """
     if isinstance(argv, str):
         raise TypeError("popen() takes an argv list, never a command string")
-    child_env = None
-    if env is not None:
-        child_env = dict(os.environ)
-        child_env.update(env)
+    child_env = _child_env(env, True)
     try:
         return subprocess.Popen(
             [str(a) for a in argv],
@@ -180,6 +183,15 @@ def popen(
         )
     except FileNotFoundError as exc:
         raise CommandNotFound(tuple(argv), None, reason=f"cannot start: {argv[0]} is not installed or not on PATH") from exc
+
+
+def _child_env(env: Mapping[str, str] | None, inherit: bool) -> dict[str, str] | None:
+    """The child's environment: the agent's plus `env`, or exactly `env` (None: the agent's own)."""
+    if not inherit:
+        return dict(env or {})
+    if env is None:
+        return None
+    return {**os.environ, **env}
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
