@@ -1,0 +1,74 @@
+"""A standalone agent's DNS and Caddy adapters sleep until the state file lists an entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.drift import EMPTY_HASH, dns_hash
+from agent.model import DnsRecord, ExpectedState
+from agent.ondemand import OnDemand
+
+
+@dataclass
+class Recorder:
+    """An adapter that records what is asked of it (the tool it would drive is not there)."""
+
+    owned: bool = False
+    fail_prepare: bool = False
+    calls: list[str] = field(default_factory=list)
+    name: str = "dns"
+
+    def owns_configuration(self) -> bool:
+        self.calls.append("owns")
+        return self.owned
+
+    def prepare(self) -> None:
+        self.calls.append("prepare")
+        if self.fail_prepare:
+            raise RuntimeError("dnsmasq did not restart")
+
+    def expected_hash(self, state: ExpectedState) -> str:
+        return dns_hash(state.dns_records)
+
+    def actual_hash(self) -> str:
+        self.calls.append("actual")
+        return "live"
+
+    def apply(self, state: ExpectedState) -> None:
+        self.calls.append("apply")
+
+
+RECORDS = ExpectedState(dns_records=(DnsRecord("a.internal", ("10.200.1.2",)),))
+
+
+def test_dormant_until_the_state_lists_an_entry_and_the_tool_is_never_touched_before() -> None:
+    inner = Recorder()
+    woke: list[bool] = []
+    sync = OnDemand(inner, lambda: woke.append(True))
+    sync.prepare()
+    for _ in range(3):
+        assert sync.actual_hash() == EMPTY_HASH
+        assert sync.expected_hash(ExpectedState()) == EMPTY_HASH
+    assert inner.calls == ["owns"], "no prepare, no read of the live configuration while dormant"
+    assert not sync.active and woke == []
+
+    assert sync.expected_hash(RECORDS) == dns_hash(RECORDS.dns_records)
+    assert sync.active and woke == [True]
+    sync.apply(RECORDS)
+    sync.apply(RECORDS)
+    assert inner.calls == ["owns", "prepare", "apply", "apply"], "prepared once, just before the first apply"
+    assert sync.actual_hash() == "live"
+    # Once awake it stays awake: an emptied file now removes what was written.
+    assert sync.expected_hash(ExpectedState()) == EMPTY_HASH and sync.actual_hash() == "live"
+    assert woke == [True]
+
+
+def test_configuration_left_by_an_earlier_run_wakes_it_at_start(caplog) -> None:  # type: ignore[no-untyped-def]
+    inner = Recorder(owned=True, fail_prepare=True)
+    sync = OnDemand(inner)
+    sync.prepare()  # a failing preparation is logged, not raised (as at start)
+    assert sync.active and inner.calls == ["owns", "prepare"]
+    assert "dns: preparation failed: dnsmasq did not restart" in caplog.text
+    assert sync.actual_hash() == "live"
+    sync.apply(ExpectedState())
+    assert inner.calls == ["owns", "prepare", "actual", "apply"]
