@@ -52,7 +52,9 @@ class OnDemand:
         return wanted
 
     def actual_hash(self) -> str:
-        return self.inner.actual_hash() if self.active else EMPTY_HASH
+        # Until its first use nothing of ours is there (prepare() looked), so the live side
+        # is empty: reading it would only report our missing drop-in as a problem.
+        return self.inner.actual_hash() if self._prepared else EMPTY_HASH
 
     def apply(self, state: ExpectedState) -> None:
         self._activate("the state file lists entries for it")

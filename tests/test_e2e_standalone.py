@@ -43,8 +43,11 @@ def container(net: TestNetwork, index: int, image: str = HTTPD_IMAGE) -> dict:
 
 
 class AgentProcess:
-    def __init__(self, state_file: Path, data_dir: Path, net: TestNetwork, log_path: Path) -> None:
+    def __init__(
+        self, state_file: Path, data_dir: Path, net: TestNetwork, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.state_file, self.data_dir, self.net, self.log_path = state_file, data_dir, net, log_path
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -57,6 +60,7 @@ class AgentProcess:
                 "TECHULUS_AGENT_TICK_INTERVAL": "1",
                 "TECHULUS_AGENT_RUN_DIR": str(self.data_dir.parent / "run"),
                 "PYTHONPATH": str(REPO),
+                **self.extra_env,
             }
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child

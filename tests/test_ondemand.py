@@ -54,6 +54,9 @@ def test_dormant_until_the_state_lists_an_entry_and_the_tool_is_never_touched_be
 
     assert sync.expected_hash(RECORDS) == dns_hash(RECORDS.dns_records)
     assert sync.active and woke == [True]
+    # Nothing of ours was there at start: until the first apply the live side is empty,
+    # without a read that would only report our missing drop-in.
+    assert sync.actual_hash() == EMPTY_HASH and "actual" not in inner.calls
     sync.apply(RECORDS)
     sync.apply(RECORDS)
     assert inner.calls == ["owns", "prepare", "apply", "apply"], "prepared once, just before the first apply"
