@@ -496,7 +496,10 @@ class FileSource:
         try:
             state = self.read()
         except ModelError as exc:
-            self.problems.report([f"unusable, nothing changes until it is fixed: {exc}"])
+            # The subject already names the file: "state file X: not valid JSON: …".
+            reason = str(exc).replace(f"cannot read state file {self.path}", "cannot be read")
+            reason = reason.replace(f"state file {self.path} is ", "").replace(f"state file {self.path} ", "")
+            self.problems.report([f"{reason}; nothing changes until it is fixed"])
             raise StateFileUnusable(str(exc)) from None
         self.problems.report(state.problems, state.problem_count)
         return state

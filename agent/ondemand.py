@@ -37,9 +37,12 @@ class OnDemand:
         self.on_activate = on_activate
         self.active = False
         self._prepared = False
+        # Whether the tool was asked for configuration of ours (None: not yet), and its answer.
+        self._found: bool | None = None
 
     def prepare(self) -> None:
-        if self.inner.owns_configuration():
+        self._found = self.inner.owns_configuration()
+        if self._found:
             self._activate("configuration of this agent from an earlier run is there")
             self._prepare()
         else:
@@ -52,9 +55,12 @@ class OnDemand:
         return wanted
 
     def actual_hash(self) -> str:
-        # Until its first use nothing of ours is there (prepare() looked), so the live side
-        # is empty: reading it would only report our missing drop-in as a problem.
-        return self.inner.actual_hash() if self._prepared else EMPTY_HASH
+        if self._found is None:
+            # `agent plan` never prepares: look (reading only) whether ours is there.
+            self._found = self.inner.owns_configuration()
+        # Nothing of ours there and not used yet: the live side is empty, and reading it
+        # would only report our missing drop-in as a problem.
+        return self.inner.actual_hash() if self._prepared or self._found else EMPTY_HASH
 
     def apply(self, state: ExpectedState) -> None:
         self._activate("the state file lists entries for it")

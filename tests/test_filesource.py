@@ -97,7 +97,8 @@ def test_a_broken_file_is_reported_once_and_its_repair_once(tmp_path: Path, capl
         source.fetch()
     broken = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(broken) == 1, [r.getMessage() for r in broken]
-    assert "is not valid TOML" in broken[0].getMessage() and "nothing changes until it is fixed" in broken[0].getMessage()
+    assert broken[0].getMessage().startswith(f"state file {path}: not valid TOML: ")
+    assert broken[0].getMessage().endswith("; nothing changes until it is fixed")
     assert podman.containers == running, "a broken file changes nothing"
 
     path.write_text(GOOD)
@@ -112,3 +113,22 @@ def test_a_broken_file_is_reported_once_and_its_repair_once(tmp_path: Path, capl
     reconciler.tick()
     reconciler.tick()
     assert len(lines(caplog, "is valid again")) == 2
+
+
+def test_the_domain_example_has_both_sections_and_reads_without_a_warning(caplog) -> None:  # type: ignore[no-untyped-def]
+    path = Path(__file__).resolve().parents[1] / "examples" / "domain.toml"
+    state = FileSource(path, ipaddress.IPv4Network("10.200.1.0/24")).fetch()
+    assert [r.name for r in state.dns_records] == ["hello.internal"]
+    assert [(r.domain, r.upstreams) for r in state.caddy_routes] == [("hello.example.com", ("10.200.1.2:80",))]
+    assert not state.problems and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_missing_file_is_named_once(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "state.toml"
+    source = FileSource(path, SUBNET)
+    for _ in range(3):
+        with pytest.raises(StateFileUnusable, match="cannot read state file"):
+            source.fetch()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"state file {path}: cannot be read: No such file or directory; nothing changes until it is fixed"
+    ]

@@ -75,3 +75,14 @@ def test_configuration_left_by_an_earlier_run_wakes_it_at_start(caplog) -> None:
     assert sync.actual_hash() == "live"
     sync.apply(ExpectedState())
     assert inner.calls == ["owns", "prepare", "actual", "apply"]
+
+
+def test_plan_without_prepare_reads_what_an_earlier_run_left_and_nothing_else() -> None:
+    left = Recorder(owned=True)
+    sync = OnDemand(left)
+    assert sync.actual_hash() == "live" and sync.expected_hash(RECORDS)
+    assert left.calls == ["owns", "actual"], "read only: nothing prepared, nothing applied"
+    nothing = Recorder()
+    sync = OnDemand(nothing)
+    assert sync.actual_hash() == EMPTY_HASH and sync.actual_hash() == EMPTY_HASH
+    assert nothing.calls == ["owns"], "looked once"
