@@ -27,6 +27,9 @@ class OwnedConfigSync(ConfigSync, Protocol):
     def owns_configuration(self) -> bool:
         """Whether configuration of this agent's owner exists there (never raises)."""
 
+    def remove_own(self) -> bool:
+        """Remove the configuration of this agent's owner; True when there was some."""
+
 
 class OnDemand:
     """A ConfigSync that is dormant until needed (see the module docstring)."""
@@ -66,6 +69,9 @@ class OnDemand:
         self._activate("the state file lists entries for it")
         self._prepare()
         self.inner.apply(state)
+
+    def remove_own(self) -> bool:
+        return self.inner.remove_own()
 
     def _activate(self, why: str) -> None:
         if self.active:

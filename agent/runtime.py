@@ -147,6 +147,20 @@ def config_syncs(
     return syncs
 
 
+def remove_standalone_config(settings: Settings, config: AgentConfig) -> None:
+    """`standalone --down`: remove the dnsmasq files and Caddy routes under this standalone
+    agent's owner mark (nobody else's). A tool that cannot be reached is named, not fatal:
+    the containers are gone either way."""
+    for sync in config_syncs(settings, config, None):
+        if not isinstance(sync, OnDemand):
+            continue
+        try:
+            if sync.remove_own():
+                log.info("%s: removed this agent's configuration", sync.name)
+        except Exception as exc:  # noqa: BLE001 - one tool's failure must not stop the rest
+            log.warning("%s: could not remove this agent's configuration: %s", sync.name, exc)
+
+
 def container_dns(settings: Settings, config: AgentConfig, dns_active: bool = True) -> tuple[str, ...]:
     """`podman run --dns` servers: `container_dns`, else the gateway where our dnsmasq
     listens while DNS is ours and active (a standalone agent's DNS sleeps until its state

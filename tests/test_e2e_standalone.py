@@ -50,7 +50,10 @@ class AgentProcess:
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    cwd = REPO
+
+    def environment(self) -> dict[str, str]:
+        """The agent's environment: the test's network, scope, a fast tick, `extra_env`."""
         env = dict(os.environ)
         env.update(
             {
@@ -63,10 +66,13 @@ class AgentProcess:
                 **self.extra_env,
             }
         )
+        return env
+
+    def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "standalone", str(self.state_file), "--data-dir", str(self.data_dir)],
-            stdout=log, stderr=log, env=env, cwd=REPO,
+            stdout=log, stderr=log, env=self.environment(), cwd=REPO,
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -246,10 +248,28 @@ def test_one_machine_serves_a_domain_from_a_state_file_beside_a_registered_agent
         assert dnsmasq.answer("registered.internal") == ["10.200.250.9"]
         assert page(caddy, "registered.example.test") == "the registered agent's service"
         assert their_dns.conf_path.read_bytes() == their_drop_in
+
+        # Back in the file, then `agent standalone --down`: its drop-in, hosts file and route
+        # go with its container; the registered agent's stay and dnsmasq still serves them.
+        write_state(state_file, podman_net, with_config=True)
+        e2e.wait_for(lambda: PAGE in page(caddy, "web.example.test"), 30, "the route again", agent.log_path, agent.proc)
     finally:
         agent.stop()
     assert agent.proc is not None and agent.proc.returncode == 0
     assert "Traceback" not in agent.log()
+    down = subprocess.run(
+        [sys.executable, "-m", "agent", "standalone", "--down", str(state_file), "--data-dir", str(tmp_path / "data")],
+        env=agent.environment(), cwd=agent.cwd, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "dns: removed this agent's configuration" in down.stderr and "caddy: removed this agent's configuration" in down.stderr
+    assert sorted(p.name for p in dnsmasq.conf_dir.iterdir()) == ["techulus.conf"]
+    assert sorted(p.name for p in (tmp_path / "dns-hosts").iterdir()) == ["records"]
+    assert [r.get("@id") for r in caddy.routes() if str(r.get("@id", "")).startswith(owner)] == []
+    assert by_deployment(podman_net) == {}
+    assert dnsmasq.answer("registered.internal") == ["10.200.250.9"] and dnsmasq.answer("web.internal") == []
+    assert page(caddy, "registered.example.test") == "the registered agent's service"
+    assert PAGE not in page(caddy, "web.example.test")
 
 
 def test_a_file_without_records_or_routes_touches_neither_dnsmasq_nor_caddy(

@@ -345,6 +345,15 @@ class CaddySync:
         routes = self._get_routes(self.server_name())
         return [parse_route(route, self.owner) for route in routes if is_ours(route, self.owner)]
 
+    def remove_own(self) -> bool:
+        """Remove our routes, keeping every other (a standalone agent going down); True
+        when there were any. A Caddy that cannot be asked holds none that matter now (the
+        example's host has no Caddy at all), so that is False, logged at DEBUG."""
+        if not self.owns_configuration():
+            return False
+        self.apply_routes([])
+        return True
+
     def owns_configuration(self) -> bool:
         """Whether Caddy holds routes of ours (False when it cannot be asked)."""
         try:

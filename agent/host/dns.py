@@ -382,6 +382,30 @@ class DnsSync:
         """Whether our drop-in is there (from this run or an earlier one)."""
         return self.conf_path.exists()
 
+    def remove_own(self) -> bool:
+        """Remove our drop-in, hosts file and resolved drop-in (a standalone agent going
+        down), restarting what read them; True when there was something to remove."""
+        had_conf = self.conf_path.exists()
+        resolved = self.resolved_path
+        had_resolved = resolved is not None and resolved.exists()
+        removed = False
+        for path in (self.conf_path, self.hosts_path, resolved):
+            if path is not None and path.exists():
+                path.unlink()
+                removed = True
+                log.info("dns: removed %s", path)
+        if had_conf and self.restart_command:
+            try:
+                run(self.restart_command, timeout=60)
+            except CommandError as exc:
+                raise DnsError(f"dnsmasq did not restart without {self.conf_path}: {exc}") from exc
+        if had_resolved and self.resolved_restart_command:
+            try:
+                run(self.resolved_restart_command, timeout=60)
+            except CommandError as exc:
+                log.warning("dns: systemd-resolved did not restart: %s", exc)
+        return removed
+
     def port_line(self) -> int | None:
         """The port our drop-in sets. The registered agent's drop-in always sets it (as the
         original's did); a standalone one leaves it to another drop-in that already sets the
