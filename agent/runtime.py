@@ -28,8 +28,8 @@ from agent.host.images import LEDGER_FILE, ImageGC, ImageLedger, Watermarks
 from agent.host.podman import Podman, PodmanError, PodmanOptions
 from agent.identity import AgentConfig, DataDir, Identity, standalone_owner
 from agent.loop import RESTORE_KINDS, ControlPlaneSource, FileSource, Reconciler, StateSource, load_state_file
-from agent.ondemand import OnDemand
 from agent.model import WireGuardPeer
+from agent.ondemand import OnDemand
 from agent.registration import ensure_registered
 from agent.settings import Settings
 
