@@ -86,3 +86,34 @@ def test_plan_without_prepare_reads_what_an_earlier_run_left_and_nothing_else() 
     sync = OnDemand(nothing)
     assert sync.actual_hash() == EMPTY_HASH and sync.actual_hash() == EMPTY_HASH
     assert nothing.calls == ["owns"], "looked once"
+
+
+def test_standalone_gets_dormant_dns_and_caddy_under_its_owner_mark_and_the_settings_still_rule(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from agent import crypto
+    from agent.host.caddy import CaddySync
+    from agent.host.dns import DnsSync
+    from agent.identity import AgentConfig, Identity, standalone_owner
+    from agent.runtime import config_syncs, container_dns
+    from agent.settings import Settings
+
+    settings = replace(Settings(), data_dir=tmp_path / "data", state_file=tmp_path / "state.toml")
+    config = AgentConfig("standalone", 7, "127.0.0.1")
+    syncs = config_syncs(settings, config, None)
+    assert [s.name for s in syncs] == ["dns", "caddy"], "no wireguard in standalone, whatever manage_wireguard says"
+    assert all(isinstance(s, OnDemand) and not s.active for s in syncs)
+    dns, caddy = (s.inner for s in syncs)  # type: ignore[attr-defined]
+    assert isinstance(dns, DnsSync) and isinstance(caddy, CaddySync)
+    assert dns.owner == caddy.owner == standalone_owner(tmp_path / "data") and dns.gateway == "10.200.7.1"
+    assert [s.name for s in config_syncs(replace(settings, manage_dns=False), config, None)] == ["caddy"]
+    assert config_syncs(replace(settings, manage_dns=False, manage_caddy=False), config, None) == []
+    # Containers get the gateway as resolver only once DNS is awake (and never when not ours).
+    assert container_dns(settings, config, dns_active=False) == ()
+    assert container_dns(settings, config) == ("10.200.7.1",)
+    assert container_dns(replace(settings, manage_dns=False), config) == ()
+
+    identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("server-1", 3, "10.100.3.1"))
+    registered = config_syncs(replace(settings, state_file=None, manage_wireguard=False), identity.config, identity)
+    assert [type(s).__name__ for s in registered] == ["DnsSync", "CaddySync"]
+    assert all(s.owner == "" for s in registered), "a registered agent's files and routes stay unmarked"  # type: ignore[attr-defined]
