@@ -256,10 +256,12 @@ class Reconciler:
             expected = self.source.fetch()
         except Exception as exc:  # noqa: BLE001 - a failed poll removes and reconfigures nothing
             last = self.last_good
+            # A source that reported the problem itself (once, then counted) is not repeated here.
+            level = logging.DEBUG if getattr(exc, "reported", False) else logging.ERROR
             if last is None:
-                log.error("expected state unavailable, changing nothing: %s", exc)
+                log.log(level, "expected state unavailable, changing nothing: %s", exc)
                 return
-            log.error("expected state unavailable (%s); only bringing back containers of the last good one", exc)
+            log.log(level, "expected state unavailable (%s); only bringing back containers of the last good one", exc)
             try:
                 repairs = [c for c in self.compute_plan(last) if c.kind in RESTORE_KINDS]
             except Exception as read_error:  # noqa: BLE001
@@ -462,7 +464,18 @@ STATE_FILE_KEYS = {
                    "healthCheck", "volumes"},
     "healthCheck": {"cmd", "interval", "timeout", "retries", "startPeriod"},
     "volumes": {"name", "hostPath", "containerPath"},
+    "dns": {"records"},
+    "dns.records": {"name", "ips"},
+    "caddy": {"routes"},
+    "caddy.routes": {"id", "domain", "upstreams", "serviceId"},
 }
+
+
+class StateFileUnusable(ModelError):
+    """The state file cannot be read or parsed. FileSource has logged it (once, then
+    repeated only every few minutes), so the loop does not log it again every tick."""
+
+    reported = True
 
 
 class FileSource:
@@ -470,7 +483,9 @@ class FileSource:
 
     The file is the operator's whole intent: a section it leaves out is empty (deleting the
     last [[containers]] block removes the container). Unknown keys, the typos of a hand-
-    written file, are named with a suggestion."""
+    written file, are named with a suggestion. A file that cannot be read or parsed is
+    reported once (then counted), and "is valid again" once it can. A `wireguard` section
+    is refused with one line (one host has no mesh); the rest of the file applies."""
 
     def __init__(self, path: Path, subnet: Any) -> None:
         self.path = path
@@ -479,13 +494,31 @@ class FileSource:
         self.problems = ProblemLog(log, f"state file {path}")
 
     def fetch(self) -> ExpectedState:
+        try:
+            state = self.read()
+        except ModelError as exc:
+            # The subject already names the file: "state file X: not valid JSON: …".
+            reason = str(exc).replace(f"cannot read state file {self.path}", "cannot be read")
+            reason = reason.replace(f"state file {self.path} is ", "").replace(f"state file {self.path} ", "")
+            self.problems.report([f"{reason}; nothing changes until it is fixed"])
+            raise StateFileUnusable(str(exc)) from None
+        self.problems.report(state.problems, state.problem_count)
+        return state
+
+    def read(self) -> ExpectedState:
+        """The file's expected state, without reporting its problems (raises ModelError)."""
         data = load_state_file(self.path)
         self._check_keys(data)
         if data.get("subnetId", 1) != int(self.subnet.network_address.packed[2]):
             self._warn_once(f"subnetId changed to {data.get('subnetId')!r} in {self.path}; restart the agent to use it")
+        if data.get("wireguard"):
+            self._warn_once(
+                f"{self.path}: the wireguard section is refused: a standalone agent manages no WireGuard mesh "
+                "(one host, no peers); the rest of the file applies"
+            )
+        data.pop("wireguard", None)
         state = parse_expected_state(data, self.subnet)
-        self.problems.report(state.problems, state.problem_count)
-        return dataclasses.replace(state, sections=frozenset(SECTIONS))
+        return dataclasses.replace(state, sections=frozenset(SECTIONS) - {"wireguard"})
 
     def _check_keys(self, data: dict[str, Any]) -> None:
         self._unknown(data, STATE_FILE_KEYS[""], "the top level")
@@ -500,6 +533,15 @@ class FileSource:
             for number, volume in enumerate(volumes if isinstance(volumes, list) else []):
                 if isinstance(volume, dict):
                     self._unknown(volume, STATE_FILE_KEYS["volumes"], f"containers[{index}].volumes[{number}]")
+        for section, entries in (("dns", "records"), ("caddy", "routes")):
+            table = data.get(section)
+            if not isinstance(table, dict):
+                continue
+            self._unknown(table, STATE_FILE_KEYS[section], section)
+            items = table.get(entries)
+            for index, item in enumerate(items if isinstance(items, list) else []):
+                if isinstance(item, dict):
+                    self._unknown(item, STATE_FILE_KEYS[f"{section}.{entries}"], f"{section}.{entries}[{index}]")
 
     def _unknown(self, table: dict[str, Any], known: set[str], where: str) -> None:
         for key in table:

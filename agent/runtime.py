@@ -29,6 +29,7 @@ from agent.host.podman import Podman, PodmanError, PodmanOptions
 from agent.identity import AgentConfig, DataDir, Identity, standalone_owner
 from agent.loop import RESTORE_KINDS, ControlPlaneSource, FileSource, Reconciler, StateSource, load_state_file
 from agent.model import WireGuardPeer
+from agent.ondemand import OnDemand
 from agent.registration import ensure_registered
 from agent.settings import Settings
 
@@ -106,25 +107,37 @@ def podman_options(settings: Settings, config: AgentConfig, dns_servers: tuple[s
     )
 
 
-def config_syncs(settings: Settings, identity: Identity | None) -> list[ConfigSync]:
-    """The DNS, Caddy and WireGuard adapters this server manages, in the order of §9.5
-    (none in standalone mode). An adapter whose settings are unusable is left out with an
-    error line; the rest of the agent runs on."""
-    if identity is None:
-        return []
+def config_syncs(
+    settings: Settings, config: AgentConfig, identity: Identity | None, on_dns_active: Callable[[], None] | None = None
+) -> list[ConfigSync]:
+    """The DNS, Caddy and WireGuard adapters this server manages, in the order of §9.5.
+
+    Standalone (no `identity`): DNS and Caddy only, under the agent's owner mark (its own
+    drop-in, hosts file and route ids) and dormant until the state file lists a record or
+    a route (agent/ondemand.py); `on_dns_active` runs when DNS wakes up. No WireGuard: one
+    host has no mesh (the state file's section is refused, see FileSource). An adapter
+    whose settings are unusable is left out with an error line; the rest runs on."""
+    owner = standalone_owner(settings.data_dir) if identity is None else ""
     wanted: list[Callable[[], ConfigSync]] = []
     if settings.manage_dns:
         from agent.host.dns import DnsSync
 
-        wanted.append(lambda: DnsSync(settings, identity))
+        if identity is None:
+            wanted.append(lambda: OnDemand(DnsSync(settings, config, owner=owner), on_dns_active))
+        else:
+            wanted.append(lambda: DnsSync(settings, config))
     if settings.manage_caddy:
         from agent.host.caddy import CaddySync
 
-        wanted.append(lambda: CaddySync(settings, identity))
-    if settings.manage_wireguard:
+        if identity is None:
+            wanted.append(lambda: OnDemand(CaddySync(settings, owner=owner)))
+        else:
+            wanted.append(lambda: CaddySync(settings))
+    if settings.manage_wireguard and identity is not None:
         from agent.host.wireguard import WireGuardSync
 
-        wanted.append(lambda: WireGuardSync(settings, identity))
+        registered = identity
+        wanted.append(lambda: WireGuardSync(settings, registered))
     syncs: list[ConfigSync] = []
     for build in wanted:
         try:
@@ -134,14 +147,31 @@ def config_syncs(settings: Settings, identity: Identity | None) -> list[ConfigSy
     return syncs
 
 
-def container_dns(settings: Settings, identity: Identity | None) -> tuple[str, ...]:
+def remove_standalone_config(settings: Settings, config: AgentConfig) -> None:
+    """`standalone --down`: remove the dnsmasq files and Caddy routes under this standalone
+    agent's owner mark (nobody else's). A tool that cannot be reached is named, not fatal:
+    the containers are gone either way."""
+    for sync in config_syncs(settings, config, None):
+        if not isinstance(sync, OnDemand):
+            continue
+        try:
+            if sync.remove_own():
+                log.info("%s: removed this agent's configuration", sync.name)
+        except Exception as exc:  # noqa: BLE001 - one tool's failure must not stop the rest
+            log.warning("%s: could not remove this agent's configuration: %s", sync.name, exc)
+
+
+def container_dns(settings: Settings, config: AgentConfig, dns_active: bool = True) -> tuple[str, ...]:
+    """`podman run --dns` servers: `container_dns`, else the gateway where our dnsmasq
+    listens while DNS is ours and active (a standalone agent's DNS sleeps until its state
+    file lists a record: until then its containers keep podman's default resolvers)."""
     if settings.container_dns:
         return (settings.container_dns,)
-    if identity is None or not settings.manage_dns:
+    if not settings.manage_dns or not dns_active:
         return ()
     from agent.host.dns import container_dns_servers
 
-    return tuple(container_dns_servers(settings, identity))
+    return tuple(container_dns_servers(settings, config))
 
 
 def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", create: bool = True) -> Components:
@@ -162,17 +192,27 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
         config = identity.config
         client = make_client(settings, identity)
     subnet = ipaddress.IPv4Network(config.container_subnet)
-    dns_servers = container_dns(settings, identity)
-    podman = Podman(podman_options(settings, config, dns_servers), images=ImageLedger(settings.data_dir / LEDGER_FILE))
-    log.info("owner mark %s on network %s", podman.options.owner, podman.options.network)
-    syncs = config_syncs(settings, identity)
     source: StateSource
     if settings.standalone:
         assert settings.state_file is not None
         source = FileSource(settings.state_file, subnet)
-        refuse_collisions(podman, config, source, settings.state_file)
     else:
         source = ControlPlaneSource(client, subnet, settings.data_dir / "expected-state.json")
+
+    def dns_woke_up() -> None:
+        # Containers deployed from now on resolve *.internal; running ones keep theirs.
+        podman.options = dataclasses.replace(podman.options, dns_servers=container_dns(settings, config))
+
+    syncs = config_syncs(settings, config, identity, dns_woke_up)
+    dns_active = not any(isinstance(sync, OnDemand) and sync.name == "dns" for sync in syncs)
+    podman = Podman(
+        podman_options(settings, config, container_dns(settings, config, dns_active)),
+        images=ImageLedger(settings.data_dir / LEDGER_FILE),
+    )
+    log.info("owner mark %s on network %s", podman.options.owner, podman.options.network)
+    if isinstance(source, FileSource):
+        assert settings.state_file is not None
+        refuse_collisions(podman, config, source, settings.state_file)
     # The heartbeat reads podman with a short timeout: a stuck podman must not silence it.
     reader = Podman(dataclasses.replace(podman.options, timeout=HEARTBEAT_PODMAN_TIMEOUT))
     send: Callable[[dict[str, Any]], None] | None = None
@@ -205,13 +245,14 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
     )
 
 
-def refuse_collisions(podman: Podman, config: AgentConfig, source: StateSource, state_file: Path) -> None:
+def refuse_collisions(podman: Podman, config: AgentConfig, source: FileSource, state_file: Path) -> None:
     """A standalone agent refuses to start, with one message, when its network, subnet,
     IPs or container names would collide with another agent's on this host: two agents
     reconciling one set of containers destroy each other's work. The check needs the
     state file's container names, so an unreadable file at start-up is an error too
     (its message says why); later, a garbled file only pauses reconciling."""
-    problems = podman.collisions(config.container_subnet, source.fetch().containers)
+    # read(), not fetch(): the error raised here is the one line; fetch() would log it too.
+    problems = podman.collisions(config.container_subnet, source.read().containers)
     if problems:
         raise PodmanError(
             f"standalone agent refuses to start: it would collide with another agent on this host: {'; '.join(problems)}. "

@@ -1,7 +1,8 @@
 """`agent standalone --down FILE`: removes what a standalone agent created on this host.
 
 A newcomer who stops the example must be able to undo it with one command: the agent's
-containers, its podman network and, with `--purge`, its data dir. It goes through the
+containers, its podman network, its dnsmasq files and Caddy routes (when its state file
+listed any) and, with `--purge`, its data dir. It goes through the
 Podman adapter, so it touches exactly what the agent itself would consider its own (labels,
 scope and owner marks), and it refuses while an agent runs with the same data dir (that
 agent would re-create everything on its next tick).
@@ -16,7 +17,7 @@ from typing import IO
 from agent.host.podman import Podman
 from agent.identity import AgentConfig, IdentityError
 from agent.model import ModelError
-from agent.runtime import hold_lock, podman_options, standalone_config
+from agent.runtime import hold_lock, podman_options, remove_standalone_config, standalone_config
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
     data_dir = settings.data_dir
     lock: IO[str] | None = hold_lock(data_dir) if data_dir.exists() else None
     try:
-        podman = Podman(podman_options(settings, _config(settings), ()))
+        config = _config(settings)
+        podman = Podman(podman_options(settings, config, ()))
         containers = podman.list_containers()
         for container in containers:
             podman.force_remove(container.id)
@@ -38,6 +40,7 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
         if not podman.remove_network():
             log.info("podman network %s does not exist", network)
         podman.remove_stale_env_files(older_than=0)
+        remove_standalone_config(settings, config)  # its dnsmasq files and Caddy routes
         if purge and data_dir.exists():
             shutil.rmtree(data_dir)
             log.info("removed data dir %s", data_dir)

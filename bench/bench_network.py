@@ -102,7 +102,7 @@ def bench_caddy(tmp: Path) -> None:
     try:
         settings = replace(Settings(), caddy_admin_url=caddy.admin_url, caddy_https_listen=f"127.0.0.1:{caddy.https_port}")
         # Upstreams are local HTTP servers: loopback is allowed explicitly (never in production).
-        sync = CaddySync(settings, identity(1), upstream_networks=("10.200.0.0/16", "127.0.0.0/8"))
+        sync = CaddySync(settings, upstream_networks=("10.200.0.0/16", "127.0.0.0/8"))
         routes = [CaddyRoute(f"app{i}.example.com", f"app{i}.example.com", (first.address,), f"svc-{i}") for i in range(1000)]
         sync.apply_routes(routes[:1])  # learns whether log_append exists, outside the timing
         started = time.perf_counter()
@@ -134,7 +134,7 @@ def bench_dns(tmp: Path) -> None:
         dnsmasq_restart_command=(), resolved_conf_dir=tmp / "resolved.conf.d", resolved_restart_command=(),
         dns_upstream_servers=("192.0.2.53",),
     )
-    dns = DnsSync(settings, identity(1))
+    dns = DnsSync(settings, identity(1).config)
     dns.prepare()
     proc = start_dnsmasq(dns.conf_path)
     try:

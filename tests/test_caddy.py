@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 
-from agent import crypto
 from agent.drift import caddy_hash
 from agent.host.caddy import (
     check_body,
@@ -23,7 +22,6 @@ from agent.host.caddy import (
     render_route,
     validate_routes,
 )
-from agent.identity import AgentConfig, Identity
 from agent.model import CaddyRoute, ExpectedState
 from agent.settings import Settings
 
@@ -55,10 +53,29 @@ def test_ownership() -> None:
     assert is_ours({"@id": "x", "handle": [{"handler": "vars", "service_id": ""}]})
 
 
+def test_a_standalone_agents_routes_carry_its_owner_mark_and_nobody_elses_are_its_own() -> None:
+    mine = render_route(ROUTE, log_append=False, owner="standalone-1234")
+    assert mine["@id"] == f"standalone-1234-{ROUTE.id}"  # unique in Caddy beside a registered agent's id
+    assert mine["handle"][0] == {"handler": "vars", "service_id": ROUTE.service_id, "techulus_owner": "standalone-1234"}
+    assert is_ours(mine, "standalone-1234") and parse_route(mine, "standalone-1234") == ROUTE
+    check_body([mine], [], [ROUTE], "standalone-1234")
+    # The registered agent (no mark) and another standalone agent leave it alone...
+    assert not is_ours(mine) and not is_ours(mine, "standalone-9999")
+    # ...and a standalone agent never takes the registered agent's (or the original one's) routes.
+    registered = render_route(ROUTE, log_append=False)
+    assert is_ours(registered) and not is_ours(registered, "standalone-1234")
+    forged = {**registered, "@id": f"standalone-1234-{ROUTE.id}"}  # the prefix alone is no mark
+    assert not is_ours(forged, "standalone-1234")
+    with pytest.raises(CaddyError, match="do not read back"):
+        check_body([mine], [], [ROUTE])  # sent as the registered agent's, it would not read back
+    with pytest.raises(CaddyError, match="owner"):
+        CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"), owner="a b/c")
+
+
 def test_routes_without_upstreams_are_neither_written_nor_hashed() -> None:
     idle = CaddyRoute("idle.example.com", "idle.example.com", (), "svc-2")
     assert managed_routes([ROUTE, idle]) == [ROUTE]
-    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"), _identity())
+    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"))
     assert sync.expected_hash(ExpectedState(caddy_routes=(ROUTE, idle))) == caddy_hash([ROUTE])
 
 
@@ -141,17 +158,17 @@ def test_loopback_only_when_a_loopback_network_is_configured() -> None:
 
 def test_upstream_network_settings_are_checked() -> None:
     settings = replace(Settings(), caddy_admin_url="http://127.0.0.1:9")
-    assert [str(n) for n in CaddySync(settings, _identity()).upstream_networks] == ["10.100.0.0/16", "10.200.0.0/16"]
-    narrow = CaddySync(replace(settings, wireguard_allowed_networks=("10.200.0.0/16",)), _identity())
+    assert [str(n) for n in CaddySync(settings).upstream_networks] == ["10.100.0.0/16", "10.200.0.0/16"]
+    narrow = CaddySync(replace(settings, wireguard_allowed_networks=("10.200.0.0/16",)))
     assert "outside" in " ".join(validate_routes([replace(ROUTE, upstreams=("10.100.1.1:80",))], narrow.upstream_networks))
     for bad in (("10.200.0.1/16",), ("fd00::/8",), ("nonsense",)):
         with pytest.raises(CaddyError, match="not an IPv4 network"):
-            CaddySync(settings, _identity(), upstream_networks=bad)
+            CaddySync(settings, upstream_networks=bad)
 
 
 def test_a_bad_upstream_is_refused_before_caddy_is_asked() -> None:
     # The admin API is unreachable: a refusal that names the upstream proves nothing was sent.
-    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"), _identity())
+    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"))
     with pytest.raises(CaddyError, match=r"nothing was changed.*127\.0\.0\.1:2019.*loopback"):
         sync.apply(ExpectedState(caddy_routes=(replace(ROUTE, upstreams=("127.0.0.1:2019",)),)))
 
@@ -165,7 +182,7 @@ def test_unreachable_admin_api_raises_and_is_drift() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connection refused
-        sync = CaddySync(replace(Settings(), caddy_admin_url=f"http://127.0.0.1:{port}"), _identity())
+        sync = CaddySync(replace(Settings(), caddy_admin_url=f"http://127.0.0.1:{port}"))
         with pytest.raises(CaddyError, match="unreachable"):
             sync.actual_hash()
         with pytest.raises(CaddyError, match="unreachable"):
@@ -174,11 +191,7 @@ def test_unreachable_admin_api_raises_and_is_drift() -> None:
 
 def test_settings_are_checked() -> None:
     with pytest.raises(CaddyError, match="caddy_admin_url"):
-        CaddySync(replace(Settings(), caddy_admin_url="localhost:2019"), _identity())
-
-
-def _identity() -> Identity:
-    return Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 1, "10.100.1.1"))
+        CaddySync(replace(Settings(), caddy_admin_url="localhost:2019"))
 
 
 def test_config_etag_is_caddys() -> None:
@@ -192,7 +205,7 @@ def test_config_etag_is_caddys() -> None:
 
 
 def test_one_bad_route_is_skipped_once_and_the_rest_hashed(caplog) -> None:  # type: ignore[no-untyped-def]
-    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"), _identity())
+    sync = CaddySync(replace(Settings(), caddy_admin_url="http://127.0.0.1:9"))
     state = ExpectedState(caddy_routes=(replace(ROUTE, id="bad", upstreams=("127.0.0.1:2019",)), ROUTE))
     with caplog.at_level("INFO"):
         for _ in range(3):

@@ -18,10 +18,8 @@ from typing import Any
 
 import pytest
 
-from agent import crypto
 from agent.host import caddy as caddy_module
 from agent.host.caddy import DEFAULT_UPSTREAM_NETWORKS, CaddyError, CaddySync, find_server
-from agent.identity import AgentConfig, Identity
 from agent.model import CaddyRoute, ExpectedState
 from agent.settings import Settings
 
@@ -167,8 +165,7 @@ TEST_UPSTREAM_NETWORKS = (*DEFAULT_UPSTREAM_NETWORKS, "127.0.0.0/8")
 def make_sync(caddy: CaddyProcess, networks: tuple[str, ...] | None = TEST_UPSTREAM_NETWORKS, **extra: object) -> CaddySync:
     settings = replace(Settings(), caddy_admin_url=caddy.admin_url, caddy_https_listen=f"127.0.0.1:{caddy.https_port}")
     settings = replace(settings, **extra)
-    identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 1, "10.100.1.1"))
-    return CaddySync(settings, identity, upstream_networks=networks)
+    return CaddySync(settings, upstream_networks=networks)
 
 
 def test_routes_reach_upstreams_keep_foreign_routes_and_heal_after_restart(
@@ -227,8 +224,8 @@ def test_caddy_errors_surface_and_keep_the_running_config(
     # its message reach the caller.
     real_render = caddy_module.render_route
 
-    def broken(route: CaddyRoute, log_append: bool) -> dict[str, Any]:
-        rendered = real_render(route, log_append)
+    def broken(route: CaddyRoute, log_append: bool, owner: str = "") -> dict[str, Any]:
+        rendered = real_render(route, log_append, owner)
         rendered["handle"][-1]["upstreams"] = "not-a-list"
         return rendered
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from agent import crypto
 from agent.drift import dns_hash
 from agent.host.dns import (
     TYPE_A,
@@ -27,18 +26,17 @@ from agent.host.dns import (
     upstream_servers,
     validate_records,
 )
-from agent.identity import AgentConfig, Identity
+from agent.identity import AgentConfig
 from agent.model import DnsRecord, ExpectedState
 from agent.settings import Settings
 
 
-def make(tmp_path: Path, **extra: object) -> DnsSync:
+def make(tmp_path: Path, owner: str = "", **extra: object) -> DnsSync:
     settings = replace(Settings(), dnsmasq_conf_dir=tmp_path / "d", dns_hosts_dir=tmp_path / "h", data_dir=tmp_path)
     values = {"resolved_conf_dir": tmp_path / "resolved.conf.d", "dns_resolv_files": (tmp_path / "resolv.conf",)}
     values.update(extra)
     settings = replace(settings, **values)
-    identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", 3, "10.100.3.1"))
-    return DnsSync(settings, identity)
+    return DnsSync(settings, AgentConfig("s", 3, "10.100.3.1"), owner=owner)
 
 
 def test_conf_rendering() -> None:
@@ -169,6 +167,35 @@ def test_restart_only_when_the_drop_in_changes(tmp_path: Path, fp) -> None:  # t
     (tmp_path / "resolv.conf").write_text("nameserver 192.0.2.99\n")
     with pytest.raises(Exception, match="differs"):
         dns.actual_hash()
+
+
+def test_a_standalone_agent_has_files_of_its_own_and_leaves_the_port_to_a_drop_in_that_sets_it(
+    tmp_path: Path, fp  # type: ignore[no-untyped-def]
+) -> None:
+    (tmp_path / "resolv.conf").write_text("nameserver 192.0.2.53\n")
+    registered = make(tmp_path, dnsmasq_restart_command=(), resolved_restart_command=())
+    standalone = make(tmp_path, owner="standalone-1234", dnsmasq_restart_command=(), resolved_restart_command=())
+    assert standalone.conf_path.name == "techulus-standalone-1234.conf" != registered.conf_path.name
+    assert standalone.hosts_path.name == "records-standalone-1234" != registered.hosts_path.name
+    assert standalone.resolved_path is not None and standalone.resolved_path.name == "techulus-internal-standalone-1234.conf"
+    # Alone, the standalone drop-in sets the port itself.
+    assert standalone.render_conf().splitlines()[1] == "port=53"
+    registered.prepare()
+    standalone.prepare()
+    # Beside the registered agent's drop-in (which sets port=53) it must not: dnsmasq refuses
+    # a repeated port= and would not start at all.
+    assert "port=" not in standalone.conf_path.read_text()
+    assert registered.conf_path.read_text().splitlines()[1] == "port=53", "the registered drop-in is unchanged"
+    assert standalone.actual_hash() == registered.actual_hash(), "both read only their own hosts file"
+    standalone.hosts_path.write_text(render_hosts([DnsRecord("mine.internal", ("10.200.3.2",))]))
+    assert standalone.served_records() == [DnsRecord("mine.internal", ("10.200.3.2",))]
+    assert registered.served_records() == []
+    # Another port in the other drop-in: one dnsmasq cannot answer on two, so a clear refusal.
+    other = make(tmp_path, owner="standalone-1234", dns_port=5353)
+    with pytest.raises(DnsError, match=r"dnsmasq answers on port 53 \(set by .*techulus.conf\); .*dns_port is 5353"):
+        other.render_conf()
+    with pytest.raises(DnsError, match="dns owner"):
+        make(tmp_path, owner="../etc")
 
 
 def test_dns_wire_format() -> None:

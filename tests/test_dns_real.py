@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import crypto
 from agent.host.dns import DnsError, DnsSync, container_dns_servers, lookup
-from agent.identity import AgentConfig, Identity
+from agent.identity import AgentConfig
 from agent.model import DnsRecord, ExpectedState
 from agent.settings import Settings
 from tests.testbed import *  # noqa: F403
@@ -92,8 +91,7 @@ def make_sync(tmp_path: Path, subnet_id: int, port: int, listen: str, upstream_p
         dns_upstream_servers=(f"127.0.0.1#{upstream_port}",),
         dns_verify_timeout=1.0,
     )
-    identity = Identity(crypto.new_signing_key(), crypto.new_wireguard_private_key(), AgentConfig("s", subnet_id, f"10.100.{subnet_id}.1"))
-    return DnsSync(settings, identity)
+    return DnsSync(settings, AgentConfig("s", subnet_id, f"10.100.{subnet_id}.1"))
 
 
 def test_records_change_without_restart(tmp_path: Path, fake_upstream: int) -> None:
@@ -193,7 +191,7 @@ def test_container_resolves_internal_and_public_names(tmp_path: Path, podman_net
     try:
         assert wait_answer(listen, 53, "public.example") == ["192.0.2.10"]
         dns.apply(ExpectedState(dns_records=(DnsRecord("my-api.internal", (podman_net.ip(2),)),)))
-        servers = container_dns_servers(dns.settings, dns.identity)
+        servers = container_dns_servers(dns.settings, dns.config)
         assert servers == (podman_net.gateway,)
         argv = ["run", "--rm", "--network", podman_net.name, "--label", podman_net.scope_label]
         for server in servers:
@@ -212,7 +210,7 @@ def test_container_resolves_internal_and_public_names(tmp_path: Path, podman_net
 
 def test_container_dns_servers_choices(tmp_path: Path) -> None:
     dns = make_sync(tmp_path, 9, 53, "127.0.0.1", 5353)
-    assert container_dns_servers(dns.settings, dns.identity) == ("10.200.9.1",)
-    assert container_dns_servers(replace(dns.settings, manage_dns=False), dns.identity) == ()
-    assert container_dns_servers(replace(dns.settings, dns_port=5353), dns.identity) == ()
-    assert container_dns_servers(replace(dns.settings, container_dns="10.0.0.2"), dns.identity) == ("10.0.0.2",)
+    assert container_dns_servers(dns.settings, dns.config) == ("10.200.9.1",)
+    assert container_dns_servers(replace(dns.settings, manage_dns=False), dns.config) == ()
+    assert container_dns_servers(replace(dns.settings, dns_port=5353), dns.config) == ()
+    assert container_dns_servers(replace(dns.settings, container_dns="10.0.0.2"), dns.config) == ("10.0.0.2",)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import e2e
-from tests.testbed import HTTPD_IMAGE, TestNetwork, podman, podman_env, podman_net  # noqa: F401
+from tests.testbed import HTTPD_IMAGE, TestNetwork, cleanup_scope, podman, podman_env, podman_net  # noqa: F401
 
 pytestmark = [pytest.mark.real]
 
@@ -43,11 +43,17 @@ def container(net: TestNetwork, index: int, image: str = HTTPD_IMAGE) -> dict:
 
 
 class AgentProcess:
-    def __init__(self, state_file: Path, data_dir: Path, net: TestNetwork, log_path: Path) -> None:
+    def __init__(
+        self, state_file: Path, data_dir: Path, net: TestNetwork, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.state_file, self.data_dir, self.net, self.log_path = state_file, data_dir, net, log_path
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    cwd = REPO
+
+    def environment(self) -> dict[str, str]:
+        """The agent's environment: the test's network, scope, a fast tick, `extra_env`."""
         env = dict(os.environ)
         env.update(
             {
@@ -57,12 +63,16 @@ class AgentProcess:
                 "TECHULUS_AGENT_TICK_INTERVAL": "1",
                 "TECHULUS_AGENT_RUN_DIR": str(self.data_dir.parent / "run"),
                 "PYTHONPATH": str(REPO),
+                **self.extra_env,
             }
         )
+        return env
+
+    def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "standalone", str(self.state_file), "--data-dir", str(self.data_dir)],
-            stdout=log, stderr=log, env=env, cwd=REPO,
+            stdout=log, stderr=log, env=self.environment(), cwd=REPO,
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -139,11 +149,15 @@ def test_deploy_update_remove_and_heal(agent_env):
     write_state(state_file, net, [container(net, 2, V2_IMAGE)])
     wait_for(lambda: set(by_deployment(net)) == {"dep-2"}, 30, "dep-1 to be removed", agent)
 
-    # A garbled state file changes nothing.
+    # A garbled state file changes nothing, and is said once, not every tick; its repair too.
     state_file.write_text("{garbled")
     time.sleep(3)
     assert set(by_deployment(net)) == {"dep-2"}
-    assert "not valid JSON" in agent.log()
+    assert agent.log().count("not valid JSON") == 1, agent.log()
+    write_state(state_file, net, [container(net, 2, V2_IMAGE)])
+    wait_for(lambda: "is valid again" in agent.log(), 15, "the repair to be said", agent)
+    time.sleep(2)
+    assert agent.log().count(f"state file {state_file} is valid again") == 1, agent.log()
 
     agent.stop()
     assert agent.proc is not None and agent.proc.returncode == 0
@@ -170,3 +184,33 @@ def test_kill_mid_pass_then_restart_converges_without_duplicates(agent_env):
         if c["Labels"]["techulus.deployment.id"] in before:
             restarts = podman("inspect", "--format", "{{.RestartCount}}", c["Id"]).stdout.strip()
             assert restarts in ("0", ""), f"{c['Names']} was restarted"
+
+
+def test_a_failed_podman_run_is_one_line_and_the_rest_applies(agent_env):
+    """podman's own error and the container name at ERROR; the whole argv only at DEBUG."""
+    agent, net, state_file = agent_env
+    broken = f"localhost/techulus-test-broken-{net.name}:latest"
+    workdir = agent.data_dir.parent / "broken-image"
+    workdir.mkdir()
+    (workdir / "Containerfile").write_text(f'FROM {HTTPD_IMAGE}\nCMD ["/nonexistent"]\n')
+    podman("build", "-q", "-t", broken, str(workdir))
+    agent.extra_env = {"TECHULUS_AGENT_LOG_LEVEL": "DEBUG"}
+    try:
+        write_state(state_file, net, [container(net, 1), container(net, 2, broken)])
+        agent.start()
+        wait_for(lambda: http_ok(net.ip(2)), 30, "the good container to serve", agent)
+        name = container(net, 2)["name"]
+        wait_for(lambda: f"podman run of container {name} failed" in agent.log(), 30, "the failed run", agent)
+        agent.stop()
+        lines = agent.log().splitlines()
+        loud = [line for line in lines if name in line and (" ERROR " in line or " WARNING " in line)]
+        assert loud, agent.log()
+        for line in loud:
+            assert f"podman run of container {name} failed (exit 127): Error: " in line, line
+            assert "/nonexistent" in line and "--cap-drop" not in line and "--label" not in line, line
+        argv = [line for line in lines if " DEBUG " in line and f"podman run of {name} failed" in line]
+        assert argv and "--cap-drop=ALL" in argv[0] and f"--name={name}" in argv[0]
+    finally:
+        agent.stop(signal.SIGKILL)
+        cleanup_scope(net.scope_label)
+        podman("rmi", broken, check=False)

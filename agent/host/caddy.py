@@ -8,6 +8,10 @@ Differences from the original agent, on purpose (§17 items 10, 20, 23):
   which would delete routes we do not own;
 * routes we did not create are kept: ours carry an `@id` *and* the `vars` handler holding
   `service_id` (what this agent and the original one write); anything else is foreign;
+* a standalone agent's routes carry its owner mark (`techulus_owner` in that `vars`
+  handler, and `<owner>-` before the `@id`, which Caddy wants unique): a registered agent
+  owns the routes without a mark, a standalone one only those with its own, so the two
+  never take each other's routes on one Caddy;
 * routes with no upstream are neither written nor hashed, so they cause no perpetual drift;
 * `log_append` is used when the Caddy build has it and left out when it does not;
 * every request has a timeout; domains, ids and upstreams are validated before anything
@@ -34,7 +38,6 @@ import urllib3
 
 from agent import validate
 from agent.drift import caddy_hash
-from agent.identity import Identity
 from agent.model import CaddyRoute, ExpectedState
 from agent.problems import ProblemLog
 from agent.settings import Settings
@@ -47,6 +50,8 @@ MAX_BODY = 64 * 1024 * 1024
 # the same ranges the mesh carries (Settings.wireguard_allowed_networks by default).
 DEFAULT_UPSTREAM_NETWORKS = ("10.100.0.0/16", "10.200.0.0/16")
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+# The key of the owner mark in our `vars` handler (standalone agents only).
+OWNER_VAR = "techulus_owner"
 # Reads and writes of the route list when somebody else keeps changing it in between.
 WRITE_ATTEMPTS = 5
 
@@ -145,7 +150,7 @@ def validate_routes(
     return sort_routes(routes, networks)[1]
 
 
-def check_body(body: list[Any], foreign: list[Any], wanted: Sequence[CaddyRoute]) -> None:
+def check_body(body: list[Any], foreign: list[Any], wanted: Sequence[CaddyRoute], owner: str = "") -> None:
     """Refuse (CaddyError) unless the JSON we are about to send decodes to the foreign routes
     unchanged followed by exactly `wanted`, each matching one host and nothing else."""
     decoded = json.loads(json.dumps(body))
@@ -153,33 +158,47 @@ def check_body(body: list[Any], foreign: list[Any], wanted: Sequence[CaddyRoute]
     if (
         decoded[: len(foreign)] != json.loads(json.dumps(foreign))
         or len(ours) != len(wanted)
-        or not all(is_ours(route) for route in ours)
-        or [parse_route(route) for route in ours] != list(wanted)
+        or not all(is_ours(route, owner) for route in ours)
+        or [parse_route(route, owner) for route in ours] != list(wanted)
         or [route.get("match") for route in ours] != [[{"host": [route.domain]}] for route in wanted]
     ):
         raise CaddyError("the routes to send do not read back as the intended routes; nothing was changed")
 
 
-def render_route(route: CaddyRoute, log_append: bool) -> dict[str, Any]:
-    handlers: list[dict[str, Any]] = [{"handler": "vars", "service_id": route.service_id}]
+def caddy_id(route_id: str, owner: str = "") -> str:
+    """The `@id` of a route in Caddy: the route's id, after the owner mark if there is one."""
+    return f"{owner}-{route_id}" if owner else route_id
+
+
+def render_route(route: CaddyRoute, log_append: bool, owner: str = "") -> dict[str, Any]:
+    variables: dict[str, Any] = {"handler": "vars", "service_id": route.service_id}
+    if owner:
+        variables[OWNER_VAR] = owner
+    handlers: list[dict[str, Any]] = [variables]
     if log_append:
         handlers.append({"handler": "log_append", "key": "service_id", "value": "{http.vars.service_id}"})
     handlers.append({"handler": "reverse_proxy", "upstreams": [{"dial": upstream} for upstream in route.upstreams]})
-    return {"@id": route.id, "match": [{"host": [route.domain]}], "handle": handlers}
+    return {"@id": caddy_id(route.id, owner), "match": [{"host": [route.domain]}], "handle": handlers}
 
 
-def is_ours(route: Any) -> bool:
-    """Written by this agent (or the original one): an `@id` and a `vars` handler with service_id."""
+def is_ours(route: Any, owner: str = "") -> bool:
+    """Written by this agent: an `@id` and a `vars` handler with service_id, whose owner mark
+    is `owner` ("" = none: the registered agent's and the original one's routes)."""
     if not isinstance(route, dict) or not isinstance(route.get("@id"), str) or not route.get("@id"):
+        return False
+    if owner and not (route["@id"].startswith(f"{owner}-") and len(route["@id"]) > len(owner) + 1):
         return False
     handlers = route.get("handle")
     if not isinstance(handlers, list):
         return False
-    return any(isinstance(h, dict) and h.get("handler") == "vars" and "service_id" in h for h in handlers)
+    return any(
+        isinstance(h, dict) and h.get("handler") == "vars" and "service_id" in h and h.get(OWNER_VAR, "") == owner
+        for h in handlers
+    )
 
 
-def parse_route(route: dict[str, Any]) -> CaddyRoute:
-    """§9.8.4: one of our route objects back as a CaddyRoute."""
+def parse_route(route: dict[str, Any], owner: str = "") -> CaddyRoute:
+    """§9.8.4: one of our route objects back as a CaddyRoute (its id without the owner mark)."""
     domain = ""
     matchers = route.get("match")
     if isinstance(matchers, list) and matchers and isinstance(matchers[0], dict):
@@ -197,7 +216,10 @@ def parse_route(route: dict[str, Any]) -> CaddyRoute:
             for upstream in handler.get("upstreams") or []:
                 if isinstance(upstream, dict) and isinstance(upstream.get("dial"), str):
                     upstreams.append(upstream["dial"])
-    return CaddyRoute(route["@id"], domain, tuple(upstreams), service_id)
+    route_id = route["@id"]
+    if owner and route_id.startswith(f"{owner}-"):
+        route_id = route_id[len(owner) + 1 :]
+    return CaddyRoute(route_id, domain, tuple(upstreams), service_id)
 
 
 def config_etag(path: str, body: bytes) -> str | None:
@@ -244,15 +266,21 @@ def find_server(servers: Any, wanted: str) -> str:
 
 
 class CaddySync:
-    """ConfigSync for public routes."""
+    """ConfigSync for public routes. `owner` "" is the registered agent; a standalone agent
+    passes its owner mark, which marks its routes (see the module docstring)."""
 
     name = "caddy"
 
     def __init__(
-        self, settings: Settings, identity: Identity, *, upstream_networks: Sequence[str] | None = None
+        self, settings: Settings, *, owner: str = "", upstream_networks: Sequence[str] | None = None
     ) -> None:
+        if owner:
+            try:
+                validate.identifier(owner, "caddy route owner")
+            except InvalidValue as exc:
+                raise CaddyError(str(exc)) from None
         self.settings = settings
-        self.identity = identity
+        self.owner = owner
         # Where upstreams may point: `caddy_upstream_networks`, else the mesh ranges, which
         # hold every deployment IP. The keyword override is for tests on 127.0.0.0/8.
         configured = upstream_networks
@@ -315,7 +343,24 @@ class CaddySync:
 
     def live_routes(self) -> list[CaddyRoute]:
         routes = self._get_routes(self.server_name())
-        return [parse_route(route) for route in routes if is_ours(route)]
+        return [parse_route(route, self.owner) for route in routes if is_ours(route, self.owner)]
+
+    def remove_own(self) -> bool:
+        """Remove our routes, keeping every other (a standalone agent going down); True
+        when there were any. A Caddy that cannot be asked holds none that matter now (the
+        example's host has no Caddy at all), so that is False, logged at DEBUG."""
+        if not self.owns_configuration():
+            return False
+        self.apply_routes([])
+        return True
+
+    def owns_configuration(self) -> bool:
+        """Whether Caddy holds routes of ours (False when it cannot be asked)."""
+        try:
+            return bool(self.live_routes())
+        except CaddyError as exc:
+            log.debug("caddy: cannot tell whether routes of ours exist: %s", exc)
+            return False
 
     def apply_routes(self, routes: Sequence[CaddyRoute]) -> None:
         """Skip the bad routes, write the rest (keeping foreign routes), verify.
@@ -335,8 +380,8 @@ class CaddySync:
         for _attempt in range(WRITE_ATTEMPTS):
             raw, body, etag = self._get_for_update(path, config_path)
             existing = self._route_list(raw, server)
-            foreign = [route for route in existing if not is_ours(route)]
-            clash = {r.get("@id") for r in foreign if isinstance(r, dict)} & {r.id for r in wanted}
+            foreign = [route for route in existing if not is_ours(route, self.owner)]
+            clash = {r.get("@id") for r in foreign if isinstance(r, dict)} & {caddy_id(r.id, self.owner) for r in wanted}
             if clash:
                 raise CaddyError(f"routes not written by the agent already use the @id {', '.join(sorted(map(str, clash)))}")
             try:
@@ -383,8 +428,8 @@ class CaddySync:
     def _put_routes(
         self, path: str, foreign: list[Any], wanted: list[CaddyRoute], log_append: bool, exists: bool, etag: str | None
     ) -> None:
-        body = foreign + [render_route(route, log_append) for route in wanted]
-        check_body(body, foreign, wanted)
+        body = foreign + [render_route(route, log_append, self.owner) for route in wanted]
+        check_body(body, foreign, wanted, self.owner)
         # PATCH replaces an existing value, only if it is still what we read (If-Match: Caddy
         # answers 412 otherwise); PUT creates a missing one and fails (409) if it appeared
         # meanwhile. Both get a JSON array.

@@ -10,6 +10,11 @@ Differences from the original agent, on purpose (§17 items 20, 22):
   wildcard answer); other names go to real upstream servers, never to a loopback stub,
   so systemd-resolved (which sends `~internal` to dnsmasq) and dnsmasq cannot loop;
 * duplicate names are merged on both sides of the hash; names must end in `.internal`;
+* each agent owns its own files: the registered agent (and the original one) `techulus.conf`
+  and `records`; a standalone agent `techulus-<owner>.conf` and `records-<owner>` (its owner
+  mark, see `agent.identity.standalone_owner`), so one beside a registered agent never
+  rewrites the other's; dnsmasq refuses a repeated `port=`, so a standalone drop-in leaves
+  the port to another drop-in that already sets the same one (and refuses a different one);
 * a bad record (outside `.internal`, not canonical) is skipped with one line (counted, not
   repeated every poll) and the others are served;
 * every file is read back before it is written and written only when it holds exactly the
@@ -31,7 +36,7 @@ from agent import validate
 from agent.drift import dns_hash, merge_dns_records
 from agent.fsutil import atomic_write, ensure_dir
 from agent.host.run import CommandError, run
-from agent.identity import Identity
+from agent.identity import AgentConfig
 from agent.model import DnsRecord, ExpectedState
 from agent.problems import ProblemLog
 from agent.settings import Settings
@@ -134,17 +139,18 @@ def parse_hosts(text: str) -> list[DnsRecord]:
 
 
 def render_dnsmasq_conf(
-    port: int, listen: Sequence[str], hosts_dir: Path, upstreams: Sequence[str], domain: str = "internal"
+    port: int | None, listen: Sequence[str], hosts_dir: Path, upstreams: Sequence[str], domain: str = "internal"
 ) -> str:
     return "\n".join([HEADER.rstrip("\n"), *dnsmasq_conf_lines(port, listen, hosts_dir, upstreams, domain)]) + "\n"
 
 
 def dnsmasq_conf_lines(
-    port: int, listen: Sequence[str], hosts_dir: Path, upstreams: Sequence[str], domain: str = "internal"
+    port: int | None, listen: Sequence[str], hosts_dir: Path, upstreams: Sequence[str], domain: str = "internal"
 ) -> list[str]:
-    """The settings of our drop-in, one per line."""
-    lines = [
-        f"port={port}",
+    """The settings of our drop-in, one per line; `port` None leaves the port to another
+    drop-in (dnsmasq refuses a second `port=` line)."""
+    lines = [f"port={port}"] if port is not None else []
+    lines += [
         f"listen-address={','.join(listen)}",
         # bind-dynamic: start even before the container bridge (10.200.X.1) exists.
         "bind-dynamic",
@@ -155,6 +161,25 @@ def dnsmasq_conf_lines(
     ]
     lines += [f"server={server}" for server in upstreams]
     return lines
+
+
+def port_set_elsewhere(conf_dir: Path, ours: Path) -> tuple[Path, int] | None:
+    """(the file, the port) of the first other `*.conf` drop-in in `conf_dir` that sets
+    dnsmasq's `port=`; None when none does (or the directory cannot be read)."""
+    try:
+        others = sorted(path for path in Path(conf_dir).glob("*.conf") if path.name != ours.name)
+    except OSError:
+        return None
+    for path in others:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and key.strip() == "port" and value.strip().isdigit():
+                return path, int(value.strip())
+    return None
 
 
 def resolved_conf_lines(port: int, domain: str = "internal") -> list[str]:
@@ -285,7 +310,7 @@ def lookup(server: str, port: int, name: str, timeout: float = 2.0) -> list[str]
 # --- the adapter -------------------------------------------------------------------------------
 
 
-def container_dns_servers(settings: Settings, identity: Identity) -> tuple[str, ...]:
+def container_dns_servers(settings: Settings, config: AgentConfig) -> tuple[str, ...]:
     """Resolvers for `podman run --dns`: the gateway where our dnsmasq listens, when DNS is ours.
 
     A container's resolv.conf cannot name a port, so a dnsmasq moved off port 53 cannot serve
@@ -299,20 +324,30 @@ def container_dns_servers(settings: Settings, identity: Identity) -> tuple[str, 
     if settings.dns_port != 53:
         log.warning("dns_port is %d, not 53: containers cannot use the local resolver for *.internal", settings.dns_port)
         return ()
-    return (identity.config.container_gateway,)
+    return (config.container_gateway,)
 
 
 class DnsSync:
-    """ConfigSync for `*.internal` records."""
+    """ConfigSync for `*.internal` records.
+
+    `config` gives the container gateway dnsmasq also listens on (registered: config.json;
+    standalone: the state file's subnetId). `owner` "" is the registered agent; a standalone
+    agent passes its owner mark, which names its files."""
 
     name = "dns"
 
-    def __init__(self, settings: Settings, identity: Identity) -> None:
+    def __init__(self, settings: Settings, config: AgentConfig, *, owner: str = "") -> None:
+        if owner:
+            try:
+                validate.identifier(owner, "dns owner")  # it becomes part of file names
+            except InvalidValue as exc:
+                raise DnsError(str(exc)) from None
         self.settings = settings
-        self.identity = identity
+        self.config = config
+        self.owner = owner
         self.domain: str = settings.dns_domain or "internal"
         self.listen_host: str = validate.ip_address(settings.dns_listen_host or "127.0.0.1", "dns_listen_host")
-        self.gateway = validate.ip_address(identity.config.container_gateway, "container gateway")
+        self.gateway = validate.ip_address(config.container_gateway, "container gateway")
         self.verify_timeout = float(settings.dns_verify_timeout)
         self.restart_command: tuple[str, ...] = tuple(
             settings.dnsmasq_restart_command
@@ -329,11 +364,62 @@ class DnsSync:
 
     @property
     def conf_path(self) -> Path:
-        return Path(self.settings.dnsmasq_conf_dir) / DROP_IN_NAME
+        name = f"techulus-{self.owner}.conf" if self.owner else DROP_IN_NAME
+        return Path(self.settings.dnsmasq_conf_dir) / name
 
     @property
     def hosts_path(self) -> Path:
-        return Path(self.settings.dns_hosts_dir) / HOSTS_FILE_NAME
+        return Path(self.settings.dns_hosts_dir) / (f"{HOSTS_FILE_NAME}-{self.owner}" if self.owner else HOSTS_FILE_NAME)
+
+    @property
+    def resolved_path(self) -> Path | None:
+        if self.resolved_dir is None:
+            return None
+        name = f"techulus-internal-{self.owner}.conf" if self.owner else RESOLVED_DROP_IN_NAME
+        return Path(self.resolved_dir) / name
+
+    def owns_configuration(self) -> bool:
+        """Whether our drop-in is there (from this run or an earlier one)."""
+        return self.conf_path.exists()
+
+    def remove_own(self) -> bool:
+        """Remove our drop-in, hosts file and resolved drop-in (a standalone agent going
+        down), restarting what read them; True when there was something to remove."""
+        had_conf = self.conf_path.exists()
+        resolved = self.resolved_path
+        had_resolved = resolved is not None and resolved.exists()
+        removed = False
+        for path in (self.conf_path, self.hosts_path, resolved):
+            if path is not None and path.exists():
+                path.unlink()
+                removed = True
+                log.info("dns: removed %s", path)
+        if had_conf and self.restart_command:
+            try:
+                run(self.restart_command, timeout=60)
+            except CommandError as exc:
+                raise DnsError(f"dnsmasq did not restart without {self.conf_path}: {exc}") from exc
+        if had_resolved and self.resolved_restart_command:
+            try:
+                run(self.resolved_restart_command, timeout=60)
+            except CommandError as exc:
+                log.warning("dns: systemd-resolved did not restart: %s", exc)
+        return removed
+
+    def port_line(self) -> int | None:
+        """The port our drop-in sets. The registered agent's drop-in always sets it (as the
+        original's did); a standalone one leaves it to another drop-in that already sets the
+        same port, and refuses when that one sets a different port (one dnsmasq, one port)."""
+        port = int(self.settings.dns_port)
+        if not self.owner:
+            return port
+        found = port_set_elsewhere(Path(self.settings.dnsmasq_conf_dir), self.conf_path)
+        if found is None:
+            return port
+        path, other = found
+        if other != port:
+            raise DnsError(f"dnsmasq answers on port {other} (set by {path}); this agent's dns_port is {port}: set dns_port = {other}")
+        return None
 
     def listen_addresses(self) -> list[str]:
         return list(dict.fromkeys([self.listen_host, self.gateway]))
@@ -343,7 +429,7 @@ class DnsSync:
         if not upstreams:
             log.warning("dns: no upstream resolver found in %s: containers will not resolve public names",
                         ", ".join(map(str, self.resolv_files)))
-        args = (self.settings.dns_port, self.listen_addresses(), Path(self.settings.dns_hosts_dir), upstreams, self.domain)
+        args = (self.port_line(), self.listen_addresses(), Path(self.settings.dns_hosts_dir), upstreams, self.domain)
         text = render_dnsmasq_conf(*args)
         _check_lines(text, str(self.conf_path), [HEADER.rstrip("\n"), *dnsmasq_conf_lines(*args)])
         return text
@@ -432,9 +518,9 @@ class DnsSync:
 
     def _ensure_resolved(self) -> None:
         """Send `~internal` from systemd-resolved to dnsmasq (only where resolved is installed)."""
-        if self.resolved_dir is None or not Path(self.resolved_dir).parent.is_dir():
+        path = self.resolved_path
+        if path is None or not path.parent.parent.is_dir():
             return
-        path = Path(self.resolved_dir) / RESOLVED_DROP_IN_NAME
         wanted = render_resolved_conf(self.settings.dns_port, self.domain)
         _check_lines(wanted, str(path), resolved_conf_lines(self.settings.dns_port, self.domain))
         try:

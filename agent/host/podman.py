@@ -132,6 +132,31 @@ class PodmanNotInstalled(PodmanCommandError):
         return f"podman is not installed or not on PATH (tried {self.argv[0]!r}; set the `podman` setting or install podman)"
 
 
+class PodmanRunFailed(PodmanCommandError):
+    """`podman run` failed. str() is one line, the container and podman's own words; the
+    whole command (secrets redacted) is logged at DEBUG where it fails, because a run's
+    argv is dozens of options long and hid the reason in every error line."""
+
+    def __init__(self, error: PodmanCommandError, container: str) -> None:
+        self.container = container  # before __init__: CommandError's init calls str(self)
+        super().__init__(error)
+        self.timed_out, self.not_found = error.timed_out, error.not_found
+
+    def __str__(self) -> str:
+        code = f" (exit {self.returncode})" if self.returncode is not None else ""
+        return f"podman run of container {self.container} failed{code}: {podman_says(self)}"
+
+
+def podman_says(error: CommandError, limit: int = 500) -> str:
+    """Podman's own words about a failure, on one line: its last `Error:` line (it ends with
+    the cause), else the last line it printed; or why the command did not finish."""
+    if error.reason:
+        return error.reason
+    lines = [line.strip() for line in error.detail.splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith("Error:")] or lines
+    return said[-1][:limit] if said else "no output"
+
+
 def is_not_found(error: CommandError) -> bool:
     text = error.output.lower()
     return any(marker in text for marker in NOT_FOUND_MARKERS)
@@ -525,7 +550,8 @@ class Podman:
                     handled.add("ip")
                     self._free_ip(spec, conflict.group(1) or "")
                     continue
-                raise
+                log.debug("podman run of %s failed: %s", spec.name, CommandError.__str__(exc))
+                raise PodmanRunFailed(exc, spec.name) from exc
 
     def _run_argv(
         self, spec: ExpectedContainer, volumes_dir: Path, env_names: Sequence[str] = (), env_file: Path | None = None

@@ -53,11 +53,16 @@ class CommandError(Exception):
     def output(self) -> str:
         return f"{self.stdout}\n{self.stderr}"
 
+    @property
+    def detail(self) -> str:
+        """What the command said about its failure (the end of its stderr, else stdout)."""
+        return (self.stderr.strip() or self.stdout.strip())[-2000:]
+
     def __str__(self) -> str:
         command = " ".join(self.argv)
         if self.reason:
             return f"`{command}` {self.reason}"
-        detail = (self.stderr.strip() or self.stdout.strip())[-2000:]
+        detail = self.detail
         return f"`{command}` exited with {self.returncode}" + (f": {detail}" if detail else "")
 
 
