@@ -8,6 +8,7 @@
     agent doctor           check this server's prerequisites
     agent upgrade --binary URL|FILE [--sha256 HEX]
                            swap in a new build; keep it only if it proves healthy
+    agent purge --yes      remove this agent's containers, network, images and data dir
     agent --version
 
 Usage and configuration errors exit non-zero with one clear line, never a traceback.
@@ -28,7 +29,7 @@ from agent import __version__
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("run", "plan", "standalone", "doctor", "upgrade")
+COMMANDS = ("run", "plan", "standalone", "doctor", "upgrade", "purge")
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="with `upgrade`: its SHA-256 (default: from SHA256SUMS beside it)")
     p.add_argument("--signature", help="with `upgrade`: its Ed25519 signature file or URL (default: BINARY.sig)")
     p.add_argument("--timeout", type=float, help="with `upgrade`: seconds the new agent has to prove healthy (default 90)")
+    p.add_argument("--yes", action="store_true", help="with `purge`: yes, remove the containers and the data dir")
     p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
     p.add_argument("--version", action="version", version=version_text())
     return p
@@ -77,6 +79,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         raise UsageError(f"--{upgrade_flags[0]} goes with upgrade: agent upgrade --binary URL|FILE")
     if args.command == "upgrade":
         check_upgrade_args(args)
+    if args.command == "purge" and not args.yes:
+        raise UsageError("purge removes this agent's containers, network, images and data dir: confirm with --yes")
     if args.down and args.command != "standalone":
         raise UsageError("--down goes with standalone: agent standalone --down FILE")
     if args.purge and not args.down:
@@ -165,6 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILURE
     if args.command == "upgrade":
         return run_upgrade(args, settings)
+    if args.command == "purge":
+        from agent.runtime import AlreadyRunning
+        from agent.uninstall import purge
+
+        try:
+            return purge(settings)
+        except AlreadyRunning as exc:
+            print(f"agent: {exc}; stop it first (systemctl stop techulus-agent)", file=sys.stderr)
+            return EXIT_FAILURE
     if not settings.standalone and not settings.url:
         print("agent: --url is required (or --state FILE / `agent standalone FILE` to run without a control plane)", file=sys.stderr)
         return EXIT_USAGE

@@ -13,6 +13,7 @@ import logging
 import shutil
 from typing import IO
 
+from agent.host.images import LEDGER_FILE, ImageLedger
 from agent.host.podman import Podman
 from agent.identity import AgentConfig, IdentityError
 from agent.model import ModelError
@@ -22,14 +23,16 @@ from agent.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def standalone_down(settings: Settings, purge: bool = False) -> int:
-    """Remove the standalone agent's containers and network (and data dir if `purge`).
+def standalone_down(settings: Settings, purge: bool = False, config: AgentConfig | None = None) -> int:
+    """Remove the standalone agent's containers and network (and data dir and the images it
+    pulled if `purge`). `config`: a registered agent's identity (agent/uninstall.py).
     Raises AlreadyRunning while an agent holds the data dir, PodmanError when podman
     refuses (e.g. a container that is not ours still uses the network)."""
     data_dir = settings.data_dir
     lock: IO[str] | None = hold_lock(data_dir) if data_dir.exists() else None
     try:
-        podman = Podman(podman_options(settings, _config(settings), ()))
+        ledger = ImageLedger(data_dir / LEDGER_FILE)
+        podman = Podman(podman_options(settings, config or _config(settings), ()), images=ledger)
         containers = podman.list_containers()
         for container in containers:
             podman.force_remove(container.id)
@@ -39,6 +42,10 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
             log.info("podman network %s does not exist", network)
         podman.remove_stale_env_files(older_than=0)
         if purge and data_dir.exists():
+            # Only references the agent pulled or ran; podman keeps one another container uses.
+            for reference in sorted(set(ledger.pulled()) | ledger.kept()):
+                if podman.remove_image(reference):
+                    log.info("removed image %s", reference)
             shutil.rmtree(data_dir)
             log.info("removed data dir %s", data_dir)
         elif data_dir.exists():
