@@ -467,3 +467,87 @@ def test_usage_explains_keeping_the_token_off_command_lines() -> None:
     assert "--token-file FILE safer: read the token from FILE" in usage
     assert "shell history" in usage and "sudo's log" in usage
     assert "After registration install.sh removes the token from agent.env" in usage
+
+
+# --- signed releases and uninstalling ---------------------------------------------------------
+
+
+@pytest.fixture
+def release_key(tmp_path: Path, templates: Path) -> Path:
+    """A signed release: build.sh's SIGNING_KEY and the public key among the templates."""
+    need("openssl")
+    key = tmp_path / "release.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-out", str(templates / "release-signing.pub")],
+                   check=True, capture_output=True)
+    return key
+
+
+def sign(key: Path, path: Path) -> None:
+    subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", str(key), "-rawin", "-in", str(path), "-out", f"{path}.sig"],
+                   check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("signature", ["good", "other key", "missing"])
+def test_a_signed_release_installs_only_a_signed_agent(signature: str, fixtures: Fixtures, sandbox: dict[str, str],
+                                                       release_key: Path, tmp_path: Path) -> None:
+    env = agent_download_env(fixtures, sandbox, b"zipapp bytes")
+    binary = fixtures.root / "agent" / "agent-linux-amd64"
+    if signature == "good":
+        sign(release_key, binary)
+    elif signature == "other key":
+        other = tmp_path / "other.pem"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(other)], check=True, capture_output=True)
+        sign(other, binary)
+    result = install_sh("--url", fixtures.url, "--skip-caddy", "--skip-build-tools", "--download-only", env=env)
+    if signature == "good":
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 1
+    assert {"other key": "does not match this release's key", "missing": "cannot download the agent's signature"}[signature] in result.stderr
+    assert "Nothing was installed" in result.stderr
+
+
+def test_a_signed_release_installs_its_public_key(tmp_path: Path, templates: Path, release_key: Path) -> None:
+    root = render(tmp_path, templates)
+    assert (root / "etc/techulus-agent/release-signing.pub").read_text() == (templates / "release-signing.pub").read_text()
+    (templates / "release-signing.pub").unlink()
+    unsigned = tmp_path / "unsigned"
+    result = install_sh("--url", "https://cp.example.com", "--render-only", str(unsigned), env={"TECHULUS_TEMPLATE_DIR": str(templates)})
+    assert result.returncode == 0 and not (unsigned / "etc/techulus-agent/release-signing.pub").exists()
+
+
+def test_the_embedded_script_carries_the_release_key(tmp_path: Path, release_key: Path) -> None:
+    # The embedding step alone, as build.sh runs it: every template plus the key.
+    templates = tmp_path / "with-key"
+    shutil.copytree(INSTALLER, templates)
+    shutil.copy(tmp_path / "templates" / "release-signing.pub", templates / "release-signing.pub")
+    embedded = subprocess.run([str(INSTALLER / "embed.sh"), str(INSTALL), str(templates)], capture_output=True, text=True, check=True)
+    script = tmp_path / "install.sh"
+    script.write_text(embedded.stdout)
+    out = tmp_path / "r"
+    result = install_sh("--url", "https://cp.example.com", "--render-only", str(out), script=script,
+                        env={"TECHULUS_TEMPLATE_DIR": str(tmp_path / "none")})
+    assert result.returncode == 0, result.stderr
+    assert "BEGIN PUBLIC KEY" in (out / "etc/techulus-agent/release-signing.pub").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--purge"], "go with --uninstall"),
+        (["--url", "https://cp.example.com", "--yes"], "go with --uninstall"),
+        (["--uninstall", "--url", "https://cp.example.com"], "--uninstall takes only"),
+        (["--uninstall", "--yes"], "go with --purge"),
+        (["--uninstall", "--purge-packages"], "go with --purge"),
+    ],
+)
+def test_bad_uninstall_arguments(args: list[str], message: str, sandbox: dict[str, str]) -> None:
+    result = install_sh(*args, env=sandbox)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not Path(sandbox["TECHULUS_INSTALL_LOG"]).exists()
+
+
+def test_uninstall_is_in_the_usage() -> None:
+    usage = install_sh("--help").stdout
+    assert "install.sh --uninstall [--purge [--yes]] [--purge-packages]" in usage and "TECHULUS_UPGRADE_TIMEOUT" in usage
