@@ -482,7 +482,7 @@ plan_downloads() {
   fi
   if has_template release-signing.pub; then
     AGENT_SIG=${DL_FILE[agent]}.sig
-    [[ $agent_url =~ ^https?:// ]] && AGENT_SIG_URL=$agent_url.sig
+    if [[ $agent_url =~ ^https?:// ]]; then AGENT_SIG_URL=$agent_url.sig; fi
   fi
 }
 

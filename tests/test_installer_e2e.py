@@ -227,10 +227,15 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         upgrade = machine.run(*args, env=env, check=False, timeout=600)
         assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
         assert "Nothing changed" not in upgrade.stdout
+        # The previous build's extraction stays (its rollback target), nothing older would.
         new_dirs = machine.run("ls", "/var/lib/techulus-agent/shiv").stdout.split()
-        assert len(new_dirs) == 1 and new_dirs != old_dirs, (old_dirs, new_dirs)
+        assert len(new_dirs) == 2 and set(old_dirs) < set(new_dirs), (old_dirs, new_dirs)
         installed = machine.run("sha256sum", "/usr/local/lib/techulus-agent/agent.pyz").stdout.split()[0]
         assert installed == hashlib.sha256(second.read_bytes()).hexdigest()
+        previous = machine.run("sha256sum", "/usr/local/lib/techulus-agent/agent.pyz.previous").stdout.split()[0]
+        assert previous == hashlib.sha256(first.read_bytes()).hexdigest()
+        # Through the installed agent's transactional upgrade, which saw the new one healthy.
+        assert '"outcome": "committed"' in machine.run("cat", "/var/lib/techulus-agent/upgrade-state.json").stdout
         assert machine.run("sh", "-c", f"kill -0 {workload}", check=False).returncode == 0, "the upgrade killed the workload"
         assert machine.run("systemctl", "is-active", "techulus-agent").stdout.strip() == "active"
 
