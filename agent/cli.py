@@ -167,21 +167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             print(f"agent: cannot load {exc.name or 'a module'} ({exc}); is this the build for {platform.machine()}?", file=sys.stderr)
             return EXIT_FAILURE
-    if args.command == "upgrade":
-        return run_upgrade(args, settings)
-    if args.command == "purge":
-        from agent.runtime import AlreadyRunning
-        from agent.uninstall import purge
-
-        try:
-            return purge(settings)
-        except AlreadyRunning as exc:
-            print(f"agent: {exc}; stop it first (systemctl stop techulus-agent)", file=sys.stderr)
-            return EXIT_FAILURE
-    if not settings.standalone and not settings.url:
+    if args.command not in ("upgrade", "purge") and not settings.standalone and not settings.url:
         print("agent: --url is required (or --state FILE / `agent standalone FILE` to run without a control plane)", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command == "upgrade":
+            return run_upgrade(args, settings)
+        if args.command == "purge":
+            from agent.uninstall import purge
+
+            return purge(settings)
         if args.down:
             from agent.teardown import standalone_down
 

@@ -145,7 +145,9 @@ def fetch(source: str, dest: Path, limit: int = MAX_BINARY_BYTES, timeout: float
     import urllib3
 
     deadline = time.monotonic() + timeout
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=15, read=60), retries=urllib3.Retry(2, redirect=5))
+    http = urllib3.PoolManager(
+        cert_reqs="CERT_REQUIRED", timeout=urllib3.Timeout(connect=15, read=60), retries=urllib3.Retry(2, redirect=5)
+    )
     try:
         response = http.request("GET", source, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
@@ -343,6 +345,8 @@ class Upgrade:
                 healthy, why = self._watch()
             except Interrupted as exc:
                 healthy, why = False, str(exc)
+            except CommandError as exc:  # systemctl itself failed: the new build is unproven
+                healthy, why = False, f"cannot restart or watch {self.options.unit}: {exc}"
             if healthy:
                 record.outcome, record.reason = "committed", why
                 self._prune()
@@ -443,14 +447,17 @@ class Upgrade:
             os.link(self.previous, link)
             os.replace(link, self.current)
             self.marker.unlink(missing_ok=True)
-            old_pid = self.systemd.state().main_pid
-            self.systemd.restart()
-            deadline = self.clock() + RECOVERY_TIMEOUT
-            while self.clock() < deadline:
-                state = self.systemd.state()
-                if state.active == "active" and self._healthy_pid(state, old_pid):
-                    return "; the previous version runs again"
-                self.sleep(POLL_INTERVAL)
+            try:
+                old_pid = self.systemd.state().main_pid
+                self.systemd.restart()
+                deadline = self.clock() + RECOVERY_TIMEOUT
+                while self.clock() < deadline:
+                    state = self.systemd.state()
+                    if state.active == "active" and self._healthy_pid(state, old_pid):
+                        return "; the previous version runs again"
+                    self.sleep(POLL_INTERVAL)
+            except CommandError as exc:
+                return f"; the previous version was restored but cannot be restarted: {exc}"
         return f"; the previous version was restored but is not healthy within {RECOVERY_TIMEOUT:g}s either"
 
     def _prune(self) -> None:

@@ -356,3 +356,41 @@ def test_cli_upgrade_returns_non_zero_when_refused(box: dict[str, Any], tmp_path
     code = cli.main(["upgrade", "--binary", str(binary), "--sha256", "f" * 64, "--data-dir", str(box["data"])])
     assert code == 1 and options[0].sha256 == "f" * 64 and options[0].data_dir == box["data"]
     assert state(box)["outcome"] == "refused"
+
+
+class BrokenSystemctl(FakeUnit):
+    """systemctl fails the first restart (e.g. the unit file is broken)."""
+
+    def restart(self) -> None:
+        if self.restarts == 0:
+            self.restarts += 1
+            from agent.host.run import CommandError
+
+            raise CommandError(("systemctl", "restart", "--no-block", "techulus-agent.service"), 1, "", "Unit not found.")
+        super().restart()
+
+
+def test_a_failing_systemctl_rolls_back_too(box: dict[str, Any]) -> None:
+    binary, sha = new_build(box)
+    record, unit = attempt(box, binary, sha, unit=BrokenSystemctl(box["install"], box["data"]))
+    assert record.outcome == "rolled_back" and "cannot restart or watch techulus-agent.service" in record.reason
+    assert "Unit not found." in record.reason and record.reason.endswith("the previous version runs again")
+    assert (box["install"] / "agent.pyz").read_bytes() == zipapp("old")
+
+
+def test_a_build_that_does_not_start_here_is_refused(tmp_path: Path, fp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sdnotify, "journal", lambda *args, **kwargs: False)
+    install, data = tmp_path / "lib", tmp_path / "data"
+    install.mkdir()
+    (install / "agent.pyz").write_bytes(zipapp("old"))
+    binary = tmp_path / "agent-linux-arm64"
+    binary.write_bytes(zipapp("arm"))
+    fp.register([sys.executable, str(install / "agent.pyz"), "--version"], stdout="techulus-agent 0.1.0\n")
+    fp.register([sys.executable, str(install / ".staging" / "agent.pyz"), "--version"], returncode=1,
+                stderr="agent: cannot load _cffi_backend; is this the build for x86_64?\n")
+    unit = FakeUnit(install, data)
+    options = Options(binary=str(binary), data_dir=data, sha256=hashlib.sha256(binary.read_bytes()).hexdigest(),
+                      install_dir=install, public_key=tmp_path / "none")
+    record = Upgrade(options, systemd=unit).run()  # type: ignore[arg-type]
+    assert record.outcome == "refused" and "does not start here" in record.reason and unit.restarts == 0
+    assert (install / "agent.pyz").read_bytes() == zipapp("old")
