@@ -921,6 +921,17 @@ do_prune() {
   fi
 }
 
+start_run() {  # start_run MESSAGE: a supported OS, root, the log opened, failures reported
+  check_os
+  [ "$(id -u)" = 0 ] || die "install.sh must run as root (curl … | sudo bash -s -- …)"
+  mkdir -p "$(dirname "$LOG_FILE")"
+  : >>"$LOG_FILE"
+  chmod 600 "$LOG_FILE"
+  LOG_READY=1
+  log "$1"
+  trap on_error ERR
+}
+
 # ----------------------------------------------------------------------------------------
 # Uninstall: what install.sh added, never anything it did not write.
 ours() {  # ours FILE: a file install.sh wrote (each template names install.sh in its first lines)
@@ -983,14 +994,7 @@ purge_workloads() {
 }
 
 do_uninstall() {
-  check_os
-  [ "$(id -u)" = 0 ] || die "install.sh --uninstall must run as root"
-  mkdir -p "$(dirname "$LOG_FILE")"
-  : >>"$LOG_FILE"
-  chmod 600 "$LOG_FILE"
-  LOG_READY=1
-  log "install.sh --uninstall started: purge=$PURGE purge_packages=$PURGE_PACKAGES"
-  trap on_error ERR
+  start_run "install.sh --uninstall started: purge=$PURGE purge_packages=$PURGE_PACKAGES"
   [ "$PURGE" = 1 ] && [ "$ASSUME_YES" = 0 ] && confirm_purge
   STEP_TOTAL=$((2 + PURGE * 2 + PURGE_PACKAGES))
   say "Removing the Techulus Cloud agent (log: $LOG_FILE)"
@@ -1068,14 +1072,7 @@ main() {
     return 0
   fi
 
-  check_os
-  [ "$(id -u)" = 0 ] || die "install.sh must run as root (curl … | sudo bash -s -- …)"
-  mkdir -p "$(dirname "$LOG_FILE")"
-  : >>"$LOG_FILE"
-  chmod 600 "$LOG_FILE"
-  LOG_READY=1
-  log "install.sh started: url=$URL arch=$ARCH skip_build=$SKIP_BUILD skip_caddy=$SKIP_CADDY"
-  trap on_error ERR
+  start_run "install.sh started: url=$URL arch=$ARCH skip_build=$SKIP_BUILD skip_caddy=$SKIP_CADDY"
   for tool in curl sha256sum tar python3; do
     if ! command -v "$tool" >/dev/null 2>&1; then
       [ "$tool" = curl ] && die "curl is missing: apt-get install -y curl ca-certificates, then run again"

@@ -25,6 +25,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,15 +89,16 @@ def build_agent(out: Path, epoch: str) -> Path:
     return out / "agent-linux-amd64"
 
 
-@pytest.fixture(scope="module")
-def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Machine]:
+@contextmanager
+def worker(share: Path) -> Iterator[nspawn.Machine]:
+    """A booted bookworm with install.sh and installer/ (plus whatever else `share` holds,
+    copied here first) at /opt/e2e, ready for an install in the host's network namespace."""
     missing = nspawn.missing_tools()
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (scripts/install-test-deps.sh installs them)")
     nspawn.ensure_base_root()
-    share = tmp_path_factory.mktemp("share")
     shutil.copy(REPO / "install.sh", share / "install.sh")
-    shutil.copytree(INSTALLER, share / "installer")
+    shutil.copytree(INSTALLER, share / "installer", dirs_exist_ok=True)
     if not (share / "installer" / "Caddyfile").exists():
         (share / "installer" / "Caddyfile").write_text(STAND_IN_CADDYFILE)
     box = nspawn.Machine(binds={share: "/opt/e2e"})
@@ -110,6 +112,12 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Machine
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture(scope="module")
+def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Machine]:
+    with worker(tmp_path_factory.mktemp("share")) as box:
+        yield box
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 
 from tests import nspawn
 from tests.fakecp import FakeControlPlane
-from tests.test_installer import INSTALLER
-from tests.test_installer_e2e import PODMAN_STORAGE_CONF
+from tests.test_installer_e2e import worker
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -101,22 +100,12 @@ def test_build_sh_signs_with_the_given_key(release: dict[str, Path]) -> None:
 
 @pytest.fixture(scope="module")
 def box(release: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[nspawn.Machine, Path]]:
-    missing = nspawn.missing_tools()
-    if missing:
-        pytest.skip(f"missing {', '.join(missing)} (scripts/install-test-deps.sh installs them)")
-    nspawn.ensure_base_root()
     share = tmp_path_factory.mktemp("share")
-    shutil.copy(REPO / "install.sh", share / "install.sh")
-    shutil.copytree(INSTALLER, share / "installer")
-    shutil.copy(release["pub"], share / "installer" / "release-signing.pub")
+    (share / "installer").mkdir()
+    shutil.copy(release["pub"], share / "installer" / "release-signing.pub")  # a signed release
     (share / "builds").mkdir()
-    machine = nspawn.Machine(binds={share: "/opt/e2e"})
-    try:
-        machine.write("/etc/dnsmasq.d/00-e2e-test.conf", "port=0\n")
-        machine.write("/etc/containers/storage.conf", PODMAN_STORAGE_CONF)
+    with worker(share) as machine:
         yield machine, share
-    finally:
-        machine.stop()
 
 
 class Workload:
