@@ -420,6 +420,7 @@ plan_files() {
     "techulus-agent.service $UNIT_DIR/techulus-agent.service 644"
     "agent.env $CONF_DIR/agent.env 600"
     "techulus-agent $LIB_DIR/techulus-agent 755"
+    "upgrade-guard $LIB_DIR/upgrade-guard 755"
     "99-techulus-forwarding.conf /etc/sysctl.d/99-techulus-forwarding.conf 644"
   )
   # Only a release signed by build.sh (SIGNING_KEY) has a key: agents must then be signed.
@@ -787,6 +788,7 @@ do_agent() {
     n=1
   fi
   put techulus-agent "$LIB_DIR/techulus-agent" 755 && n=1
+  put upgrade-guard "$LIB_DIR/upgrade-guard" 755 && n=1
   ln -sfn "$LIB_DIR/techulus-agent" /usr/local/bin/techulus-agent
   put agent.env "$CONF_DIR/agent.env" 600 && n=1
   put techulus-agent.service "$UNIT_DIR/techulus-agent.service" 644 && n=1

@@ -24,7 +24,13 @@ Why a transaction: a fleet upgrade must never leave a server without a working a
    back renames `previous` back over `agent.pyz` and restarts the unit again.
 
 The supervisor is this command itself, in the foreground (SIGHUP is ignored, so a dropped
-SSH session does not end it; install.sh re-runs call it the same way). Its outcome —
+SSH session does not end it; install.sh re-runs call it the same way). Its backstop is on
+systemd's side: should the command die before deciding (SIGKILL, a reboot), the record stays
+`in_progress` with a `deadline_epoch`, and the unit's ExecStartPre (installer/upgrade-guard)
+decides at the next start after that deadline — and a new build that exits or hangs before
+READY keeps being (re)started by systemd (Restart=always, TimeoutStartSec): it keeps the new
+build if it wrote the health marker, else renames `previous` back. (A build that sends READY
+but never polls is not restarted, so only this command catches that one.) Its outcome —
 committed, rolled_back or refused, why, both versions, times — goes to the journal (with
 OBJECT_SYSTEMD_UNIT, so `journalctl -u techulus-agent` shows it) and to
 `upgrade-state.json` in the data dir (atomic), which `agent status` reads.
@@ -297,6 +303,8 @@ class Record:
     started_at: str
     finished_at: str = ""
     seconds: float = 0.0
+    # While in_progress: when installer/upgrade-guard may decide in this command's place.
+    deadline_epoch: int = 0
 
 
 class Interrupted(Exception):
@@ -339,6 +347,7 @@ class Upgrade:
                 log.info("%s is already installed; nothing to do", record.to_version)
                 return record
             record.outcome = "in_progress"
+            record.deadline_epoch = int(time.time() + self.options.timeout + RECOVERY_TIMEOUT)
             self._write(record)
             self._swap(staged)
             try:

@@ -202,7 +202,7 @@ def test_embedded_script_renders_the_same_files_without_installer_dir(tmp_path: 
     assert from_checkout.returncode == 0 and piped.returncode == 0, piped.stderr
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 9
+    assert files_a == files_b and len(files_a) == 10
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
@@ -551,3 +551,67 @@ def test_bad_uninstall_arguments(args: list[str], message: str, sandbox: dict[st
 def test_uninstall_is_in_the_usage() -> None:
     usage = install_sh("--help").stdout
     assert "install.sh --uninstall [--purge [--yes]] [--purge-packages]" in usage and "TECHULUS_UPGRADE_TIMEOUT" in usage
+
+
+# --- upgrade-guard: the backstop of an upgrade whose command died -------------------------------
+
+
+def guard_box(tmp_path: Path, templates: Path, deadline: float, healthy: bool = False) -> dict[str, Path]:
+    """The rendered guard, an installed new build with `previous`, and an in_progress record
+    written by agent/upgrade.py itself."""
+    import dataclasses
+    import time
+
+    from agent.fsutil import atomic_write_json
+    from agent.upgrade import Record
+
+    lib, data = tmp_path / "lib", tmp_path / "data"
+    lib.mkdir(parents=True)
+    data.mkdir()
+    guard = lib / "upgrade-guard"
+    guard.write_text((templates / "upgrade-guard").read_text().replace("@LIB_DIR@", str(lib)).replace("@DATA_DIR@", str(data)))
+    guard.chmod(0o755)
+    (lib / "agent.pyz").write_text("new build\n")
+    (lib / "agent.pyz.previous").write_text("old build\n")
+    if healthy:
+        (data / "health.json").write_text('{"pid": 1}\n')
+    record = Record("in_progress", "", "techulus-agent 0.1.0 (old)", "techulus-agent 0.2.0 (new)", "a" * 64, "b" * 64,
+                    "/tmp/agent \"quoted\"", "2026-01-01T00:00:00Z", deadline_epoch=int(time.time() + deadline))
+    atomic_write_json(data / "upgrade-state.json", dataclasses.asdict(record), 0o644)
+    return {"guard": guard, "lib": lib, "state": data / "upgrade-state.json"}
+
+
+def run_guard(box: dict[str, Path]) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+    import json
+
+    result = subprocess.run([str(box["guard"])], capture_output=True, text=True, timeout=30, check=False)
+    return result, json.loads(box["state"].read_text())
+
+
+def test_upgrade_guard_rolls_back_an_unfinished_upgrade_after_its_deadline(tmp_path: Path, templates: Path) -> None:
+    box = guard_box(tmp_path, templates, deadline=-1)
+    result, state = run_guard(box)
+    assert result.returncode == 0 and "upgrade rolled_back" in result.stderr
+    assert (box["lib"] / "agent.pyz").read_text() == "old build\n"
+    assert state["outcome"] == "rolled_back" and "rolled back at start by upgrade-guard" in str(state["reason"])
+    assert state["source"] == "/tmp/agent \"quoted\"" and state["finished_at"] != ""
+    again, _ = run_guard(box)  # decided: later starts change nothing
+    assert again.stderr == "" and (box["lib"] / "agent.pyz").read_text() == "old build\n"
+
+
+def test_upgrade_guard_keeps_a_build_that_proved_healthy(tmp_path: Path, templates: Path) -> None:
+    box = guard_box(tmp_path, templates, deadline=-1, healthy=True)
+    result, state = run_guard(box)
+    assert state["outcome"] == "committed" and (box["lib"] / "agent.pyz").read_text() == "new build\n"
+
+
+def test_upgrade_guard_leaves_a_running_upgrade_alone(tmp_path: Path, templates: Path) -> None:
+    import fcntl
+
+    before = guard_box(tmp_path / "early", templates, deadline=600)
+    assert run_guard(before)[1]["outcome"] == "in_progress", "before the deadline"
+    live = guard_box(tmp_path / "live", templates, deadline=-1)
+    with open(live["lib"] / ".upgrade.lock", "a+") as held:  # what a live `agent upgrade` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_guard(live)[1]["outcome"] == "in_progress"
+    assert (live["lib"] / "agent.pyz").read_text() == "new build\n"

@@ -7,6 +7,8 @@ plane (tests/fakecp.py) on the host's loopback, then:
 * `techulus-agent upgrade` of a healthy build commits; of a build that exits at start, one
   that hangs before READY, one with a wrong checksum and one with a bad signature each ends
   with the previous version running;
+* the same when the upgrade command itself is killed: the unit's ExecStartPre
+  (installer/upgrade-guard) rolls back at the next start after the deadline;
 * an install.sh re-run with a build that exits at start fails and leaves the old agent;
 * `install.sh --uninstall`, then install.sh again: nothing registers twice, the data is found;
 * `install.sh --uninstall --purge` refuses without --yes, and with it removes the data dir and
@@ -227,6 +229,25 @@ def test_upgrade_commits_or_rolls_back_and_uninstall_keeps_or_purges(
         assert "does not match the installed release key" in str(upgrade_state(machine)["reason"])
         assert main_pid(machine) == before and installed(machine) == sha256(v2)
 
+        # The upgrade command dies (SIGKILL) while a build that exits at start crash-loops:
+        # once the deadline has passed (moved into the past here), the unit's ExecStartPre
+        # (upgrade-guard) rolls back at systemd's next restart.
+        exits = share / "builds" / "exits" / "agent-linux-amd64"
+        pid = machine.run("sh", "-c", f"setsid techulus-agent upgrade --binary /opt/e2e/builds/exits/agent-linux-amd64 "
+                                      f"--sha256 {sha256(exits)} --timeout 600 >/run/e2e-upgrade.log 2>&1 & echo $!").stdout.strip()
+        deadline = time.monotonic() + 60
+        while '"in_progress"' not in machine.run("cat", f"{DATA}/upgrade-state.json").stdout:
+            assert time.monotonic() < deadline, machine.run("cat", "/run/e2e-upgrade.log").stdout
+            time.sleep(0.2)
+        machine.run("sh", "-c", f"kill -9 {pid}")
+        assert installed(machine) == sha256(exits)
+        machine.run("sed", "-i", "s/\"deadline_epoch\": [0-9]*/\"deadline_epoch\": 1/", f"{DATA}/upgrade-state.json")
+        wait_active_and_healthy(machine)
+        state = upgrade_state(machine)
+        assert state["outcome"] == "rolled_back" and "rolled back at start by upgrade-guard" in str(state["reason"]), state
+        assert installed(machine) == sha256(v2) and workload.current() == workload.identity
+        assert "the previous version starts now" in journal(machine)
+
         # install.sh with a build that exits at start: it fails, saying why; v2 keeps running.
         rerun = [*install[:install.index("--agent-binary")], "--agent-binary", "/opt/e2e/builds/exits/agent-linux-amd64",
                  *install[install.index("--agent-sha256") + 2:]]
@@ -271,4 +292,4 @@ def test_upgrade_commits_or_rolls_back_and_uninstall_keeps_or_purges(
         assert machine.run("podman", "network", "exists", machine.name, check=False).returncode == 1
         assert machine.run("test", "-e", "/etc/techulus-agent", check=False).returncode == 1
         assert workload.current() == workload.identity, "not a container: purge leaves other processes alone"
-        machine.run("kill", workload.pid, check=False)
+        machine.run("sh", "-c", f"kill {workload.pid}", check=False)
