@@ -358,10 +358,10 @@ class Upgrade:
                 healthy, why = False, f"cannot restart or watch {self.options.unit}: {exc}"
             if healthy:
                 record.outcome, record.reason = "committed", why
-                self._prune()
             else:
                 record.outcome, record.reason = "rolled_back", why
                 record.reason += self._roll_back()
+            self._prune()
             return self._finish(record, started)
 
     # -- steps --
@@ -470,7 +470,8 @@ class Upgrade:
         return f"; the previous version was restored but is not healthy within {RECOVERY_TIMEOUT:g}s either"
 
     def _prune(self) -> None:
-        """Extraction dirs of builds that are neither current nor previous."""
+        """Extraction dirs of builds that are neither current nor previous (a rejected
+        build's included)."""
         root = os.environ.get("SHIV_ROOT")
         if not root:
             return

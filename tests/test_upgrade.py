@@ -394,3 +394,18 @@ def test_a_build_that_does_not_start_here_is_refused(tmp_path: Path, fp: Any, mo
     record = Upgrade(options, systemd=unit).run()  # type: ignore[arg-type]
     assert record.outcome == "refused" and "does not start here" in record.reason and unit.restarts == 0
     assert (install / "agent.pyz").read_bytes() == zipapp("old")
+
+
+@pytest.mark.parametrize(("behaviour", "kept"), [("good", {"old", "new-good"}), ("exits", {"old"})])
+def test_extraction_dirs_of_builds_neither_current_nor_previous_are_pruned(
+    box: dict[str, Any], monkeypatch: pytest.MonkeyPatch, behaviour: str, kept: set[str]
+) -> None:
+    root = box["tmp"] / "shiv"
+    for build in ("old", "new-good", "new-exits", "older"):
+        (root / f"agent.pyz_{build}").mkdir(parents=True)
+        (root / f".agent.pyz_{build}_lock").touch()
+    monkeypatch.setenv("SHIV_ROOT", str(root))
+    binary, sha = new_build(box, behaviour)
+    attempt(box, binary, sha)
+    assert {p.name.split("_", 1)[1] for p in root.glob("agent.pyz_*")} == kept
+    assert {p.name for p in root.glob(".*_lock")} == {f".agent.pyz_{build}_lock" for build in kept}
