@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import IO
 
 from agent.host.images import LEDGER_FILE, ImageLedger
 from agent.host.podman import Podman
-from agent.identity import AgentConfig, IdentityError
+from agent.identity import AgentConfig, DataDir, IdentityError
 from agent.model import ModelError
 from agent.runtime import hold_lock, podman_options, standalone_config
 from agent.settings import Settings
@@ -23,16 +24,14 @@ from agent.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def standalone_down(settings: Settings, purge: bool = False, config: AgentConfig | None = None) -> int:
-    """Remove the standalone agent's containers and network (and data dir and the images it
-    pulled if `purge`). `config`: a registered agent's identity (agent/uninstall.py).
+def standalone_down(settings: Settings, purge: bool = False) -> int:
+    """Remove the standalone agent's containers and network (and data dir if `purge`).
     Raises AlreadyRunning while an agent holds the data dir, PodmanError when podman
     refuses (e.g. a container that is not ours still uses the network)."""
     data_dir = settings.data_dir
     lock: IO[str] | None = hold_lock(data_dir) if data_dir.exists() else None
     try:
-        ledger = ImageLedger(data_dir / LEDGER_FILE)
-        podman = Podman(podman_options(settings, config or _config(settings), ()), images=ledger)
+        podman = Podman(podman_options(settings, _config(settings), ()))
         containers = podman.list_containers()
         for container in containers:
             podman.force_remove(container.id)
@@ -42,10 +41,7 @@ def standalone_down(settings: Settings, purge: bool = False, config: AgentConfig
             log.info("podman network %s does not exist", network)
         podman.remove_stale_env_files(older_than=0)
         if purge and data_dir.exists():
-            # Only references the agent pulled or ran; podman keeps one another container uses.
-            for reference in sorted(set(ledger.pulled()) | ledger.kept()):
-                if podman.remove_image(reference):
-                    log.info("removed image %s", reference)
+            _remove_images(podman, data_dir)
             shutil.rmtree(data_dir)
             log.info("removed data dir %s", data_dir)
         elif data_dir.exists():
@@ -57,8 +53,19 @@ def standalone_down(settings: Settings, purge: bool = False, config: AgentConfig
     return 0
 
 
+def _remove_images(podman: Podman, data_dir: Path) -> None:
+    """The images the agent pulled or ran (its ledger); podman keeps one another container uses."""
+    ledger = ImageLedger(data_dir / LEDGER_FILE)
+    for reference in sorted(set(ledger.pulled()) | ledger.kept()):
+        if podman.remove_image(reference):
+            log.info("removed image %s", reference)
+
+
 def _config(settings: Settings) -> AgentConfig:
-    """The state file's identity; an unreadable file must not keep its containers alive."""
+    """The state file's identity; an unreadable file must not keep its containers alive.
+    A registered agent's (`agent purge`, agent/uninstall.py) is its own config.json."""
+    if not settings.standalone:
+        return DataDir(settings.data_dir).load().config
     try:
         return standalone_config(settings)
     except (ModelError, IdentityError) as exc:

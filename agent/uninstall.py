@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 
-from agent.identity import AgentConfig, DataDir, IdentityError
+from agent.identity import DataDir, IdentityError
 from agent.runtime import hold_lock
 from agent.settings import Settings
 from agent.teardown import standalone_down
@@ -22,21 +22,20 @@ log = logging.getLogger(__name__)
 
 def purge(settings: Settings) -> int:
     data_dir = DataDir(settings.data_dir)
-    config: AgentConfig | None = None
-    if data_dir.is_registered():
+    try:
+        registered = data_dir.is_registered() and bool(data_dir.load())
+    except IdentityError as exc:
+        log.warning("%s; without the server id no container can be proven ours: only the data dir goes", exc)
+        registered = False
+    if registered:
+        return standalone_down(settings, purge=True)  # with the registered identity (its _config)
+    # Never registered (or its identity is unreadable): without our server id nothing on
+    # podman can be proven ours, and before registration the agent creates nothing there.
+    if settings.data_dir.exists():
+        lock = hold_lock(settings.data_dir)
         try:
-            config = data_dir.load().config
-        except IdentityError as exc:
-            log.warning("%s; without the server id no container can be proven ours: only the data dir goes", exc)
-    if config is None:
-        # Never registered (or its identity is unreadable): without our server id nothing on
-        # podman can be proven ours, and before registration the agent creates nothing there.
-        if settings.data_dir.exists():
-            lock = hold_lock(settings.data_dir)
-            try:
-                shutil.rmtree(settings.data_dir)
-            finally:
-                lock.close()
-            log.info("removed data dir %s (not registered: no container, network or image is this agent's)", settings.data_dir)
-        return 0
-    return standalone_down(settings, purge=True, config=config)
+            shutil.rmtree(settings.data_dir)
+        finally:
+            lock.close()
+        log.info("removed data dir %s (not registered: no container, network or image is this agent's)", settings.data_dir)
+    return 0
