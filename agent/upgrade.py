@@ -30,10 +30,12 @@ systemd's side: should the command die before deciding (SIGKILL, a reboot), the 
 decides at the next start after that deadline — and a new build that exits or hangs before
 READY keeps being (re)started by systemd (Restart=always, TimeoutStartSec): it keeps the new
 build if it wrote the health marker, else renames `previous` back. (A build that sends READY
-but never polls is not restarted, so only this command catches that one.) Its outcome —
-committed, rolled_back or refused, why, both versions, times — goes to the journal (with
-OBJECT_SYSTEMD_UNIT, so `journalctl -u techulus-agent` shows it) and to
-`upgrade-state.json` in the data dir (atomic), which `agent status` reads.
+but never polls is not restarted, so only this command catches that one.)
+
+The outcome — committed, rolled_back or refused, why, both versions and checksums, times —
+goes to the journal (with OBJECT_SYSTEMD_UNIT, so `journalctl -u techulus-agent` shows it)
+and to `upgrade-state.json` in the data dir (atomic; `Record`, read by `last_outcome()`),
+which `agent status` reads.
 """
 
 from __future__ import annotations
