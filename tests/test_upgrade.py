@@ -7,6 +7,7 @@ The booted-systemd version of these cases is tests/test_upgrade_e2e.py.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -409,3 +410,14 @@ def test_extraction_dirs_of_builds_neither_current_nor_previous_are_pruned(
     attempt(box, binary, sha)
     assert {p.name.split("_", 1)[1] for p in root.glob("agent.pyz_*")} == kept
     assert {p.name for p in root.glob(".*_lock")} == {f".agent.pyz_{build}_lock" for build in kept}
+
+
+def test_agent_status_reads_the_last_outcome(box: dict[str, Any]) -> None:
+    assert upgrade.last_outcome(box["data"]) is None
+    binary, sha = new_build(box, "exits")
+    attempt(box, binary, sha)
+    outcome = upgrade.last_outcome(box["data"])
+    assert outcome is not None and outcome["outcome"] == "rolled_back" and outcome["deadline_epoch"] > 0
+    assert set(outcome) == {field.name for field in dataclasses.fields(upgrade.Record)}
+    (box["data"] / "upgrade-state.json").write_text("{not json")
+    assert upgrade.last_outcome(box["data"]) is None
