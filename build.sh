@@ -5,6 +5,13 @@
 #   bin/agent                                      the same for this machine's architecture
 #   bin/install.sh                                 install.sh with installer/ templates embedded
 #   bin/SHA256SUMS                                 checksums of the above (install.sh checks them)
+#   bin/agent-linux-*.sig, bin/release-signing.pub only with SIGNING_KEY (below)
+#
+# Signing: SIGNING_KEY=FILE (an Ed25519 private key in PEM, e.g. from
+# `openssl genpkey -algorithm ed25519 -out release.pem`; needs OpenSSL 3) signs each zipapp
+# with a detached signature (`<zipapp>.sig`, 64 raw bytes) and embeds the public key in
+# bin/install.sh, which installs it as /etc/techulus-agent/release-signing.pub: from then on
+# install.sh and `techulus-agent upgrade` refuse a build without a valid signature.
 #
 # Why several Pythons in one file: target servers ship Python 3.10 (Ubuntu 22.04), 3.11
 # (Debian 12) and 3.12 (Ubuntu 24.04). cryptography's Rust core is abi3 (one .so for all),
@@ -18,7 +25,7 @@
 # so the pure-Python halves match every extension. The version and git commit are stamped
 # into a generated `agent/_build_info.py` inside the staging copy (never in the source tree).
 #
-# Environment: TOOLS_VENV (a venv with shiv), ARCHES ("amd64 arm64"), PY_VERSIONS ("3.10 3.11 3.12"), OUT (bin/),
+# Environment: TOOLS_VENV (a venv with shiv), ARCHES ("amd64 arm64"), PY_VERSIONS ("3.10 3.11 3.12"), OUT (bin/), SIGNING_KEY,
 # SOURCE_DATE_EPOCH (defaults to the commit time, which makes the zipapps reproducible).
 set -euo pipefail
 
@@ -38,6 +45,12 @@ step() { echo "==> $*"; }
 
 [ -f agent/cli.py ] || die "agent/cli.py is missing: the entry point $ENTRY_POINT cannot exist"
 [ -f "$CONSTRAINTS" ] || die "$CONSTRAINTS is missing"
+SIGNING_KEY=${SIGNING_KEY:-}
+if [ -n "$SIGNING_KEY" ]; then
+  [ -r "$SIGNING_KEY" ] || die "SIGNING_KEY $SIGNING_KEY cannot be read"
+  openssl pkey -in "$SIGNING_KEY" -noout -text 2>/dev/null | grep -q '^ED25519 Private-Key' ||
+    die "SIGNING_KEY $SIGNING_KEY is not an Ed25519 private key in PEM (openssl genpkey -algorithm ed25519)"
+fi
 
 # Tools: $TOOLS_VENV or the project venv when it has shiv, else a private one under build/.
 if [ -n "${TOOLS_VENV:-}" ]; then
@@ -156,8 +169,28 @@ if [ -f "$OUT/agent-linux-$host_arch" ]; then
   step "bin/agent = agent-linux-$host_arch"
 fi
 
+# Signatures of an earlier signed build would not match this one.
+rm -f "$OUT"/agent*.sig "$OUT/release-signing.pub"
+templates=$here/installer
+if [ -n "$SIGNING_KEY" ]; then
+  step "signing with $SIGNING_KEY"
+  openssl pkey -in "$SIGNING_KEY" -pubout -out "$OUT/release-signing.pub"
+  for zipapp in "$OUT"/agent-linux-* "$OUT/agent"; do
+    case "$zipapp" in *.sig | *.tmp) continue ;; esac
+    [ -f "$zipapp" ] || continue
+    openssl pkeyutl -sign -inkey "$SIGNING_KEY" -rawin -in "$zipapp" -out "$zipapp.sig"
+    openssl pkeyutl -verify -pubin -inkey "$OUT/release-signing.pub" -rawin -in "$zipapp" -sigfile "$zipapp.sig" >/dev/null ||
+      die "the signature of $zipapp does not verify"
+  done
+  # install.sh embeds every file of its template dir: the templates plus the public key.
+  templates=$BUILD/templates
+  rm -rf "$templates"
+  cp -r "$here/installer" "$templates"
+  cp "$OUT/release-signing.pub" "$templates/release-signing.pub"
+fi
+
 step "bin/install.sh (templates embedded)"
-"$here/installer/embed.sh" "$here/install.sh" "$here/installer" >"$OUT/install.sh.tmp"
+"$here/installer/embed.sh" "$here/install.sh" "$templates" >"$OUT/install.sh.tmp"
 chmod 755 "$OUT/install.sh.tmp"
 mv -f "$OUT/install.sh.tmp" "$OUT/install.sh"
 

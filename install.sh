@@ -29,6 +29,17 @@
 # never its command line; prefer TECHULUS_AGENT_TOKEN=… or --token-file over --token.
 # Once the agent has registered (its keys exist), install.sh rewrites agent.env without
 # the token, and later runs leave it out: a used one-time secret does not linger on disk.
+#
+# A re-run with a new agent build hands it to the installed agent's `techulus-agent upgrade`
+# (agent/upgrade.py): the new build is kept only when it proves healthy within
+# TECHULUS_UPGRADE_TIMEOUT seconds, otherwise the previous one runs again and install.sh
+# fails saying why. When build.sh signed the release, this script carries its public key
+# (template release-signing.pub), installs it, and accepts only an agent whose detached
+# signature (<binary>.sig beside it) matches.
+#
+#   install.sh --uninstall [--purge [--yes]] [--purge-packages]
+# removes what install.sh added for the agent (see do_uninstall); containers keep running
+# unless --purge.
 set -Eeuo pipefail
 shopt -u patsub_replacement 2>/dev/null || true
 umask 022
@@ -122,6 +133,7 @@ on_error() {
 usage() {
   cat <<'EOF'
 Usage: install.sh --url URL [options]
+       install.sh --uninstall [--purge [--yes]] [--purge-packages]
 
 Required:
   --url URL               control plane base URL (https://…)
@@ -145,6 +157,16 @@ Options:
   --render-only DIR       write the rendered config files under DIR as if DIR were /
                           (registered when DIR/var/lib/techulus-agent/keys/private.key exists)
   -h, --help              this text
+Uninstalling:
+  --uninstall             stop the agent and remove its unit, drop-ins, binaries (current,
+                          previous), wrapper, env file and release key; containers keep running
+  --purge                 with --uninstall: also the agent's containers, network and images
+                          (only those it owns), its data dir (keys, volumes), and the Caddy and
+                          BuildKit configuration install.sh wrote; asks first unless --yes
+  --yes                   with --purge: do not ask
+  --purge-packages        with --purge: also remove wireguard-tools, podman and dnsmasq (apt)
+                          and the caddy, buildctl and railpack binaries install.sh put in
+                          /usr/local/bin
 Downloads (URL and SHA-256 of each can be overridden in the environment):
   TECHULUS_GO_URL / _SHA256, TECHULUS_XCADDY_URL / _SHA256, TECHULUS_BUILDKIT_URL / _SHA256,
   TECHULUS_RAILPACK_URL / _SHA256. Without a _SHA256 the checksum comes from the project's
@@ -153,6 +175,7 @@ Versions: TECHULUS_GO_VERSION, TECHULUS_XCADDY_VERSION, TECHULUS_CADDY_VERSION,
   TECHULUS_CADDY_CLOUDFLARE_VERSION, TECHULUS_BUILDKIT_VERSION, TECHULUS_RAILPACK_VERSION.
 BuildKit image: TECHULUS_BUILDKIT_IMAGE (default docker.io/moby/buildkit:<version>),
   TECHULUS_BUILDKIT_IMAGE_DIGEST=sha256:HEX to pin it to one exact image.
+Upgrades: TECHULUS_UPGRADE_TIMEOUT (seconds a new agent has to prove healthy, default 90).
 Other environment: TECHULUS_INSTALL_LOG (log file), TECHULUS_INSTALL_CACHE (download cache),
   TECHULUS_OS_RELEASE (os-release file), TECHULUS_TEMPLATE_DIR, TECHULUS_ARCH (amd64 or
   arm64: fetch or render for another CPU, only with --download-only or --render-only).
@@ -173,6 +196,11 @@ SKIP_BUILD=0
 SKIP_CADDY=0
 DOWNLOAD_ONLY=0
 RENDER_DIR=""
+UNINSTALL=0
+PURGE=0
+ASSUME_YES=0
+PURGE_PACKAGES=0
+UPGRADE_TIMEOUT=${TECHULUS_UPGRADE_TIMEOUT:-90}
 declare -a AGENT_ENV=()
 
 need_value() {
@@ -193,6 +221,10 @@ while [ $# -gt 0 ]; do
     --skip-caddy) SKIP_CADDY=1; shift ;;
     --download-only) DOWNLOAD_ONLY=1; shift ;;
     --render-only) need_value "$@"; RENDER_DIR=$2; shift 2 ;;
+    --uninstall) UNINSTALL=1; shift ;;
+    --purge) PURGE=1; shift ;;
+    --yes) ASSUME_YES=1; shift ;;
+    --purge-packages) PURGE_PACKAGES=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --*=*) usage_error "write '${1%%=*} ${1#*=}' (with a space), not '$1'" ;;
     *) usage_error "unknown option '$1'" ;;
@@ -202,8 +234,20 @@ done
 # Values end up in env files and config lines: allow only what those formats carry safely.
 SAFE_URL_RE='^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/%+-]*)?$'
 SAFE_TOKEN_RE='^[A-Za-z0-9._~+/=-]{8,512}$'
-[ -n "$URL" ] || usage_error "--url is required (the control plane's base URL, e.g. --url https://cp.example.com)"
-[[ $URL =~ $SAFE_URL_RE ]] || usage_error "--url '$URL' is not an http(s) URL without query or spaces"
+if [ "$UNINSTALL" = 0 ]; then
+  [ "$PURGE$ASSUME_YES$PURGE_PACKAGES" = 000 ] || usage_error "--purge, --yes and --purge-packages go with --uninstall"
+elif [ -n "$URL$TOKEN_FILE$AGENT_BINARY$RENDER_DIR" ] || [ "$DOWNLOAD_ONLY" = 1 ]; then
+  usage_error "--uninstall takes only --purge, --yes and --purge-packages"
+elif [ "$PURGE" = 0 ] && [ "$ASSUME_YES$PURGE_PACKAGES" != 00 ]; then
+  usage_error "--yes and --purge-packages go with --purge (install.sh --uninstall --purge --yes)"
+fi
+if ! [[ $UPGRADE_TIMEOUT =~ ^[0-9]{1,4}$ ]] || [ "$UPGRADE_TIMEOUT" -lt 5 ]; then
+  usage_error "TECHULUS_UPGRADE_TIMEOUT must be a number of seconds (5 to 9999)"
+fi
+if [ "$UNINSTALL" = 0 ]; then
+  [ -n "$URL" ] || usage_error "--url is required (the control plane's base URL, e.g. --url https://cp.example.com)"
+  [[ $URL =~ $SAFE_URL_RE ]] || usage_error "--url '$URL' is not an http(s) URL without query or spaces"
+fi
 URL=${URL%/}
 if [ -n "$LOGS_ENDPOINT" ]; then
   [[ $LOGS_ENDPOINT =~ $SAFE_URL_RE ]] || usage_error "--logs-endpoint '$LOGS_ENDPOINT' is not an http(s) URL"
@@ -263,6 +307,10 @@ fi
 TEMPLATE_DIR=${TECHULUS_TEMPLATE_DIR:-${script_dir:+$script_dir/installer}}
 
 embedded_template() { return 1; }  # @@EMBEDDED_TEMPLATES@@ (build.sh replaces this line)
+
+has_template() {
+  { [ -n "$TEMPLATE_DIR" ] && [ -f "$TEMPLATE_DIR/$1" ]; } || embedded_template "$1" >/dev/null
+}
 
 template() {
   if [ -n "$TEMPLATE_DIR" ] && [ -f "$TEMPLATE_DIR/$1" ]; then
@@ -372,8 +420,13 @@ plan_files() {
     "techulus-agent.service $UNIT_DIR/techulus-agent.service 644"
     "agent.env $CONF_DIR/agent.env 600"
     "techulus-agent $LIB_DIR/techulus-agent 755"
+    "upgrade-guard $LIB_DIR/upgrade-guard 755"
     "99-techulus-forwarding.conf /etc/sysctl.d/99-techulus-forwarding.conf 644"
   )
+  # Only a release signed by build.sh (SIGNING_KEY) has a key: agents must then be signed.
+  if has_template release-signing.pub; then
+    FILES+=("release-signing.pub $CONF_DIR/release-signing.pub 644")
+  fi
   if [ "$SKIP_CADDY" = 0 ]; then
     FILES+=(
       "caddy.service $UNIT_DIR/caddy.service 644"
@@ -428,6 +481,33 @@ plan_downloads() {
     DL_FILE[agent]=$agent_url
     DL_SHA[agent]=$AGENT_SHA256
   fi
+  if has_template release-signing.pub; then
+    AGENT_SIG=${DL_FILE[agent]}.sig
+    if [[ $agent_url =~ ^https?:// ]]; then AGENT_SIG_URL=$agent_url.sig; fi
+  fi
+}
+
+AGENT_SIG=""
+AGENT_SIG_URL=""
+verify_agent_signature() {  # this release is signed: the agent binary must carry a good signature
+  [ -n "$AGENT_SIG" ] || return 0
+  if [ -n "$AGENT_SIG_URL" ]; then
+    fetch "$AGENT_SIG_URL" "$AGENT_SIG" ||
+      die "cannot download the agent's signature from $AGENT_SIG_URL" \
+        "This install.sh carries a release key, so it installs only signed agents. Nothing was installed."
+  fi
+  [ -f "$AGENT_SIG" ] || die "the agent binary has no signature $AGENT_SIG" \
+    "This install.sh carries a release key, so it installs only signed agents (build.sh SIGNING_KEY=…). Nothing was installed."
+  command -v openssl >/dev/null 2>&1 || die "openssl is missing (it checks the agent's signature): apt-get install -y openssl"
+  local key
+  key=$(mktemp)
+  template release-signing.pub >"$key"
+  if ! openssl pkeyutl -verify -pubin -inkey "$key" -rawin -in "${DL_FILE[agent]}" -sigfile "$AGENT_SIG" >>"$LOG_FILE" 2>&1; then
+    rm -f "$key"
+    die "the signature of the agent binary ${DL_FILE[agent]} does not match this release's key" \
+      "Nothing was installed. The file was corrupted or tampered with, or belongs to another release."
+  fi
+  rm -f "$key"
 }
 
 add_download() {  # add_download KEY FILENAME URL SHA256 SHA256_URL
@@ -501,6 +581,7 @@ download_all() {
     fetched=$((fetched + 1))
   done
   DOWNLOADED=$fetched
+  verify_agent_signature
 }
 
 # ----------------------------------------------------------------------------------------
@@ -680,8 +761,12 @@ do_agent() {
   install -d -m 755 "$LIB_DIR" "$CONF_DIR"
   if [ -f "$AGENT_PYZ" ] && cmp -s "$src" "$AGENT_PYZ"; then
     :
+  elif agent_can_upgrade; then
+    # The running agent's `upgrade` swaps it in (do_services) and keeps it only if healthy.
+    UPGRADE_FROM=$src
+    n=1
   else
-    # Stage the new file under the final name in a sibling dir: shiv names its extraction
+    # First install, or an agent older than `upgrade`. Stage the new file under the final name in a sibling dir: shiv names its extraction
     # dir after the file name, so running the staged copy pre-extracts exactly the dir the
     # unit will use (first start is fast), and proves the file runs on this Python before
     # it replaces the old one. Then one rename on the same filesystem: atomic.
@@ -693,18 +778,52 @@ do_agent() {
       rm -rf "$staging"
       die "the agent binary $src does not start on $(python3 --version 2>&1)" "The installed agent was left as it was."
     fi
+    if [ -f "$AGENT_PYZ" ]; then  # the running binary stays as `previous`, as `upgrade` keeps it
+      ln -f "$AGENT_PYZ" "$staging/previous"
+      mv -f "$staging/previous" "$AGENT_PYZ.previous"
+    fi
     mv -f "$staging/agent.pyz" "$AGENT_PYZ"
     rm -rf "$staging"
     changed "$AGENT_PYZ"
     n=1
   fi
   put techulus-agent "$LIB_DIR/techulus-agent" 755 && n=1
+  put upgrade-guard "$LIB_DIR/upgrade-guard" 755 && n=1
   ln -sfn "$LIB_DIR/techulus-agent" /usr/local/bin/techulus-agent
   put agent.env "$CONF_DIR/agent.env" 600 && n=1
   put techulus-agent.service "$UNIT_DIR/techulus-agent.service" 644 && n=1
+  if has_template release-signing.pub; then
+    put release-signing.pub "$CONF_DIR/release-signing.pub" 644 && n=1
+  fi
   [ "$n" = 1 ] && CHANGED_UNITS+=" techulus-agent"
   AGENT_BUILD_ID=$build_id
-  step_done "$([ "$n" = 1 ] && echo "installed $("$LIB_DIR/techulus-agent" --version 2>/dev/null)" || echo unchanged)"
+  if [ -n "$UPGRADE_FROM" ]; then
+    step_done "new build $build_id: upgraded when the services start"
+  else
+    step_done "$([ "$n" = 1 ] && echo "installed $("$LIB_DIR/techulus-agent" --version 2>/dev/null)" || echo unchanged)"
+  fi
+}
+
+UPGRADE_FROM=""
+agent_can_upgrade() {  # an installed agent with `upgrade`, under its unit: it can run the transaction
+  [ -f "$AGENT_PYZ" ] && [ -f "$UNIT_DIR/techulus-agent.service" ] || return 1
+  local help
+  help=$(env SHIV_ROOT="$SHIV_ROOT_DIR" /usr/bin/python3 "$AGENT_PYZ" --help 2>>"$LOG_FILE") || return 1
+  [[ $help == *"--binary"* ]]
+}
+
+upgrade_agent() {  # the installed agent swaps in UPGRADE_FROM, watches it, commits or rolls back
+  local args=(upgrade --binary "$UPGRADE_FROM" --sha256 "$(sha256_of "$UPGRADE_FROM")" --timeout "$UPGRADE_TIMEOUT")
+  [ -n "$AGENT_SIG" ] && args+=(--signature "$AGENT_SIG")
+  if run "$LIB_DIR/techulus-agent" "${args[@]}"; then
+    changed "upgraded techulus-agent to build $AGENT_BUILD_ID"
+    return 0
+  fi
+  local outcome
+  outcome=$(python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(d["outcome"] + ": " + d["reason"])' \
+    "$DATA_DIR/upgrade-state.json" 2>/dev/null) || outcome="see $LOG_FILE"
+  die "the new agent was not kept ($outcome)" \
+    "The previous agent runs again and no container was restarted. Why: journalctl -u techulus-agent -n 50"
 }
 
 ensure_service() {  # ensure_service NAME: enabled, running; restarted only when its files changed
@@ -713,7 +832,9 @@ ensure_service() {  # ensure_service NAME: enabled, running; restarted only when
     run systemctl enable "$name"
     changed "enabled $name"
   fi
-  if [[ " $CHANGED_UNITS " == *" $name "* ]]; then
+  if [ "$name" = techulus-agent ] && [ -n "$UPGRADE_FROM" ]; then
+    upgrade_agent  # it restarts the unit (after the daemon-reload above), or rolls back
+  elif [[ " $CHANGED_UNITS " == *" $name "* ]]; then
     # Agent: KillMode=process in its unit, so this restart leaves every container running.
     run systemctl restart "$name"
     changed "restarted $name"
@@ -782,12 +903,15 @@ remove_used_token() {
 
 do_prune() {
   # Extraction dirs of earlier agent builds (shiv names them <file>_<build id>).
-  local dir removed=0
+  local dir removed=0 previous_id=""
+  # The previous build's extraction stays too: a rollback to it starts at once.
+  [ -f "$AGENT_PYZ.previous" ] && previous_id=$(current_build_id "$AGENT_PYZ.previous" 2>>"$LOG_FILE" || true)
   for dir in "$SHIV_ROOT_DIR"/*_*; do
     [ -d "$dir" ] || continue
     case "$dir" in
       *"_$AGENT_BUILD_ID") continue ;;
     esac
+    [ -n "$previous_id" ] && [[ $dir == *"_$previous_id" ]] && continue
     rm -rf -- "$dir" "$(dirname "$dir")/.$(basename "$dir")_lock"
     removed=$((removed + 1))
   done
@@ -799,8 +923,141 @@ do_prune() {
   fi
 }
 
+start_run() {  # start_run MESSAGE: a supported OS, root, the log opened, failures reported
+  check_os
+  [ "$(id -u)" = 0 ] || die "install.sh must run as root (curl … | sudo bash -s -- …)"
+  mkdir -p "$(dirname "$LOG_FILE")"
+  : >>"$LOG_FILE"
+  chmod 600 "$LOG_FILE"
+  LOG_READY=1
+  log "$1"
+  trap on_error ERR
+}
+
+# ----------------------------------------------------------------------------------------
+# Uninstall: what install.sh added, never anything it did not write.
+ours() {  # ours FILE: a file install.sh wrote (each template names install.sh in its first lines)
+  [ -f "$1" ] && head -n 3 "$1" | grep -q 'install\.sh'
+}
+
+remove_path() {  # remove_path PATH...: rm -rf, noted as a change when something was there
+  local path
+  for path in "$@"; do
+    if [ -e "$path" ] || [ -L "$path" ]; then
+      rm -rf -- "$path"
+      changed "removed $path"
+    fi
+  done
+}
+
+stop_unit() {  # stop_unit NAME: disable and stop a unit install.sh wrote, then remove it and its drop-ins
+  local name=$1
+  ours "$UNIT_DIR/$name.service" || return 0
+  run systemctl disable --now "$name" || log "systemctl disable --now $name failed; removing its unit anyway"
+  remove_path "$UNIT_DIR/$name.service" "$UNIT_DIR/$name.service.d"
+}
+
+confirm_purge() {
+  local answer=""
+  if ! { exec 3</dev/tty; } 2>/dev/null; then
+    die "--purge deletes $DATA_DIR (the server's keys, volumes) and the agent's containers, network and images" \
+      "There is no terminal to ask on: add --yes to confirm. Nothing was changed."
+  fi
+  printf 'install.sh --purge deletes %s (keys, volumes) and the containers, network and images of this\n' "$DATA_DIR"
+  printf 'server'"'"'s agent: its workloads stop for good. Type "purge" to go on: '
+  read -r answer <&3 || true
+  exec 3<&-
+  [ "$answer" = purge ] || die "not confirmed; nothing was changed"
+}
+
+purge_workloads() {
+  # The agent itself removes what it owns (its owner mark, through its Podman adapter),
+  # with the settings it ran with; extracted into a temp dir, since the data dir goes.
+  if [ ! -f "$AGENT_PYZ" ]; then
+    say "(the agent binary is gone: containers cannot be proven the agent's, so none are removed)"
+    remove_path "$DATA_DIR"
+    return 0
+  fi
+  local extract status=0
+  extract=$(mktemp -d)
+  (
+    set -a
+    # shellcheck source=/dev/null
+    [ -r "$CONF_DIR/agent.env" ] && . "$CONF_DIR/agent.env"
+    set +a
+    SHIV_ROOT=$extract
+    export SHIV_ROOT
+    exec /usr/bin/python3 "$AGENT_PYZ" purge --yes
+  ) >>"$LOG_FILE" 2>&1 || status=$?
+  rm -rf "$extract"
+  [ "$status" = 0 ] || die "the agent could not remove its containers, network and images (exit $status)" \
+    "Its unit is stopped; nothing else was removed. See $LOG_FILE, fix the cause and run the same command again."
+  changed "removed the agent's containers, network, images and $DATA_DIR"
+}
+
+do_uninstall() {
+  start_run "install.sh --uninstall started: purge=$PURGE purge_packages=$PURGE_PACKAGES"
+  [ "$PURGE" = 1 ] && [ "$ASSUME_YES" = 0 ] && confirm_purge
+  STEP_TOTAL=$((2 + PURGE * 2 + PURGE_PACKAGES))
+  say "Removing the Techulus Cloud agent (log: $LOG_FILE)"
+
+  step "Stopping the agent (containers keep running)"
+  # KillMode=process: stopping signals the agent alone, never conmon or a container.
+  stop_unit techulus-agent
+  step_done
+
+  if [ "$PURGE" = 1 ]; then
+    step "Removing the agent's containers, network, images and data dir"
+    purge_workloads
+    step_done
+    step "Removing the Caddy and BuildKit configuration"
+    stop_unit caddy
+    stop_unit buildkit
+    # The daemon's container (our unit's --rm removes it on stop; a crash may leave it).
+    if command -v podman >/dev/null 2>&1; then run podman rm --force --ignore techulus-buildkit || true; fi
+    local file
+    for file in /etc/caddy/Caddyfile "$CONF_DIR/caddy.env" /etc/buildkit/buildkitd.toml /etc/sysctl.d/99-techulus-forwarding.conf; do
+      ours "$file" && remove_path "$file"
+    done
+    step_done
+  fi
+
+  step "Removing the agent's files"
+  remove_path "$LIB_DIR" "$SHIV_ROOT_DIR" "$CACHE_DIR" "$CONF_DIR/agent.env" "$CONF_DIR/release-signing.pub"
+  [ "$(readlink /usr/local/bin/techulus-agent 2>/dev/null)" = "$LIB_DIR/techulus-agent" ] && remove_path /usr/local/bin/techulus-agent
+  rmdir "$CONF_DIR" 2>/dev/null || true
+  run systemctl daemon-reload
+  run systemctl reset-failed techulus-agent 2>/dev/null || true
+  step_done
+
+  if [ "$PURGE_PACKAGES" = 1 ]; then
+    step "Removing packages (wireguard-tools podman dnsmasq) and /usr/local/bin/{caddy,buildctl,railpack}"
+    local pkg present=()
+    for pkg in wireguard-tools podman dnsmasq; do
+      dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" && present+=("$pkg")
+    done
+    if [ "${#present[@]}" -gt 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt_get purge -y -q "${present[@]}"
+      changed "purged packages: ${present[*]}"
+    fi
+    remove_path /usr/local/bin/caddy /usr/local/bin/buildctl /usr/local/bin/railpack
+    step_done
+  fi
+  if [ "$CHANGED" = 0 ]; then
+    say "Nothing to remove: the agent was not installed."
+  elif [ "$PURGE" = 1 ]; then
+    say "Done: the agent and everything it owned are gone."
+  else
+    say "Done: the agent is removed; its containers keep running and $DATA_DIR stays (install.sh again finds it)."
+  fi
+}
+
 # ----------------------------------------------------------------------------------------
 main() {
+  if [ "$UNINSTALL" = 1 ]; then
+    do_uninstall
+    return
+  fi
   detect_arch
   set_vars
   [ "$TOKEN_IGNORED" = 0 ] || say "(this server is already registered: the registration token was not used)"
@@ -817,14 +1074,7 @@ main() {
     return 0
   fi
 
-  check_os
-  [ "$(id -u)" = 0 ] || die "install.sh must run as root (curl … | sudo bash -s -- …)"
-  mkdir -p "$(dirname "$LOG_FILE")"
-  : >>"$LOG_FILE"
-  chmod 600 "$LOG_FILE"
-  LOG_READY=1
-  log "install.sh started: url=$URL arch=$ARCH skip_build=$SKIP_BUILD skip_caddy=$SKIP_CADDY"
-  trap on_error ERR
+  start_run "install.sh started: url=$URL arch=$ARCH skip_build=$SKIP_BUILD skip_caddy=$SKIP_CADDY"
   for tool in curl sha256sum tar python3; do
     if ! command -v "$tool" >/dev/null 2>&1; then
       [ "$tool" = curl ] && die "curl is missing: apt-get install -y curl ca-certificates, then run again"

@@ -6,6 +6,9 @@
     agent standalone --down FILE [--purge]
                            remove its containers and network (and data dir)
     agent doctor           check this server's prerequisites
+    agent upgrade --binary URL|FILE [--sha256 HEX]
+                           swap in a new build; keep it only if it proves healthy
+    agent purge --yes      remove this agent's containers, network, images and data dir
     agent --version
 
 Usage and configuration errors exit non-zero with one clear line, never a traceback.
@@ -26,7 +29,7 @@ from agent import __version__
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("run", "plan", "standalone", "doctor")
+COMMANDS = ("run", "plan", "standalone", "doctor", "upgrade", "purge")
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -57,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--state", help="standalone mode: reconcile from this TOML/JSON state file, no control plane")
     p.add_argument("--down", action="store_true", help="with `standalone FILE`: remove its containers and network, then exit")
     p.add_argument("--purge", action="store_true", help="with `standalone --down`: remove the data dir too")
+    p.add_argument("--binary", help="with `upgrade`: the new agent zipapp, an https:// URL or a file")
+    p.add_argument("--sha256", help="with `upgrade`: its SHA-256 (default: from SHA256SUMS beside it)")
+    p.add_argument("--signature", help="with `upgrade`: its Ed25519 signature file or URL (default: BINARY.sig)")
+    p.add_argument("--timeout", type=float, help="with `upgrade`: seconds the new agent has to prove healthy (default 90)")
+    p.add_argument("--yes", action="store_true", help="with `purge`: yes, remove the containers and the data dir")
     p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
     p.add_argument("--version", action="version", version=version_text())
     return p
@@ -66,6 +74,13 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from agent.settings import Settings
 
     state = args.state
+    upgrade_flags = [flag for flag in ("binary", "sha256", "signature", "timeout") if getattr(args, flag) is not None]
+    if upgrade_flags and args.command != "upgrade":
+        raise UsageError(f"--{upgrade_flags[0]} goes with upgrade: agent upgrade --binary URL|FILE")
+    if args.command == "upgrade":
+        check_upgrade_args(args)
+    if args.command == "purge" and not args.yes:
+        raise UsageError("purge removes this agent's containers, network, images and data dir: confirm with --yes")
     if args.down and args.command != "standalone":
         raise UsageError("--down goes with standalone: agent standalone --down FILE")
     if args.purge and not args.down:
@@ -92,6 +107,33 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 class UsageError(Exception):
     pass
+
+
+def check_upgrade_args(args: argparse.Namespace) -> None:
+    import re
+
+    if not args.binary:
+        raise UsageError("upgrade needs the new build: agent upgrade --binary URL|FILE [--sha256 HEX]")
+    if args.binary.startswith("http://"):
+        raise UsageError("upgrade downloads over https:// only (TLS verified); copy the file and give its path instead")
+    if args.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
+        raise UsageError("--sha256 must be 64 hex digits")
+    if args.timeout is not None and not 5 <= args.timeout <= 3600:
+        raise UsageError("--timeout must be between 5 and 3600 seconds")
+
+
+def run_upgrade(args: argparse.Namespace, settings: Any) -> int:
+    from agent.upgrade import HEALTH_TIMEOUT, Options
+    from agent.upgrade import run_upgrade as upgrade
+
+    options = Options(
+        binary=args.binary,
+        data_dir=settings.data_dir,
+        sha256=args.sha256 or "",
+        signature=args.signature or "",
+        timeout=args.timeout if args.timeout is not None else HEALTH_TIMEOUT,
+    )
+    return upgrade(options)
 
 
 def setup_logging(level: str) -> None:
@@ -125,10 +167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             print(f"agent: cannot load {exc.name or 'a module'} ({exc}); is this the build for {platform.machine()}?", file=sys.stderr)
             return EXIT_FAILURE
-    if not settings.standalone and not settings.url:
+    if args.command not in ("upgrade", "purge") and not settings.standalone and not settings.url:
         print("agent: --url is required (or --state FILE / `agent standalone FILE` to run without a control plane)", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command == "upgrade":
+            return run_upgrade(args, settings)
+        if args.command == "purge":
+            from agent.uninstall import purge
+
+            return purge(settings)
         if args.down:
             from agent.teardown import standalone_down
 

@@ -380,7 +380,10 @@ def _run(settings: Settings, stop: threading.Event) -> int:
         settings.heartbeat_interval,
     )
     restore_from_cache(components, stop)
-    components.reconciler.run(stop)
+    from agent.upgrade import HealthMarker
+
+    # `agent upgrade` commits a new build once this marker names the unit's main process.
+    components.reconciler.run(stop, on_tick=HealthMarker(settings.data_dir, components.reconciler))
     sdnotify.notify("STOPPING=1")
     for thread in threads:
         thread.join(timeout=15)

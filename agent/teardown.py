@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import IO
 
+from agent.host.images import LEDGER_FILE, ImageLedger
 from agent.host.podman import Podman
-from agent.identity import AgentConfig, IdentityError
+from agent.identity import AgentConfig, DataDir, IdentityError
 from agent.model import ModelError
 from agent.runtime import hold_lock, podman_options, remove_standalone_config, standalone_config
 from agent.settings import Settings
@@ -42,6 +44,7 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
         podman.remove_stale_env_files(older_than=0)
         remove_standalone_config(settings, config)  # its dnsmasq files and Caddy routes
         if purge and data_dir.exists():
+            _remove_images(podman, data_dir)
             shutil.rmtree(data_dir)
             log.info("removed data dir %s", data_dir)
         elif data_dir.exists():
@@ -53,8 +56,19 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
     return 0
 
 
+def _remove_images(podman: Podman, data_dir: Path) -> None:
+    """The images the agent pulled or ran (its ledger); podman keeps one another container uses."""
+    ledger = ImageLedger(data_dir / LEDGER_FILE)
+    for reference in sorted(set(ledger.pulled()) | ledger.kept()):
+        if podman.remove_image(reference):
+            log.info("removed image %s", reference)
+
+
 def _config(settings: Settings) -> AgentConfig:
-    """The state file's identity; an unreadable file must not keep its containers alive."""
+    """The state file's identity; an unreadable file must not keep its containers alive.
+    A registered agent's (`agent purge`, agent/uninstall.py) is its own config.json."""
+    if not settings.standalone:
+        return DataDir(settings.data_dir).load().config
     try:
         return standalone_config(settings)
     except (ModelError, IdentityError) as exc:

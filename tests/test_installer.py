@@ -202,7 +202,7 @@ def test_embedded_script_renders_the_same_files_without_installer_dir(tmp_path: 
     assert from_checkout.returncode == 0 and piped.returncode == 0, piped.stderr
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 9
+    assert files_a == files_b and len(files_a) == 10
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
@@ -467,3 +467,151 @@ def test_usage_explains_keeping_the_token_off_command_lines() -> None:
     assert "--token-file FILE safer: read the token from FILE" in usage
     assert "shell history" in usage and "sudo's log" in usage
     assert "After registration install.sh removes the token from agent.env" in usage
+
+
+# --- signed releases and uninstalling ---------------------------------------------------------
+
+
+@pytest.fixture
+def release_key(tmp_path: Path, templates: Path) -> Path:
+    """A signed release: build.sh's SIGNING_KEY and the public key among the templates."""
+    need("openssl")
+    key = tmp_path / "release.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-out", str(templates / "release-signing.pub")],
+                   check=True, capture_output=True)
+    return key
+
+
+def sign(key: Path, path: Path) -> None:
+    subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", str(key), "-rawin", "-in", str(path), "-out", f"{path}.sig"],
+                   check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("signature", ["good", "other key", "missing"])
+def test_a_signed_release_installs_only_a_signed_agent(signature: str, fixtures: Fixtures, sandbox: dict[str, str],
+                                                       release_key: Path, tmp_path: Path) -> None:
+    env = agent_download_env(fixtures, sandbox, b"zipapp bytes")
+    binary = fixtures.root / "agent" / "agent-linux-amd64"
+    if signature == "good":
+        sign(release_key, binary)
+    elif signature == "other key":
+        other = tmp_path / "other.pem"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(other)], check=True, capture_output=True)
+        sign(other, binary)
+    result = install_sh("--url", fixtures.url, "--skip-caddy", "--skip-build-tools", "--download-only", env=env)
+    if signature == "good":
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 1
+    assert {"other key": "does not match this release's key", "missing": "cannot download the agent's signature"}[signature] in result.stderr
+    assert "Nothing was installed" in result.stderr
+
+
+def test_a_signed_release_installs_its_public_key(tmp_path: Path, templates: Path, release_key: Path) -> None:
+    root = render(tmp_path, templates)
+    assert (root / "etc/techulus-agent/release-signing.pub").read_text() == (templates / "release-signing.pub").read_text()
+    (templates / "release-signing.pub").unlink()
+    unsigned = tmp_path / "unsigned"
+    result = install_sh("--url", "https://cp.example.com", "--render-only", str(unsigned), env={"TECHULUS_TEMPLATE_DIR": str(templates)})
+    assert result.returncode == 0 and not (unsigned / "etc/techulus-agent/release-signing.pub").exists()
+
+
+def test_the_embedded_script_carries_the_release_key(tmp_path: Path, release_key: Path) -> None:
+    # The embedding step alone, as build.sh runs it: every template plus the key.
+    templates = tmp_path / "with-key"
+    shutil.copytree(INSTALLER, templates)
+    shutil.copy(tmp_path / "templates" / "release-signing.pub", templates / "release-signing.pub")
+    embedded = subprocess.run([str(INSTALLER / "embed.sh"), str(INSTALL), str(templates)], capture_output=True, text=True, check=True)
+    script = tmp_path / "install.sh"
+    script.write_text(embedded.stdout)
+    out = tmp_path / "r"
+    result = install_sh("--url", "https://cp.example.com", "--render-only", str(out), script=script,
+                        env={"TECHULUS_TEMPLATE_DIR": str(tmp_path / "none")})
+    assert result.returncode == 0, result.stderr
+    assert "BEGIN PUBLIC KEY" in (out / "etc/techulus-agent/release-signing.pub").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--purge"], "go with --uninstall"),
+        (["--url", "https://cp.example.com", "--yes"], "go with --uninstall"),
+        (["--uninstall", "--url", "https://cp.example.com"], "--uninstall takes only"),
+        (["--uninstall", "--yes"], "go with --purge"),
+        (["--uninstall", "--purge-packages"], "go with --purge"),
+    ],
+)
+def test_bad_uninstall_arguments(args: list[str], message: str, sandbox: dict[str, str]) -> None:
+    result = install_sh(*args, env=sandbox)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not Path(sandbox["TECHULUS_INSTALL_LOG"]).exists()
+
+
+def test_uninstall_is_in_the_usage() -> None:
+    usage = install_sh("--help").stdout
+    assert "install.sh --uninstall [--purge [--yes]] [--purge-packages]" in usage and "TECHULUS_UPGRADE_TIMEOUT" in usage
+
+
+# --- upgrade-guard: the backstop of an upgrade whose command died -------------------------------
+
+
+def guard_box(tmp_path: Path, templates: Path, deadline: float, healthy: bool = False) -> dict[str, Path]:
+    """The rendered guard, an installed new build with `previous`, and an in_progress record
+    written by agent/upgrade.py itself."""
+    import dataclasses
+    import time
+
+    from agent.fsutil import atomic_write_json
+    from agent.upgrade import Record
+
+    lib, data = tmp_path / "lib", tmp_path / "data"
+    lib.mkdir(parents=True)
+    data.mkdir()
+    guard = lib / "upgrade-guard"
+    guard.write_text((templates / "upgrade-guard").read_text().replace("@LIB_DIR@", str(lib)).replace("@DATA_DIR@", str(data)))
+    guard.chmod(0o755)
+    (lib / "agent.pyz").write_text("new build\n")
+    (lib / "agent.pyz.previous").write_text("old build\n")
+    if healthy:
+        (data / "health.json").write_text('{"pid": 1}\n')
+    record = Record("in_progress", "", "techulus-agent 0.1.0 (old)", "techulus-agent 0.2.0 (new)", "a" * 64, "b" * 64,
+                    "/tmp/agent \"quoted\"", "2026-01-01T00:00:00Z", deadline_epoch=int(time.time() + deadline))
+    atomic_write_json(data / "upgrade-state.json", dataclasses.asdict(record), 0o644)
+    return {"guard": guard, "lib": lib, "state": data / "upgrade-state.json"}
+
+
+def run_guard(box: dict[str, Path]) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+    import json
+
+    result = subprocess.run([str(box["guard"])], capture_output=True, text=True, timeout=30, check=False)
+    return result, json.loads(box["state"].read_text())
+
+
+def test_upgrade_guard_rolls_back_an_unfinished_upgrade_after_its_deadline(tmp_path: Path, templates: Path) -> None:
+    box = guard_box(tmp_path, templates, deadline=-1)
+    result, state = run_guard(box)
+    assert result.returncode == 0 and "upgrade rolled_back" in result.stderr
+    assert (box["lib"] / "agent.pyz").read_text() == "old build\n"
+    assert state["outcome"] == "rolled_back" and "rolled back at start by upgrade-guard" in str(state["reason"])
+    assert state["source"] == "/tmp/agent \"quoted\"" and state["finished_at"] != ""
+    again, _ = run_guard(box)  # decided: later starts change nothing
+    assert again.stderr == "" and (box["lib"] / "agent.pyz").read_text() == "old build\n"
+
+
+def test_upgrade_guard_keeps_a_build_that_proved_healthy(tmp_path: Path, templates: Path) -> None:
+    box = guard_box(tmp_path, templates, deadline=-1, healthy=True)
+    result, state = run_guard(box)
+    assert state["outcome"] == "committed" and (box["lib"] / "agent.pyz").read_text() == "new build\n"
+
+
+def test_upgrade_guard_leaves_a_running_upgrade_alone(tmp_path: Path, templates: Path) -> None:
+    import fcntl
+
+    before = guard_box(tmp_path / "early", templates, deadline=600)
+    assert run_guard(before)[1]["outcome"] == "in_progress", "before the deadline"
+    live = guard_box(tmp_path / "live", templates, deadline=-1)
+    with open(live["lib"] / ".upgrade.lock", "a+") as held:  # what a live `agent upgrade` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_guard(live)[1]["outcome"] == "in_progress"
+    assert (live["lib"] / "agent.pyz").read_text() == "new build\n"

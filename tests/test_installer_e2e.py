@@ -25,6 +25,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,15 +89,16 @@ def build_agent(out: Path, epoch: str) -> Path:
     return out / "agent-linux-amd64"
 
 
-@pytest.fixture(scope="module")
-def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Machine]:
+@contextmanager
+def worker(share: Path) -> Iterator[nspawn.Machine]:
+    """A booted bookworm with install.sh and installer/ (plus whatever else `share` holds,
+    copied here first) at /opt/e2e, ready for an install in the host's network namespace."""
     missing = nspawn.missing_tools()
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (scripts/install-test-deps.sh installs them)")
     nspawn.ensure_base_root()
-    share = tmp_path_factory.mktemp("share")
     shutil.copy(REPO / "install.sh", share / "install.sh")
-    shutil.copytree(INSTALLER, share / "installer")
+    shutil.copytree(INSTALLER, share / "installer", dirs_exist_ok=True)
     if not (share / "installer" / "Caddyfile").exists():
         (share / "installer" / "Caddyfile").write_text(STAND_IN_CADDYFILE)
     box = nspawn.Machine(binds={share: "/opt/e2e"})
@@ -110,6 +112,12 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Machine
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture(scope="module")
+def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Machine]:
+    with worker(tmp_path_factory.mktemp("share")) as box:
+        yield box
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +235,15 @@ def test_install_register_rerun_restart_upgrade(machine: nspawn.Machine, downloa
         upgrade = machine.run(*args, env=env, check=False, timeout=600)
         assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
         assert "Nothing changed" not in upgrade.stdout
+        # The previous build's extraction stays (its rollback target), nothing older would.
         new_dirs = machine.run("ls", "/var/lib/techulus-agent/shiv").stdout.split()
-        assert len(new_dirs) == 1 and new_dirs != old_dirs, (old_dirs, new_dirs)
+        assert len(new_dirs) == 2 and set(old_dirs) < set(new_dirs), (old_dirs, new_dirs)
         installed = machine.run("sha256sum", "/usr/local/lib/techulus-agent/agent.pyz").stdout.split()[0]
         assert installed == hashlib.sha256(second.read_bytes()).hexdigest()
+        previous = machine.run("sha256sum", "/usr/local/lib/techulus-agent/agent.pyz.previous").stdout.split()[0]
+        assert previous == hashlib.sha256(first.read_bytes()).hexdigest()
+        # Through the installed agent's transactional upgrade, which saw the new one healthy.
+        assert '"outcome": "committed"' in machine.run("cat", "/var/lib/techulus-agent/upgrade-state.json").stdout
         assert machine.run("sh", "-c", f"kill -0 {workload}", check=False).returncode == 0, "the upgrade killed the workload"
         assert machine.run("systemctl", "is-active", "techulus-agent").stdout.strip() == "active"
 
