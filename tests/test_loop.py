@@ -15,8 +15,8 @@ from tests.fakes import FakePodman, ListSource, RecordingReporter
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 
 
-def spec(dep, image="localhost/app:v1", env=None):
-    return ExpectedContainer(dep, "svc", "Svc", f"c-{dep}", image, "", env=env or {})
+def spec(dep, image="localhost/app:v1", env=None, service="svc", ip=""):
+    return ExpectedContainer(dep, service, "Svc", f"c-{dep}", image, ip, env=env or {})
 
 
 def make(source, podman=None, syncs=(), key=KEY):
@@ -43,8 +43,8 @@ def test_order_orphans_first_then_starts_deploys_redeploys():
     podman.add("", "running")
     podman.add("old")
     exited = podman.add("b", "exited")
-    podman.add("c", image="localhost/app:v0")
-    state = ExpectedState(containers=(spec("a"), spec("b"), spec("c")))
+    podman.add("c", image="localhost/app:v0", service="lone")  # a lone deployment: re-imaged
+    state = ExpectedState(containers=(spec("a"), spec("b"), spec("c", service="lone")))
     reconciler, podman, _ = make(ListSource(state), podman)
     reconciler.tick()
     ops = [op for op, _ in podman.calls if op != "list"]
