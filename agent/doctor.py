@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from agent import __version__
+from agent import __version__, healthcheck
 from agent.host.run import CommandError, run
 from agent.settings import Settings, SettingsError
 
@@ -347,6 +347,7 @@ def collect(
     if not settings.standalone:
         checks.append(check_buildkit(settings))
     checks.append(check_forwarding(proc))
+    checks.append(Check(OK, "health checks", healthcheck.describe(settings.health_runner)))
     checks.extend(check_data_dir(settings))
     checks.extend(check_secret_files(settings, conf_dir))
     identity: object | None = None
