@@ -20,9 +20,14 @@ running deployment included. So, for a service with several listed deployments:
 * a *missing* container is deployed on the listed image: the agent cannot tell a missing
   old deployment from a new one, and has no other image to give it.
 
-A lone deployment whose image changed is re-created on the new image (REDEPLOY) as before.
-Several replicas of one service also count as "several listed": their image changes
-through the control plane's rollout (new deployments), never by re-imaging in place.
+A lone deployment whose image changed is re-created on the new image (REDEPLOY) as before,
+with one exception: a deployment whose drift was held back during a rollout stays held
+while the control plane lists it with that same image (`held_images`, remembered by the
+loop). That is a rolled-back rollout: the control plane does not revert the service's image,
+so the surviving old deployment is listed alone with the failed new image; re-imaging it
+would take the service down. A restarted agent has forgotten this (the rule is then the
+lone one). Several replicas of one service also count as "several listed": their image
+changes through the control plane's rollout (new deployments), never by re-imaging in place.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, images_match
+from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, canonical_image, images_match
 
 LABEL_SERVICE_ID = "techulus.service.id"
 LABEL_SERVICE_NAME = "techulus.service.name"
@@ -162,6 +167,9 @@ class Plan:
 
     changes: list[Change]
     held: list[Change]
+    # Deployment id -> listed image (canonical) whose drift was not acted on (held, or
+    # restarted on its own image): the loop remembers them as the next `held_images`.
+    kept_images: Mapping[str, str] = field(default_factory=dict)
 
 
 def container_changes(expected: ExpectedState, actual: Sequence[ContainerInfo]) -> list[Change]:
@@ -169,9 +177,14 @@ def container_changes(expected: ExpectedState, actual: Sequence[ContainerInfo]) 
     return container_plan(expected, actual).changes
 
 
-def container_plan(expected: ExpectedState, actual: Sequence[ContainerInfo]) -> Plan:
+def container_plan(
+    expected: ExpectedState,
+    actual: Sequence[ContainerInfo],
+    held_images: Mapping[str, str] | None = None,
+) -> Plan:
     """Container changes in the order they are applied, and the image changes held back
-    because a rollout is in progress (see the module docstring)."""
+    because a rollout is (or was) in progress (see the module docstring). `held_images`:
+    deployment id -> the listed image (canonical) whose drift was held back before."""
     by_deployment: dict[str, ContainerInfo] = {}
     orphans: list[Change] = []
     duplicates: list[Change] = []
@@ -200,16 +213,25 @@ def container_plan(expected: ExpectedState, actual: Sequence[ContainerInfo]) -> 
     deploys: list[Change] = []
     redeploys: list[Change] = []
     held: list[Change] = []
+    kept_images: dict[str, str] = {}
     for item in expected.containers:
         found = by_deployment.get(item.deployment_id)
         if found is None:
             deploys.append(Change(ChangeKind.DEPLOY, "no container yet", expected=item))
-        elif not images_match(item.image, found.image) and item.service_id in rolling:
+        elif not images_match(item.image, found.image) and (
+            item.service_id in rolling or (held_images or {}).get(item.deployment_id) == canonical_image(item.image)
+        ):
+            kept_images[item.deployment_id] = canonical_image(item.image)
             if found.running or found.state in TRANSIENT_STATES:
+                why = (
+                    f"service {item.service_id} has other deployments listed (a rollout)"
+                    if item.service_id in rolling
+                    else "it was held back during a rollout that did not complete"
+                )
                 held.append(Change(
                     ChangeKind.REDEPLOY,
-                    f"image {found.image} should be {item.image}; held back: service {item.service_id} has other "
-                    "deployments listed (a rollout), so this one keeps serving until the control plane drops it",
+                    f"image {found.image} should be {item.image}; held back: {why}, so this one keeps serving "
+                    "until the control plane drops it",
                     found, item,
                 ))
             else:
@@ -222,7 +244,7 @@ def container_plan(expected: ExpectedState, actual: Sequence[ContainerInfo]) -> 
             starts.append(Change(ChangeKind.START, f"container is {found.state}", found, item))
         else:
             redeploys.append(Change(ChangeKind.REDEPLOY, f"container is {found.state}", found, item))
-    return Plan(orphans + duplicates + unexpected + starts + deploys + redeploys, held)
+    return Plan(orphans + duplicates + unexpected + starts + deploys + redeploys, held, kept_images)
 
 
 def rollout_in_progress(
@@ -249,15 +271,16 @@ def full_plan(
     expected: ExpectedState,
     actual: Sequence[ContainerInfo],
     config_drift: Sequence[str] = (),
+    held_images: Mapping[str, str] | None = None,
 ) -> Plan:
     """Everything that differs, and what is held back. `config_drift` names the config
-    sections whose hashes differ."""
-    containers = container_plan(expected, actual)
+    sections whose hashes differ; `held_images` as for `container_plan`."""
+    containers = container_plan(expected, actual, held_images)
     changes = list(containers.changes)
     for section in ("dns", "caddy", "wireguard"):
         if section in config_drift:
             changes.append(Change(CONFIG_KINDS[section], f"{section} configuration differs"))
-    return Plan(changes, containers.held)
+    return Plan(changes, containers.held, containers.kept_images)
 
 
 def plan(

@@ -214,6 +214,8 @@ class Reconciler:
         self._moved_at: float | None = None
         self._last_document: ExpectedState | None = None
         self._resources_at: float | None = None
+        # Deployment id -> the listed image whose drift was held back (drift.py's docstring).
+        self._held_images: dict[str, str] = {}
 
     # --- observation ------------------------------------------------------------------------
 
@@ -252,13 +254,21 @@ class Reconciler:
         document = expected
         expected = self._without_stopped(expected)
         containers, drifted = self.observe(expected)
-        planned = full_plan(expected, containers, drifted)
+        planned = full_plan(expected, containers, drifted, self._held_images)
+        self._remember_held(expected, planned.kept_images)
         self._plan_generation = self._host_generation
         changes = self._guard(document, containers, planned.changes)
         changes = self._drain(expected, containers, changes)
         self.held = [*self.held, *self._drain_held, *planned.held]
         self._in_progress = rollout_in_progress(expected, containers, self.reported_health(), bool(self.draining))
         return changes
+
+    def _remember_held(self, expected: ExpectedState, kept: Mapping[str, str]) -> None:
+        """Keep holding a deployment's image drift after its rollout rolled back, for as long
+        as it is listed with that image."""
+        listed = {c.deployment_id: canonical_image(c.image) for c in expected.containers}
+        self._held_images = {dep: image for dep, image in self._held_images.items() if listed.get(dep) == image}
+        self._held_images.update(kept)
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()

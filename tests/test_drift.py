@@ -185,3 +185,21 @@ def test_once_the_old_deployment_is_dropped_it_is_removed_and_nothing_is_held():
 )
 def test_rollout_in_progress(containers, actual, health, draining, expected):
     assert drift.rollout_in_progress(ExpectedState(containers=containers), actual, health, draining) is expected
+
+
+def test_after_a_rolled_back_rollout_the_survivor_keeps_its_image():
+    # The control plane keeps the service's (failed) new image: D1 is listed alone with it.
+    expected = ExpectedState(containers=(_expected("d1", "localhost/bb:broken"),))
+    actual = [_actual("d1", image="localhost/bb:v1")]
+    remembered = {"d1": "localhost/bb:broken"}
+    result = drift.full_plan(expected, actual, held_images=remembered)
+    assert result.changes == [] and [c.kind for c in result.held] == [ChangeKind.REDEPLOY]
+    assert "did not complete" in result.held[0].reason
+    # Another image later (no rollout) is a real change again.
+    changed = ExpectedState(containers=(_expected("d1", "localhost/bb:v3"),))
+    assert [c.kind for c in drift.full_plan(changed, actual, held_images=remembered).changes] == [ChangeKind.REDEPLOY]
+
+
+def test_the_images_kept_during_a_rollout_are_returned_for_remembering():
+    expected, actual = _rollout("exited")
+    assert drift.full_plan(expected, actual).kept_images == {"d1": "localhost/bb:v2"}

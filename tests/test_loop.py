@@ -707,3 +707,18 @@ def test_run_polls_right_after_a_report_while_following():
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_a_rolled_back_rollout_leaves_the_old_deployment_on_its_image():
+    podman = FakePodman()
+    d1 = podman.add("d1", image="localhost/app:v1")
+    broken_d1 = spec("d1", "localhost/app:broken")
+    source = ListSource(ExpectedState(containers=(broken_d1, spec("d2", "localhost/app:broken"))))
+    reconciler, podman, _ = make(source, podman)
+    reconciler.tick()
+    # Rolled back: D2 is gone from the list, D1 is listed alone with the broken image.
+    source.items = [ExpectedState(containers=(broken_d1,))]
+    reconciler.tick()
+    reconciler.tick()
+    assert podman.containers[d1.id].image == "localhost/app:v1"
+    assert [c.kind.value for c in reconciler.held] == ["redeploy"]
