@@ -20,15 +20,18 @@ rollout one stage per status report and tells the agent about it only through th
   `health_poll_interval` (0.5 s) and reports at once when the report would differ (a
   health change); the health runner (healthcheck.py) also triggers a report when a check's
   outcome changes.
-* *Following* a rollout: a rollout is in progress (drift.rollout_in_progress: a drain
-  pending, a service with several deployments listed, a listed deployment without a
-  running container or with `starting` health) AND something moved within
-  `fast_follow_timeout` (30 s): a new document, an applied change, a report that differed
-  from the previous one, or a `deploy` work item (`wake`). Then the expected state is
-  polled right after each report that went out and at least every `fast_poll_interval`
-  (1 s); otherwise every `tick_interval` (10 s). So a stuck rollout, or a service that just
-  has several replicas, costs at most `fast_follow_timeout` of fast polling after its last
-  movement.
+* *Following* a rollout: something moved (a new document, an applied change, a report
+  that differed from the previous one, or a `deploy` work item: `wake`) within
+  `fast_follow_timeout` (30 s) while a rollout is in progress (drift.rollout_in_progress: a
+  drain pending, a service with several deployments listed, a listed deployment without a
+  running container or with `starting` health), or within SETTLE_WINDOW (5 s) otherwise:
+  once its container is up and healthy a deployment looks settled here while the control
+  plane still needs several report/poll rounds (caddy_updating, stopping_old, running),
+  each of which changes the document and so extends the window. While following, the
+  expected state is polled right after each report that went out and at least every
+  `fast_poll_interval` (1 s); otherwise every `tick_interval` (10 s). So a stuck rollout, or
+  a service that just has several replicas, costs at most `fast_follow_timeout` of fast
+  polling after its last movement.
 * Bounds while following: polls <= 1 per report + 1 per `fast_poll_interval`; reports <= 1
   per `report_coalesce` and only on a trigger or a changed report; the heartbeat's extra
   podman reads (one `ps`, one batched inspect) <= 1 per `health_poll_interval`. A no-drift
@@ -75,6 +78,8 @@ BACKOFF_BASE = 10.0
 BACKOFF_MAX = 300.0
 BACKOFF_WINDOW = 600.0
 SNAPSHOT_MAX_AGE = 60.0
+#: How long the loop keeps following after a movement when nothing looks in progress here.
+SETTLE_WINDOW = 5.0
 #: From a cached expected state (control plane unreachable at start) only bring workloads back.
 RESTORE_KINDS = frozenset({ChangeKind.START, ChangeKind.DEPLOY})
 
@@ -410,9 +415,13 @@ class Reconciler:
         self._moved_at = self.clock()
 
     def following(self) -> bool:
-        """Whether a rollout is in progress and moved within `fast_follow_timeout`."""
+        """Whether something moved within `fast_follow_timeout` while a rollout is in
+        progress, or within SETTLE_WINDOW otherwise (module docstring)."""
         moved = self._moved_at
-        return self._in_progress and moved is not None and self.clock() - moved < self.settings.fast_follow_timeout
+        if moved is None:
+            return False
+        window = self.settings.fast_follow_timeout if self._in_progress else min(SETTLE_WINDOW, self.settings.fast_follow_timeout)
+        return self.clock() - moved < window
 
     def note_report(self, changed: bool) -> None:
         """The heartbeat sent a report (`changed`: it differed from the previous one)."""

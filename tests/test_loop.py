@@ -7,7 +7,7 @@ import pytest
 
 from agent import crypto
 from agent.api import BadResponse, Unavailable
-from agent.loop import IDLE, RESTORE_KINDS, Reconciler, decrypt_env
+from agent.loop import IDLE, RESTORE_KINDS, SETTLE_WINDOW, Reconciler, decrypt_env
 from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, ModelError
 from agent.settings import Settings
 from tests.fakes import FakePodman, ListSource, RecordingReporter
@@ -656,10 +656,13 @@ def test_fast_follow_starts_with_a_rollout_and_stops_when_nothing_moves():
     clock.now += reconciler.settings.fast_follow_timeout
     reconciler.tick()
     assert not reconciler.following()
-    # The rollout settles (one deployment): not following even right after a movement.
+    # The rollout settles (one deployment): the control plane still needs a few rounds that
+    # look settled here, so the loop follows a short while after the last movement, no longer.
     podman.containers = {k: v for k, v in podman.containers.items() if v.deployment_id == "d2"}
     source.items = [ExpectedState(containers=(D2,))]
     reconciler.tick()
+    assert reconciler.following()
+    clock.now += SETTLE_WINDOW
     assert not reconciler.following()
 
 
