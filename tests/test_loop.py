@@ -7,6 +7,7 @@ import pytest
 
 from agent import crypto
 from agent.api import BadResponse, Unavailable
+from agent.heartbeat import Heartbeat
 from agent.loop import IDLE, RESTORE_KINDS, SETTLE_WINDOW, Reconciler, decrypt_env
 from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, ModelError
 from agent.settings import Settings
@@ -566,11 +567,18 @@ def test_crash_looped_old_container_is_restarted_not_reimaged():
 def test_drain_reports_without_the_old_one_and_removes_it_only_after_the_route_moved():
     clock = FakeClock()
     reconciler, podman, source, reporter, events, d1 = rollout_setup(clock)
+    reports: list = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    reconciler.couple(heartbeat)
+    heartbeat.send_once()
+    assert [c["deploymentId"] for c in reports[-1]["containers"]] == ["d1", "d2"]
     # stopping_old: D1 is no longer listed, the route names D1 only.
     stage(source, (D2,), D1_IP)
     reconciler.tick()
     assert d1 in podman.containers, "D1 keeps serving: the route still names it"
-    assert reconciler.draining_ids() == frozenset({d1}), "D1 leaves the status reports"
+    assert reconciler.draining_ids() == frozenset({d1})
+    heartbeat.send_once()
+    assert [c["deploymentId"] for c in reports[-1]["containers"]] == ["d2"], "D1 leaves the status reports"
     assert reporter.triggers, "a report goes out at once"
     assert reconciler.following(), "and the loop polls right after it"
     assert any("draining for" in c.reason for c in reconciler.held)
