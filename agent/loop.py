@@ -273,6 +273,10 @@ class Reconciler:
         as it is listed with that image."""
         listed = {c.deployment_id: canonical_image(c.image) for c in expected.containers}
         self._held_images = {dep: image for dep, image in self._held_images.items() if listed.get(dep) == image}
+        for deployment_id, image in kept.items():
+            if self._held_images.get(deployment_id) != image:
+                log.info("deployment %s keeps its own image during a rollout (listed with %s); it goes when the "
+                         "control plane drops it", deployment_id, image)
         self._held_images.update(kept)
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
