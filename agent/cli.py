@@ -194,7 +194,7 @@ def run_plan(settings: Any) -> int:
     reconciler.note_fetch(expected)
     changes = reconciler.compute_plan(expected)
     for change in reconciler.held:
-        print(f"held back: {change.describe()}")  # the reason says why (loop._guard, drift, drain)
+        print(f"held back: {change.describe()} ({change.held_because})")
     if not changes and not reconciler.held:
         print("no changes: this server matches the expected state")
     for change in changes:

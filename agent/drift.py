@@ -96,6 +96,9 @@ class Change:
     reason: str
     container: ContainerInfo | None = None
     expected: ExpectedContainer | None = None
+    # Why the change is deliberately not made (for `agent plan`'s "held back" lines); the
+    # reason stays what the change itself would do.
+    held_because: str = ""
 
     def describe(self) -> str:
         target = ""
@@ -229,10 +232,8 @@ def container_plan(
                     else "it was held back during a rollout that did not complete"
                 )
                 held.append(Change(
-                    ChangeKind.REDEPLOY,
-                    f"image {found.image} should be {item.image}; held back: {why}, so this one keeps serving "
-                    "until the control plane drops it",
-                    found, item,
+                    ChangeKind.REDEPLOY, f"image {found.image} should be {item.image}", found, item,
+                    held_because=f"{why}, so this one keeps serving until the control plane drops it",
                 ))
             else:
                 starts.append(Change(ChangeKind.START, f"container is {found.state} (restarted on its own image during a rollout)", found, item))

@@ -325,7 +325,7 @@ class Reconciler:
                 log.warning("%s: expected state suddenly lists nothing; waiting for the next poll to confirm", section)
                 dropped.add(kind)
         self.held = [
-            dataclasses.replace(c, reason=f"{c.reason} (held back: not until a second poll confirms it, or the invalid entry is fixed)")
+            dataclasses.replace(c, held_because="not until a second poll confirms it, or the invalid entry is fixed")
             for c in changes
             if c.kind in dropped
         ]
@@ -380,8 +380,8 @@ class Reconciler:
                 kept.append(change)
                 continue
             held.append(dataclasses.replace(
-                change, reason=f"{change.reason}; draining for {elapsed:.0f}s: {route} (removed once no route does, "
-                f"at most {self.settings.drain_timeout:.0f}s)",
+                change, held_because=f"draining for {elapsed:.0f}s: {route}; removed once no route does, "
+                f"at most {self.settings.drain_timeout:.0f}s after the drain began",
             ))
         self._drain_held = held
         self.excluded = frozenset(self.draining)

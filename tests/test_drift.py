@@ -124,7 +124,7 @@ def test_old_running_deployment_is_never_reimaged_during_a_rollout():
     result = drift.full_plan(expected, actual)
     assert [(c.kind, c.expected.deployment_id) for c in result.changes] == [(ChangeKind.DEPLOY, "d2")]
     assert [(c.kind, c.container.deployment_id) for c in result.held] == [(ChangeKind.REDEPLOY, "d1")]
-    assert "held back" in result.held[0].reason and "rollout" in result.held[0].reason
+    assert "rollout" in result.held[0].held_because
 
 
 @pytest.mark.parametrize("state", ["stopping", "removing"])
@@ -194,7 +194,7 @@ def test_after_a_rolled_back_rollout_the_survivor_keeps_its_image():
     remembered = {"d1": "localhost/bb:broken"}
     result = drift.full_plan(expected, actual, held_images=remembered)
     assert result.changes == [] and [c.kind for c in result.held] == [ChangeKind.REDEPLOY]
-    assert "did not complete" in result.held[0].reason
+    assert "did not complete" in result.held[0].held_because
     # Another image later (no rollout) is a real change again.
     changed = ExpectedState(containers=(_expected("d1", "localhost/bb:v3"),))
     assert [c.kind for c in drift.full_plan(changed, actual, held_images=remembered).changes] == [ChangeKind.REDEPLOY]

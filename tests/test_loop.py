@@ -581,7 +581,7 @@ def test_drain_reports_without_the_old_one_and_removes_it_only_after_the_route_m
     assert [c["deploymentId"] for c in reports[-1]["containers"]] == ["d2"], "D1 leaves the status reports"
     assert reporter.triggers, "a report goes out at once"
     assert reconciler.following(), "and the loop polls right after it"
-    assert any("draining for" in c.reason for c in reconciler.held)
+    assert any("draining for" in c.held_because for c in reconciler.held)
     # A later poll of the same stage: still draining (nothing times out in between).
     clock.now += 5
     reconciler.tick()
