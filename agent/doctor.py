@@ -344,10 +344,10 @@ def collect(
         check_dnsmasq(settings, proc),
     )
     checks.extend(c for c in optional if c is not None)
+    checks.append(Check(OK, "health checks", healthcheck.describe(settings.health_runner)))
     if not settings.standalone:
         checks.append(check_buildkit(settings))
     checks.append(check_forwarding(proc))
-    checks.append(Check(OK, "health checks", healthcheck.describe(settings.health_runner)))
     checks.extend(check_data_dir(settings))
     checks.extend(check_secret_files(settings, conf_dir))
     identity: object | None = None

@@ -268,6 +268,21 @@ def rollout_in_progress(
     return False
 
 
+def route_naming(ips: frozenset[str], expected: Sequence[CaddyRoute], live: Sequence[CaddyRoute] | None) -> str:
+    """Which expected or live route names one of `ips` as an upstream host ("" when none);
+    live routes that could not be read (None) count as naming them."""
+    if not ips:
+        return ""
+    if live is None:
+        return "the live Caddy routes cannot be read"
+    for route in [*expected, *live]:
+        for upstream in route.upstreams:
+            host = upstream.rsplit(":", 1)[0].strip("[]")
+            if host in ips:
+                return f"route {route.id} still sends traffic to {upstream}"
+    return ""
+
+
 def full_plan(
     expected: ExpectedState,
     actual: Sequence[ContainerInfo],

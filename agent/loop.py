@@ -62,10 +62,12 @@ from typing import Any, Protocol
 
 from agent import crypto
 from agent.configsync import ConfigSync
-from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, full_plan, rollout_in_progress
+from agent.drift import (
+    CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, full_plan, rollout_in_progress, route_naming,
+)
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman
-from agent.model import SECTIONS, CaddyRoute, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
+from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,9 +206,6 @@ class Reconciler:
         self.last_plan: list[Change] = []
         # Changes the last plan held back for safety (see _guard), for `agent plan`.
         self.held: list[Change] = []
-        # Deployments a user stopped through a `stop` work item. The control plane keeps
-        # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
-        self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
         # Following rollouts (module docstring). Container id -> its drain; `excluded` is the
         # same ids as one immutable set, swapped whole, for the heartbeat thread to read.
         self.draining: dict[str, Drain] = {}
@@ -221,6 +220,9 @@ class Reconciler:
         self._resources_at: float | None = None
         # Deployment id -> the listed image whose drift was held back (drift.py's docstring).
         self._held_images: dict[str, str] = {}
+        # Deployments a user stopped through a `stop` work item. The control plane keeps
+        # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
+        self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
 
     # --- observation ------------------------------------------------------------------------
 
@@ -352,7 +354,7 @@ class Reconciler:
         kept: list[Change] = []
         held: list[Change] = []
         caddy = self.syncs.get("caddy")
-        live: list[CaddyRoute] | None = None
+        live: list[Any] | None = None
         read_live = False
         for change in changes:
             container = change.container
@@ -361,7 +363,7 @@ class Reconciler:
                 continue
             if not read_live:
                 live, read_live = self._live_routes(caddy), True
-            route = _route_naming(self._container_ips(container), expected.caddy_routes, live)
+            route = route_naming(self._container_ips(container), expected.caddy_routes, live)
             if not route:
                 kept.append(change)
                 continue
@@ -387,8 +389,8 @@ class Reconciler:
         self.excluded = frozenset(self.draining)
         return kept
 
-    def _live_routes(self, caddy: ConfigSync) -> list[CaddyRoute] | None:
-        """The routes live in Caddy (None when they cannot be read)."""
+    def _live_routes(self, caddy: ConfigSync) -> list[Any] | None:
+        """The CaddyRoutes live in Caddy (None when they cannot be read)."""
         read = getattr(caddy, "live_routes", None)
         if read is None:
             return []
@@ -665,21 +667,6 @@ class Reconciler:
             if on_tick is not None:
                 on_tick()
             self._wait_next(stop, started)
-
-
-def _route_naming(ips: frozenset[str], expected: Sequence[CaddyRoute], live: Sequence[CaddyRoute] | None) -> str:
-    """Which expected or live route names one of `ips` as an upstream host ("" when none);
-    live routes that could not be read (None) count as naming them."""
-    if not ips:
-        return ""
-    if live is None:
-        return "the live Caddy routes cannot be read"
-    for route in [*expected, *live]:
-        for upstream in route.upstreams:
-            host = upstream.rsplit(":", 1)[0].strip("[]")
-            if host in ips:
-                return f"route {route.id} still sends traffic to {upstream}"
-    return ""
 
 
 def needs_pull(image: str, podman: Podman) -> bool:

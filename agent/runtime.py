@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from agent import healthcheck, sdnotify, status
+from agent import sdnotify, status
 from agent.api import ControlPlane, Signer, Unavailable
 from agent.configsync import ConfigSync
 from agent.heartbeat import Heartbeat
@@ -210,11 +210,6 @@ def prepare_host(components: Components) -> None:
 def background_tasks(components: Components) -> list[tuple[str, Callable[[threading.Event], None]]]:
     settings = components.settings
     tasks: list[tuple[str, Callable[[threading.Event], None]]] = [("heartbeat", components.heartbeat.run)]
-    components.reconciler.couple(components.heartbeat)
-    health_runner = healthcheck.runner_task(settings, components.podman, components.heartbeat.trigger)
-    if health_runner is not None:
-        components.heartbeat.on_trigger = health_runner.wake
-        tasks.append(("healthcheck", health_runner.run))
     if isinstance(components.public_ip, status.PublicIp) and components.public_ip.url:
         tasks.append(("public-ip", components.public_ip.run))
     if components.client is not None:
@@ -247,6 +242,13 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
 
         shipper = LogShipper(settings, components.podman)
         tasks.append(("logs", shipper.run))
+    from agent import healthcheck
+
+    components.reconciler.couple(components.heartbeat)  # drains, fast follow (loop.py)
+    health_runner = healthcheck.runner_task(settings, components.podman, components.heartbeat.trigger)
+    if health_runner is not None:
+        components.heartbeat.on_trigger = health_runner.wake
+        tasks.append(("healthcheck", health_runner.run))
     return tasks
 
 
