@@ -110,6 +110,7 @@ class HealthRunner:
         self._next_list = 0.0
         self._wake = threading.Event()
         self._failing: set[str] = set()
+        self._list_failing = False
 
     def wake(self) -> None:
         """Re-read the container list soon (something changed containers)."""
@@ -130,7 +131,11 @@ class HealthRunner:
             try:
                 self._refresh(now)
             except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("health checks: cannot list containers: %s", exc)
+                if not self._list_failing:
+                    log.warning("health checks: cannot list containers (%s); retrying every %.0fs", exc, LIST_INTERVAL)
+                self._list_failing = True
+            else:
+                self._list_failing = False
         for container_id, tracked in list(self.tracked.items()):
             if tracked is not None and self.clock() >= tracked.due:
                 self._check(container_id, tracked)

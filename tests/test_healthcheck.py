@@ -136,3 +136,16 @@ def test_podman_healthcheck_run_maps_exit_codes(fp):
     assert pm.healthcheck_run("c2") is False
     with pytest.raises(PodmanError, match="has no defined healthcheck"):
         pm.healthcheck_run("c3")
+
+
+def test_a_listing_failure_is_logged_once_per_streak(caplog):
+    runner, podman, clock, _ = setup()
+    podman.fail["list"] = RuntimeError("podman hung")
+    for _ in range(3):
+        runner.run_once()
+        clock.now += healthcheck.LIST_INTERVAL
+    assert caplog.text.count("cannot list containers") == 1
+    del podman.fail["list"]
+    with_check(podman, "d1")
+    runner.run_once()
+    assert len(runner.tracked) == 1
