@@ -89,6 +89,8 @@ class Heartbeat:
             self._last_containers = containers
             self._forget_gone(containers)
         except Exception as exc:  # noqa: BLE001 - report what we last knew instead of nothing
+            if only_if_changed:
+                return False  # a look between beats: the next beat reports (and logs) it
             if self._last_containers is None:
                 # An empty list would tell the control plane every deployment is gone.
                 log.warning("cannot list containers for the status report (%s); not reporting yet", exc)
@@ -103,6 +105,8 @@ class Heartbeat:
             health = {cid: self._crash_looping(cid, status, restarts) for cid, (status, restarts) in found.items()}
             self._last_health = dict(health)
         except Exception as exc:  # noqa: BLE001
+            if only_if_changed:
+                return False
             # Never guess "none" (the control plane counts it as healthy): last known, else "starting".
             log.warning("cannot read container health (%s); reporting the last known", exc)
             health = {cid: self._last_health.get(cid, "starting") for cid in running}

@@ -286,3 +286,16 @@ def test_triggers_during_a_report_make_one_more_report():
         stop.set()
         thread.join(5)
     assert len(reports) == 2, "twenty triggers coalesced into one report"
+
+
+def test_a_look_between_beats_stays_quiet_when_podman_fails(caplog):
+    podman = FakePodman()
+    podman.add("d1")
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    heartbeat.send_once()
+    podman.fail["list"] = RuntimeError("podman hung")
+    assert heartbeat.send_once(only_if_changed=True) is False
+    assert "cannot list containers" not in caplog.text and len(reports) == 1
+    heartbeat.send_once()  # the regular beat reports the last known list, and says so
+    assert "reporting the last known list" in caplog.text and len(reports) == 2
