@@ -265,7 +265,7 @@ def run_plan(settings: Any) -> int:
     survey = components.podman.survey()
     verdicts = {container.id: verdict for container, verdict in survey}
     for change in reconciler.held:
-        print(f"held back: {change.describe()} (not until a second poll confirms it, or the invalid entry is fixed)")
+        print(f"held back: {change.describe()} ({change.held_because})")
         removal = _removal(change, verdicts)
         if removal:
             print(f"  held back: {removal}")

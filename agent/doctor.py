@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from agent import __version__
+from agent import __version__, healthcheck
 from agent.host.run import CommandError, run
 from agent.identity import AgentConfig
 from agent.settings import Settings, SettingsError
@@ -425,6 +425,7 @@ def collect(
         check_dnsmasq(settings, proc),
     )
     checks.extend(c for c in optional if c is not None)
+    checks.append(Check(OK, "health checks", healthcheck.describe(settings.health_runner)))
     if not settings.standalone:
         checks.append(check_buildkit(settings))
     checks.append(check_forwarding(proc, required=not settings.standalone))

@@ -5,6 +5,29 @@ one at a time: orphans, unexpected deployments, created/exited containers, missi
 containers, wrong images, then DNS, Caddy and WireGuard (PROTOCOL.md §9.3-9.5). This is
 the documented order; the Go code deployed missing containers before starting stopped
 ones (§9.5 note). Starting first is cheap and brings a known-good container back sooner.
+
+Image drift during a rollout (ROLLOUT.md): while a service has two or more deployments
+listed, the control plane gives every one of them the service's *current* image, the old
+running deployment included. So, for a service with several listed deployments:
+
+* a running (or stopping/removing) container whose image differs is never stopped,
+  restarted or re-created for that: the change is *held back* (shown by `agent plan`).
+  It keeps serving until the control plane drops its deployment, and then goes the way
+  of every unexpected deployment (drained first, see loop.py);
+* a container of such a deployment that is exited, created or crash-looped to a halt is
+  repaired by a START on its own image, never re-imaged (if it cannot be started, the
+  loop removes it and the next plan deploys it like a missing one);
+* a *missing* container is deployed on the listed image: the agent cannot tell a missing
+  old deployment from a new one, and has no other image to give it.
+
+A lone deployment whose image changed is re-created on the new image (REDEPLOY) as before,
+with one exception: a deployment whose drift was held back during a rollout stays held
+while the control plane lists it with that same image (`held_images`, remembered by the
+loop). That is a rolled-back rollout: the control plane does not revert the service's image,
+so the surviving old deployment is listed alone with the failed new image; re-imaging it
+would take the service down. A restarted agent has forgotten this (the rule is then the
+lone one). Several replicas of one service also count as "several listed": their image
+changes through the control plane's rollout (new deployments), never by re-imaging in place.
 """
 
 from __future__ import annotations
@@ -14,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, images_match
+from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, canonical_image, images_match
 
 LABEL_SERVICE_ID = "techulus.service.id"
 LABEL_SERVICE_NAME = "techulus.service.name"
@@ -73,6 +96,9 @@ class Change:
     reason: str
     container: ContainerInfo | None = None
     expected: ExpectedContainer | None = None
+    # Why the change is deliberately not made (for `agent plan`'s "held back" lines); the
+    # reason stays what the change itself would do.
+    held_because: str = ""
 
     def describe(self) -> str:
         target = ""
@@ -130,8 +156,38 @@ def wireguard_hash(peers: Iterable[WireGuardPeer]) -> str:
 # --- the plan ----------------------------------------------------------------------------
 
 
+def several_deployments(expected: ExpectedState) -> frozenset[str]:
+    """Services with two or more listed deployments: a rollout (or replicas) in progress."""
+    counts: dict[str, int] = {}
+    for item in expected.containers:
+        counts[item.service_id] = counts.get(item.service_id, 0) + 1
+    return frozenset(service for service, count in counts.items() if count > 1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do, in order, and what is deliberately not done (for `agent plan` and logs)."""
+
+    changes: list[Change]
+    held: list[Change]
+    # Deployment id -> listed image (canonical) whose drift was not acted on (held, or
+    # restarted on its own image): the loop remembers them as the next `held_images`.
+    kept_images: Mapping[str, str] = field(default_factory=dict)
+
+
 def container_changes(expected: ExpectedState, actual: Sequence[ContainerInfo]) -> list[Change]:
     """Container changes in the order they are applied."""
+    return container_plan(expected, actual).changes
+
+
+def container_plan(
+    expected: ExpectedState,
+    actual: Sequence[ContainerInfo],
+    held_images: Mapping[str, str] | None = None,
+) -> Plan:
+    """Container changes in the order they are applied, and the image changes held back
+    because a rollout is (or was) in progress (see the module docstring). `held_images`:
+    deployment id -> the listed image (canonical) whose drift was held back before."""
     by_deployment: dict[str, ContainerInfo] = {}
     orphans: list[Change] = []
     duplicates: list[Change] = []
@@ -155,13 +211,32 @@ def container_changes(expected: ExpectedState, actual: Sequence[ContainerInfo]) 
         for deployment_id, container in by_deployment.items()
         if deployment_id not in expected_ids and deployment_id not in expected.protected_deployments
     ]
+    rolling = several_deployments(expected)
     starts: list[Change] = []
     deploys: list[Change] = []
     redeploys: list[Change] = []
+    held: list[Change] = []
+    kept_images: dict[str, str] = {}
     for item in expected.containers:
         found = by_deployment.get(item.deployment_id)
         if found is None:
             deploys.append(Change(ChangeKind.DEPLOY, "no container yet", expected=item))
+        elif not images_match(item.image, found.image) and (
+            item.service_id in rolling or (held_images or {}).get(item.deployment_id) == canonical_image(item.image)
+        ):
+            kept_images[item.deployment_id] = canonical_image(item.image)
+            if found.running or found.state in TRANSIENT_STATES:
+                why = (
+                    f"service {item.service_id} has other deployments listed (a rollout)"
+                    if item.service_id in rolling
+                    else "it was held back during a rollout that did not complete"
+                )
+                held.append(Change(
+                    ChangeKind.REDEPLOY, f"image {found.image} should be {item.image}", found, item,
+                    held_because=f"{why}, so this one keeps serving until the control plane drops it",
+                ))
+            else:
+                starts.append(Change(ChangeKind.START, f"container is {found.state} (restarted on its own image during a rollout)", found, item))
         elif not images_match(item.image, found.image):
             redeploys.append(Change(ChangeKind.REDEPLOY, f"image {found.image} should be {item.image}", found, item))
         elif found.running or found.state in TRANSIENT_STATES:
@@ -170,7 +245,58 @@ def container_changes(expected: ExpectedState, actual: Sequence[ContainerInfo]) 
             starts.append(Change(ChangeKind.START, f"container is {found.state}", found, item))
         else:
             redeploys.append(Change(ChangeKind.REDEPLOY, f"container is {found.state}", found, item))
-    return orphans + duplicates + unexpected + starts + deploys + redeploys
+    return Plan(orphans + duplicates + unexpected + starts + deploys + redeploys, held, kept_images)
+
+
+def rollout_in_progress(
+    expected: ExpectedState,
+    actual: Sequence[ContainerInfo],
+    health: Mapping[str, str],
+    draining: bool = False,
+) -> bool:
+    """Whether a rollout looks under way on this server, so that the agent follows it
+    closely (loop.py): a drain is pending, a service has several deployments listed, or a
+    listed deployment has no running container yet or its health is still `starting`
+    (`health`: container id -> last reported health)."""
+    if draining or several_deployments(expected):
+        return True
+    by_deployment = {c.deployment_id: c for c in actual if c.deployment_id}
+    for item in expected.containers:
+        found = by_deployment.get(item.deployment_id)
+        if found is None or not found.running or health.get(found.id) == "starting":
+            return True
+    return False
+
+
+def route_naming(ips: frozenset[str], expected: Sequence[CaddyRoute], live: Sequence[CaddyRoute] | None) -> str:
+    """Which expected or live route names one of `ips` as an upstream host ("" when none);
+    live routes that could not be read (None) count as naming them."""
+    if not ips:
+        return ""
+    if live is None:
+        return "the live Caddy routes cannot be read"
+    for route in [*expected, *live]:
+        for upstream in route.upstreams:
+            host = upstream.rsplit(":", 1)[0].strip("[]")
+            if host in ips:
+                return f"route {route.id} still sends traffic to {upstream}"
+    return ""
+
+
+def full_plan(
+    expected: ExpectedState,
+    actual: Sequence[ContainerInfo],
+    config_drift: Sequence[str] = (),
+    held_images: Mapping[str, str] | None = None,
+) -> Plan:
+    """Everything that differs, and what is held back. `config_drift` names the config
+    sections whose hashes differ; `held_images` as for `container_plan`."""
+    containers = container_plan(expected, actual, held_images)
+    changes = list(containers.changes)
+    for section in ("dns", "caddy", "wireguard"):
+        if section in config_drift:
+            changes.append(Change(CONFIG_KINDS[section], f"{section} configuration differs"))
+    return Plan(changes, containers.held, containers.kept_images)
 
 
 def plan(
@@ -179,8 +305,4 @@ def plan(
     config_drift: Sequence[str] = (),
 ) -> list[Change]:
     """Everything that differs. `config_drift` names the config sections whose hashes differ."""
-    changes = container_changes(expected, actual)
-    for section in ("dns", "caddy", "wireguard"):
-        if section in config_drift:
-            changes.append(Change(CONFIG_KINDS[section], f"{section} configuration differs"))
-    return changes
+    return full_plan(expected, actual, config_drift).changes

@@ -4,6 +4,14 @@ The control plane marks a server offline after 30 s without a report; this threa
 one at least every `heartbeat_interval` seconds, and at once when the reconciler asks
 (after each step). If podman cannot be read in time it reports the last known list
 rather than an empty one, which the control plane would read as "all containers gone".
+
+Coalescing: a trigger sends a report at once, unless the previous report went out less
+than `coalesce` (0.25 s) ago; then one report goes out when that gap ends, however many
+triggers came in between. While the reconciler follows a rollout (`following`), containers
+and health are re-read every `health_poll` (0.5 s) and a report goes out as soon as it
+would differ from the last one sent, so a health change reaches the control plane within
+about a second. Containers the reconciler is draining (`exclude`) are left out of reports.
+After each report `on_report(changed)` tells the reconciler, which polls right after it.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent import status
@@ -49,44 +57,76 @@ class Heartbeat:
         self._last_health: dict[str, str] = {}
         self._restarts: dict[str, int] = {}
         self._restart_times: dict[str, list[float]] = {}
+        # Set by Reconciler.couple (defaults: nothing excluded, never following).
+        self.exclude: Callable[[], frozenset[str]] = frozenset
+        self.following: Callable[[], bool] = lambda: False
+        self.on_report: Callable[[bool], None] | None = None
+        # Told of every trigger (something changed containers), e.g. the health runner's wake.
+        self.on_trigger: Callable[[], None] | None = None
+        self.coalesce = 0.25
+        self.health_poll = 0.5
+        self._last_entries: list[dict[str, str]] | None = None
 
     def trigger(self, include_resources: bool = False) -> None:
         """Send a report as soon as possible (with resources when there is no drift)."""
         with self._lock:
             self._include_resources = self._include_resources or include_resources
         self._wake.set()
+        if self.on_trigger is not None:
+            self.on_trigger()
 
-    def send_once(self) -> None:
+    def last_health(self) -> Mapping[str, str]:
+        """Container id -> the health last read (for the reconciler's rollout check)."""
+        return dict(self._last_health)
+
+    def send_once(self, only_if_changed: bool = False) -> bool:
+        """Build and send a report; with `only_if_changed`, only when its containers differ
+        from the last one sent (and no resources are due). True when one was sent."""
         with self._lock:
             include_resources = self._include_resources
-            self._include_resources = False
         try:
             containers = self.podman.list_containers()
             self._last_containers = containers
             self._forget_gone(containers)
         except Exception as exc:  # noqa: BLE001 - report what we last knew instead of nothing
+            if only_if_changed:
+                return False  # a look between beats: the next beat reports (and logs) it
             if self._last_containers is None:
                 # An empty list would tell the control plane every deployment is gone.
                 log.warning("cannot list containers for the status report (%s); not reporting yet", exc)
-                return
+                return False
             log.warning("cannot list containers for the status report (%s); reporting the last known list", exc)
             containers = self._last_containers
+        excluded = self.exclude()
+        containers = [c for c in containers if c.id not in excluded]
         running = [c.id for c in containers if c.running]
         try:
             found = self.podman.health_and_restarts(running)
             health = {cid: self._crash_looping(cid, status, restarts) for cid, (status, restarts) in found.items()}
             self._last_health = dict(health)
         except Exception as exc:  # noqa: BLE001
+            if only_if_changed:
+                return False
             # Never guess "none" (the control plane counts it as healthy): last known, else "starting".
             log.warning("cannot read container health (%s); reporting the last known", exc)
             health = {cid: self._last_health.get(cid, "starting") for cid in running}
+        entries = status.container_entries(containers, health)
+        changed = entries != self._last_entries
+        if only_if_changed and not changed and not include_resources:
+            return False
+        with self._lock:
+            self._include_resources = False
         report = status.build_report(containers, health, self.public_ip(), include_resources)
-        if self._send is None:
-            return
-        try:
-            self._send(report)
-        except ApiError as exc:
-            log.warning("status report failed: %s", exc)
+        if self._send is not None:
+            try:
+                self._send(report)
+            except ApiError as exc:
+                log.warning("status report failed: %s", exc)
+                return False
+        self._last_entries = entries
+        if self.on_report is not None:
+            self.on_report(changed)
+        return True
 
     def _crash_looping(self, container_id: str, status: str, restarts: int) -> str:
         """`unhealthy` for a container podman restarted at least CRASH_LOOP_RESTARTS times
@@ -122,11 +162,31 @@ class Heartbeat:
             self._wake.clear()
             if self.on_beat is not None:
                 self.on_beat()
-            try:
-                self.send_once()
-            except Exception:  # noqa: BLE001 - the heartbeat thread must never die
-                log.exception("status report crashed")
-            # Wake early for a triggered report (never more than ~4 per second) or to stop.
-            stop.wait(0.25)
-            while not stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
-                self._wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            self._send_guarded(False)
+            self._until_next(stop, deadline)
+
+    def _send_guarded(self, only_if_changed: bool) -> bool:
+        try:
+            return self.send_once(only_if_changed)
+        except Exception:  # noqa: BLE001 - the heartbeat thread must never die
+            log.exception("status report crashed")
+            return False
+
+    def _until_next(self, stop: threading.Event, deadline: float) -> None:
+        """Wait for the next beat (module docstring): the deadline, or a trigger once the
+        coalescing gap is over; while following a rollout, report changes in between."""
+        stop.wait(self.coalesce)  # the coalescing gap: triggers in it make one report after it
+        next_look = time.monotonic() + max(0.0, self.health_poll - self.coalesce)
+        while not stop.is_set() and not self._wake.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            if not self.following():
+                self._wake.wait(min(0.5, deadline - now))
+                continue
+            if now < next_look:
+                self._wake.wait(min(next_look, deadline) - now)
+                continue
+            if self._send_guarded(True):
+                stop.wait(self.coalesce)
+            next_look = time.monotonic() + self.health_poll

@@ -6,6 +6,45 @@ verifies the previous one), back to back rather than one change per tick, for at
 `processing_timeout`. A failing change is skipped for this pass and retried later with
 backoff, so one broken deployment does not block the rest. Status reports are sent by the
 Heartbeat thread, so a long step never starves them.
+
+Timing model (issue 9: a rollout in seconds, not tens of seconds). The control plane moves a
+rollout one stage per status report and tells the agent about it only through the next poll
+(ROLLOUT.md), so the latency is the report -> poll -> change -> report ping-pong:
+
+* A report is triggered right after every change that can move a rollout: each applied
+  step (container started or removed, DNS or Caddy applied), a drain that begins, and a
+  newly fetched document while following a rollout (the control plane may be waiting for a
+  report). The heartbeat coalesces triggers: reports are at least `report_coalesce` (0.25 s)
+  apart and the triggers in between make one report.
+* While following, the heartbeat re-reads containers and health every
+  `health_poll_interval` (0.5 s) and reports at once when the report would differ (a
+  health change); the health runner (healthcheck.py) also triggers a report when a check's
+  outcome changes.
+* *Following* a rollout: something moved (a new document, an applied change, a report
+  that differed from the previous one, or a `deploy` work item: `wake`) within
+  `fast_follow_timeout` (30 s) while a rollout is in progress (drift.rollout_in_progress: a
+  drain pending, a service with several deployments listed, a listed deployment without a
+  running container or with `starting` health), or within SETTLE_WINDOW (5 s) otherwise:
+  once its container is up and healthy a deployment looks settled here while the control
+  plane still needs several report/poll rounds (caddy_updating, stopping_old, running),
+  each of which changes the document and so extends the window. While following, the
+  expected state is polled right after each report that went out and at least every
+  `fast_poll_interval` (1 s); otherwise every `tick_interval` (10 s). So a stuck rollout, or
+  a service that just has several replicas, costs at most `fast_follow_timeout` of fast
+  polling after its last movement.
+* Bounds while following: polls <= 1 per report + 1 per `fast_poll_interval`; reports <= 1
+  per `report_coalesce` and only on a trigger or a changed report; the heartbeat's extra
+  podman reads (one `ps`, one batched inspect) <= 1 per `health_poll_interval`. A no-drift
+  poll triggers the report with resources at most once per `tick_interval`. Idle, nothing
+  changes: one poll per tick and one report per heartbeat interval.
+
+Drain (no public route to a container that is gone): when the control plane drops a
+deployment whose running container's IP is still an upstream of a Caddy route (expected, or
+live in Caddy), the container is not removed yet. It leaves the status reports at once (the
+control plane then marks it `unknown` and completes the rollout), a report is triggered and
+the loop polls after it, the new route is applied, and the container is removed only once no
+route names it, or after `drain_timeout` (60 s; logged). Without a Caddy adapter there is
+nothing to drain.
 """
 
 from __future__ import annotations
@@ -16,14 +55,16 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent import crypto
 from agent.configsync import ConfigSync
-from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, plan
+from agent.drift import (
+    CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, full_plan, rollout_in_progress, route_naming,
+)
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman, check_env
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
@@ -40,6 +81,8 @@ BACKOFF_BASE = 10.0
 BACKOFF_MAX = 300.0
 BACKOFF_WINDOW = 600.0
 SNAPSHOT_MAX_AGE = 60.0
+#: How long the loop keeps following after a movement when nothing looks in progress here.
+SETTLE_WINDOW = 5.0
 #: From a cached expected state (control plane unreachable at start) only bring workloads back.
 RESTORE_KINDS = frozenset({ChangeKind.START, ChangeKind.DEPLOY})
 
@@ -53,6 +96,27 @@ class StateSource(Protocol):
 
 class Reporter(Protocol):
     def trigger(self, include_resources: bool = False) -> None: ...
+
+
+class FollowingReporter(Reporter, Protocol):
+    """The heartbeat, as the loop couples to it for following rollouts (see `couple`)."""
+
+    exclude: Callable[[], frozenset[str]]
+    following: Callable[[], bool]
+    on_report: Callable[[bool], None] | None
+    coalesce: float
+    health_poll: float
+
+    def last_health(self) -> Mapping[str, str]: ...
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A dropped deployment's container kept running while a route still names it."""
+
+    deployment_id: str
+    name: str
+    since: float
 
 
 def decrypt_env(container: ExpectedContainer, encryption_key: str) -> dict[str, str]:
@@ -143,6 +207,20 @@ class Reconciler:
         self.last_plan: list[Change] = []
         # Changes the last plan held back for safety (see _guard), for `agent plan`.
         self.held: list[Change] = []
+        # Following rollouts (module docstring). Container id -> its drain; `excluded` is the
+        # same ids as one immutable set, swapped whole, for the heartbeat thread to read.
+        self.draining: dict[str, Drain] = {}
+        self.excluded: frozenset[str] = frozenset()
+        self._drain_held: list[Change] = []
+        self._ips: dict[str, frozenset[str]] = {}
+        self.reported_health: Callable[[], Mapping[str, str]] = dict
+        self._poll_now = threading.Event()
+        self._in_progress = False
+        self._moved_at: float | None = None
+        self._last_document: ExpectedState | None = None
+        self._resources_at: float | None = None
+        # Deployment id -> the listed image whose drift was held back (drift.py's docstring).
+        self._held_images: dict[str, str] = {}
         # Deployments a user stopped through a `stop` work item. The control plane keeps
         # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
         self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
@@ -188,9 +266,25 @@ class Reconciler:
         document = expected
         expected = self._without_stopped(expected)
         containers, drifted = self.observe(expected)
-        changes = plan(expected, containers, drifted)
+        planned = full_plan(expected, containers, drifted, self._held_images)
+        self._remember_held(expected, planned.kept_images)
         self._plan_generation = self._host_generation
-        return self._guard(document, containers, changes)
+        changes = self._guard(document, containers, planned.changes)
+        changes = self._drain(expected, containers, changes)
+        self.held = [*self.held, *self._drain_held, *planned.held]
+        self._in_progress = rollout_in_progress(expected, containers, self.reported_health(), bool(self.draining))
+        return changes
+
+    def _remember_held(self, expected: ExpectedState, kept: Mapping[str, str]) -> None:
+        """Keep holding a deployment's image drift after its rollout rolled back, for as long
+        as it is listed with that image."""
+        listed = {c.deployment_id: canonical_image(c.image) for c in expected.containers}
+        self._held_images = {dep: image for dep, image in self._held_images.items() if listed.get(dep) == image}
+        for deployment_id, image in kept.items():
+            if self._held_images.get(deployment_id) != image:
+                log.info("deployment %s keeps its own image during a rollout (listed with %s); it goes when the "
+                         "control plane drops it", deployment_id, image)
+        self._held_images.update(kept)
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()
@@ -237,8 +331,143 @@ class Reconciler:
             ):
                 log.warning("%s: expected state suddenly lists nothing; waiting for the next poll to confirm", section)
                 dropped.add(kind)
-        self.held = [c for c in changes if c.kind in dropped]
+        self.held = [
+            dataclasses.replace(c, held_because="not until a second poll confirms it, or the invalid entry is fixed")
+            for c in changes
+            if c.kind in dropped
+        ]
         return [c for c in changes if c.kind not in dropped]
+
+    # --- draining (module docstring) ----------------------------------------------------------
+
+    def _drain(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
+        """Hold back the removal of a running container that a Caddy route still names, for
+        at most `drain_timeout`; the container leaves the status reports meanwhile."""
+        present = {c.id for c in containers}
+        listed = {c.deployment_id for c in expected.containers}
+        now = self.clock()
+        for container_id, drain in list(self.draining.items()):
+            if container_id not in present:
+                del self.draining[container_id]
+            elif drain.deployment_id in listed and now - drain.since >= self.settings.drain_timeout:
+                # Listed again (another server's part of the rollout still runs, or it was
+                # rolled back): report it again rather than hide it for good.
+                log.warning("%s (deployment %s) is listed again %.0fs after its drain began; reporting it again",
+                            drain.name, drain.deployment_id, now - drain.since)
+                del self.draining[container_id]
+        self._ips = {cid: ips for cid, ips in self._ips.items() if cid in present}
+        kept: list[Change] = []
+        held: list[Change] = []
+        caddy = self.syncs.get("caddy")
+        live: list[Any] | None = None
+        read_live = False
+        for change in changes:
+            container = change.container
+            if caddy is None or change.kind is not ChangeKind.REMOVE_UNEXPECTED or container is None or not container.running:
+                kept.append(change)
+                continue
+            if not read_live:
+                live, read_live = self._live_routes(caddy), True
+            route = route_naming(self._container_ips(container), expected.caddy_routes, live)
+            if not route:
+                kept.append(change)
+                continue
+            if container.id not in self.draining:
+                self.draining[container.id] = Drain(container.deployment_id, container.name, now)
+                self.excluded = frozenset(self.draining)  # before the report it triggers
+                log.info(
+                    "draining %s (deployment %s): %s; it leaves the status reports now and is removed once no "
+                    "route names it (at most %.0fs)", container.name, container.deployment_id, route, self.settings.drain_timeout,
+                )
+                self._moved()
+                self.reporter.trigger()
+            elapsed = now - self.draining[container.id].since
+            if elapsed >= self.settings.drain_timeout:
+                log.warning("drain of %s ended after %.0fs although %s; removing it now", container.name, elapsed, route)
+                kept.append(change)
+                continue
+            held.append(dataclasses.replace(
+                change, held_because=f"draining for {elapsed:.0f}s: {route}; removed once no route does, "
+                f"at most {self.settings.drain_timeout:.0f}s after the drain began",
+            ))
+        self._drain_held = held
+        self.excluded = frozenset(self.draining)
+        return kept
+
+    def _live_routes(self, caddy: ConfigSync) -> list[Any] | None:
+        """The CaddyRoutes live in Caddy (None when they cannot be read)."""
+        read = getattr(caddy, "live_routes", None)
+        if read is None:
+            return []
+        try:
+            return list(read())
+        except Exception as exc:  # noqa: BLE001 - unknown counts as "still routed": the bound ends it
+            log.warning("caddy: cannot read the live routes to check a drain (%s); keeping the container", exc)
+            return None
+
+    def _container_ips(self, container: ContainerInfo) -> frozenset[str]:
+        """The container's addresses (podman ps does not show them); a container's IP never
+        changes, so each is inspected once."""
+        if container.id not in self._ips:
+            info = self.podman.inspect(container.id) or {}
+            networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+            self._ips[container.id] = frozenset(
+                str(n["IPAddress"]) for n in networks.values() if isinstance(n, dict) and n.get("IPAddress")
+            )
+        return self._ips[container.id]
+
+    def draining_ids(self) -> frozenset[str]:
+        """Container ids left out of status reports while they drain."""
+        return self.excluded
+
+    # --- following a rollout (module docstring) ------------------------------------------------
+
+    def _moved(self) -> None:
+        self._moved_at = self.clock()
+
+    def following(self) -> bool:
+        """Whether something moved within `fast_follow_timeout` while a rollout is in
+        progress, or within SETTLE_WINDOW otherwise (module docstring)."""
+        moved = self._moved_at
+        if moved is None:
+            return False
+        window = self.settings.fast_follow_timeout if self._in_progress else min(SETTLE_WINDOW, self.settings.fast_follow_timeout)
+        return self.clock() - moved < window
+
+    def note_report(self, changed: bool) -> None:
+        """The heartbeat sent a report (`changed`: it differed from the previous one)."""
+        if changed:
+            self._moved()
+        self._poll_now.set()
+
+    def wake(self) -> None:
+        """Poll now and follow closely: something (a `deploy` work item) says a rollout starts."""
+        self._moved()
+        self._in_progress = True
+        self._poll_now.set()
+
+    def couple(self, heartbeat: FollowingReporter) -> None:
+        """Let the heartbeat follow rollouts with this loop: leave draining containers out,
+        re-read health fast while following, tell the loop when a report went out."""
+        heartbeat.exclude = self.draining_ids
+        heartbeat.following = self.following
+        heartbeat.on_report = self.note_report
+        heartbeat.coalesce = self.settings.report_coalesce
+        heartbeat.health_poll = self.settings.health_poll_interval
+        self.reported_health = heartbeat.last_health
+
+    def _wait_next(self, stop: threading.Event, started: float) -> None:
+        """Until the next poll: `tick_interval` after this one began; while following a
+        rollout, as soon as a report went out, or `fast_poll_interval` after it began."""
+        while not stop.is_set():
+            interval = self.settings.fast_poll_interval if self.following() else self.settings.tick_interval
+            remaining = started + interval - self.clock()
+            if remaining <= 0:
+                return
+            if self._poll_now.wait(min(remaining, 0.5)):
+                if self.following():
+                    return
+                self._poll_now.clear()
 
     @staticmethod
     def _expected_empty(section: str, expected: ExpectedState) -> bool:
@@ -273,6 +502,10 @@ class Reconciler:
                 self.process(last, stop, only=RESTORE_KINDS)
             return
         self.note_fetch(expected)
+        moved = self._last_document is not None and expected != self._last_document
+        self._last_document = expected
+        if moved:
+            self._moved()
         try:
             changes = self.compute_plan(expected)
         except Exception as exc:  # noqa: BLE001
@@ -280,8 +513,15 @@ class Reconciler:
             return
         self.last_plan = changes
         if not changes:
-            # "No drift" (the report with resources) only when nothing is being held back.
-            self.reporter.trigger(include_resources=not self.held)
+            # "No drift" (the report with resources) only when nothing is being held back, at
+            # most once per tick however often a rollout is polled. A new document gets a
+            # report too: the control plane may wait for one to move the rollout on.
+            now = self.clock()
+            due = self._resources_at is None or now - self._resources_at >= self.settings.tick_interval * 0.9
+            if due:
+                self._resources_at = now
+            if due or (moved and self.following()):
+                self.reporter.trigger(include_resources=due and not self.held)
             return
         for change in changes:
             log.info("drift: %s", change.describe())
@@ -357,6 +597,7 @@ class Reconciler:
                 # A re-start or re-create that has to happen again soon is a loop: keep pacing
                 # it. A fresh deploy (or removal, or config) is a new intent each time.
                 self.backoff.clear(key)
+        self._moved()
         self.reporter.trigger()
 
 
@@ -441,10 +682,12 @@ class Reconciler:
     def run(self, stop: threading.Event, on_tick: Callable[[], None] | None = None) -> None:
         while not stop.is_set():
             started = self.clock()
+            # Cleared before the tick: a report its steps trigger still calls the next poll.
+            self._poll_now.clear()
             self.tick(stop)
             if on_tick is not None:
                 on_tick()
-            stop.wait(max(0.0, self.settings.tick_interval - (self.clock() - started)))
+            self._wait_next(stop, started)
 
 
 def needs_pull(image: str, podman: Podman) -> bool:

@@ -298,6 +298,7 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
         def item_changed_containers() -> None:
             components.reconciler.note_host_change()
             components.heartbeat.trigger()
+            components.reconciler.wake()  # e.g. a `deploy` item: a rollout starts, follow it
 
         queue = WorkQueue(
             components.client,
@@ -319,6 +320,13 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
 
         shipper = LogShipper(settings, components.podman)
         tasks.append(("logs", shipper.run))
+    from agent import healthcheck
+
+    components.reconciler.couple(components.heartbeat)  # drains, fast follow (loop.py)
+    health_runner = healthcheck.runner_task(settings, components.podman, components.heartbeat.trigger)
+    if health_runner is not None:
+        components.heartbeat.on_trigger = health_runner.wake
+        tasks.append(("healthcheck", health_runner.run))
     return tasks
 
 

@@ -49,6 +49,23 @@ class Settings:
     workqueue_interval: float = 5.0
     build_poll_interval: float = 30.0
     processing_timeout: float = 300.0
+    # Following a rollout (loop.py's docstring has the timing model). Triggered status reports
+    # are at least `report_coalesce` apart (triggers in between make one report).
+    report_coalesce: float = 0.25
+    # While a rollout moves: health (and the report it would give) is re-read this often,
+    # the expected state is polled after each report and at least every `fast_poll_interval`,
+    # until nothing has moved for `fast_follow_timeout`; then back to `tick_interval`.
+    health_poll_interval: float = 0.5
+    fast_poll_interval: float = 1.0
+    fast_follow_timeout: float = 30.0
+    # Longest time a dropped deployment still named by a Caddy route is kept running (drain).
+    drain_timeout: float = 60.0
+    # Who runs container health checks: "podman" (its systemd timers), "agent" (the agent runs
+    # `podman healthcheck run`), "auto" (agent when systemd is not PID 1).
+    health_runner: str = "auto"
+    # While a container is `starting` within its start period, check it this often (a failure
+    # there does not count, a success makes it healthy at once); 0 = only on its interval.
+    health_start_interval: float = 1.0
 
     # Control-plane HTTP client.
     http_connect_timeout: float = 10.0
@@ -204,9 +221,17 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        for name in ("tick_interval", "heartbeat_interval", "workqueue_interval", "processing_timeout"):
+        for name in (
+            "tick_interval", "heartbeat_interval", "workqueue_interval", "processing_timeout",
+            "health_poll_interval", "fast_poll_interval", "drain_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        for name in ("report_coalesce", "fast_follow_timeout", "health_start_interval"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative")
+        if self.health_runner not in ("auto", "podman", "agent"):
+            raise SettingsError(f"health_runner must be auto, podman or agent, got {self.health_runner!r}")
         if self.heartbeat_interval > 25:
             raise SettingsError("heartbeat_interval must stay under the control plane's 30 s offline threshold")
         for flag, value in (("--url", self.url), ("--logs-endpoint", self.logs_endpoint), ("caddy_admin_url", self.caddy_admin_url)):

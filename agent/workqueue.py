@@ -229,8 +229,9 @@ class WorkQueue:
     def _execute(self, item_id: str, item_type: Any, payload_raw: Any) -> Outcome:
         if item_type == "deploy":
             # Expected-state reconciliation creates the container; the payload is never used
-            # (its `name` differs from the expected-state name, PROTOCOL.md §10).
-            return Outcome.ok()
+            # (its `name` differs from the expected-state name, PROTOCOL.md §10). `changed`:
+            # a rollout starts, so the reconciler polls at once and follows it (loop.py).
+            return Outcome.ok(changed=True)
         if item_type == "sync_caddy":
             return Outcome.fail("sync_caddy is not supported by this agent: Caddy routes are applied from the expected state")
         handlers: dict[str, Callable[[dict[str, Any], str], Outcome]] = {

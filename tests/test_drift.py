@@ -66,12 +66,12 @@ def test_images_that_differ(expected, actual):
     assert not images_match(expected, actual)
 
 
-def _expected(dep: str, image: str = "localhost/bb:latest") -> ExpectedContainer:
-    return ExpectedContainer(dep, "svc", "Svc", f"svc-{dep}", image, "")
+def _expected(dep: str, image: str = "localhost/bb:latest", service: str = "svc") -> ExpectedContainer:
+    return ExpectedContainer(dep, service, "Svc", f"{service}-{dep}", image, "")
 
 
-def _actual(dep: str, state: str = "running", image: str = "localhost/bb:latest", cid: str = "") -> ContainerInfo:
-    labels = {drift.LABEL_SERVICE_ID: "svc"}
+def _actual(dep: str, state: str = "running", image: str = "localhost/bb:latest", cid: str = "", service: str = "svc") -> ContainerInfo:
+    labels = {drift.LABEL_SERVICE_ID: service}
     if dep:
         labels[drift.LABEL_DEPLOYMENT_ID] = dep
     return ContainerInfo(cid or f"id-{dep or 'orphan'}", f"n-{dep}", image, state, labels)
@@ -79,10 +79,10 @@ def _actual(dep: str, state: str = "running", image: str = "localhost/bb:latest"
 
 def test_plan_order_and_kinds():
     expected = ExpectedState(
-        containers=(_expected("run"), _expected("exited"), _expected("missing"), _expected("newimg", "localhost/bb:v2"))
+        containers=(_expected("run"), _expected("exited"), _expected("missing"), _expected("newimg", "localhost/bb:v2", "lone"))
     )
     actual = [
-        _actual("newimg"),
+        _actual("newimg", service="lone"),
         _actual("run"),
         _actual("gone"),
         _actual("exited", "exited"),
@@ -107,3 +107,99 @@ def test_protected_deployment_is_never_removed():
 
 def test_no_drift_when_everything_matches():
     assert drift.plan(ExpectedState(containers=(_expected("a"),)), [_actual("a")]) == []
+
+
+# --- image drift during a rollout (ROLLOUT.md: every listed deployment gets the service's
+# current image, the old running one included) -------------------------------------------
+
+
+def _rollout(old_state: str = "running") -> tuple[ExpectedState, list[ContainerInfo]]:
+    """D1 runs v1, D2 is new; the control plane lists both with v2."""
+    expected = ExpectedState(containers=(_expected("d1", "localhost/bb:v2"), _expected("d2", "localhost/bb:v2")))
+    return expected, [_actual("d1", old_state, image="localhost/bb:v1")]
+
+
+def test_old_running_deployment_is_never_reimaged_during_a_rollout():
+    expected, actual = _rollout()
+    result = drift.full_plan(expected, actual)
+    assert [(c.kind, c.expected.deployment_id) for c in result.changes] == [(ChangeKind.DEPLOY, "d2")]
+    assert [(c.kind, c.container.deployment_id) for c in result.held] == [(ChangeKind.REDEPLOY, "d1")]
+    assert "rollout" in result.held[0].held_because
+
+
+@pytest.mark.parametrize("state", ["stopping", "removing"])
+def test_old_container_in_transition_is_left_alone_during_a_rollout(state):
+    expected, actual = _rollout(state)
+    assert [c.kind for c in drift.plan(expected, actual)] == [ChangeKind.DEPLOY]
+
+
+@pytest.mark.parametrize("state", ["exited", "created", "dead"])
+def test_broken_old_container_is_restarted_on_its_own_image_not_reimaged(state):
+    expected, actual = _rollout(state)
+    changes = drift.plan(expected, actual)
+    assert [(c.kind, (c.expected.deployment_id)) for c in changes] == [(ChangeKind.START, "d1"), (ChangeKind.DEPLOY, "d2")]
+    assert changes[0].container is actual[0]
+
+
+def test_missing_old_container_is_deployed_on_the_listed_image():
+    expected, _ = _rollout()
+    changes = drift.plan(expected, [])
+    assert [(c.kind, c.expected.deployment_id, c.expected.image) for c in changes] == [
+        (ChangeKind.DEPLOY, "d1", "localhost/bb:v2"),
+        (ChangeKind.DEPLOY, "d2", "localhost/bb:v2"),
+    ]
+
+
+def test_lone_deployment_whose_image_changed_is_still_redeployed():
+    expected = ExpectedState(containers=(_expected("d1", "localhost/bb:v2"), _expected("x", service="other")))
+    actual = [_actual("d1", image="localhost/bb:v1"), _actual("x", service="other")]
+    result = drift.full_plan(expected, actual)
+    assert [(c.kind, c.container.deployment_id) for c in result.changes] == [(ChangeKind.REDEPLOY, "d1")]
+    assert result.held == []
+
+
+def test_once_the_old_deployment_is_dropped_it_is_removed_and_nothing_is_held():
+    expected = ExpectedState(containers=(_expected("d2", "localhost/bb:v2"),))
+    actual = [_actual("d1", image="localhost/bb:v1"), _actual("d2", image="localhost/bb:v2")]
+    result = drift.full_plan(expected, actual)
+    assert [(c.kind, c.container.deployment_id) for c in result.changes] == [(ChangeKind.REMOVE_UNEXPECTED, "d1")]
+    assert result.held == []
+
+
+@pytest.mark.parametrize(
+    ("containers", "actual", "health", "draining", "expected"),
+    [
+        # settled: one deployment per service, running, healthy
+        ((_expected("a"),), [_actual("a")], {"id-a": "healthy"}, False, False),
+        ((_expected("a"),), [_actual("a")], {}, False, False),
+        # a listed deployment without a container
+        ((_expected("a"),), [], {}, False, True),
+        # not running yet, or health still starting
+        ((_expected("a"),), [_actual("a", "created")], {}, False, True),
+        ((_expected("a"),), [_actual("a")], {"id-a": "starting"}, False, True),
+        # two deployments of one service
+        ((_expected("a"), _expected("b")), [_actual("a"), _actual("b")], {}, False, True),
+        # a drain pending
+        ((_expected("a"),), [_actual("a")], {}, True, True),
+    ],
+)
+def test_rollout_in_progress(containers, actual, health, draining, expected):
+    assert drift.rollout_in_progress(ExpectedState(containers=containers), actual, health, draining) is expected
+
+
+def test_after_a_rolled_back_rollout_the_survivor_keeps_its_image():
+    # The control plane keeps the service's (failed) new image: D1 is listed alone with it.
+    expected = ExpectedState(containers=(_expected("d1", "localhost/bb:broken"),))
+    actual = [_actual("d1", image="localhost/bb:v1")]
+    remembered = {"d1": "localhost/bb:broken"}
+    result = drift.full_plan(expected, actual, held_images=remembered)
+    assert result.changes == [] and [c.kind for c in result.held] == [ChangeKind.REDEPLOY]
+    assert "did not complete" in result.held[0].held_because
+    # Another image later (no rollout) is a real change again.
+    changed = ExpectedState(containers=(_expected("d1", "localhost/bb:v3"),))
+    assert [c.kind for c in drift.full_plan(changed, actual, held_images=remembered).changes] == [ChangeKind.REDEPLOY]
+
+
+def test_the_images_kept_during_a_rollout_are_returned_for_remembering():
+    expected, actual = _rollout("exited")
+    assert drift.full_plan(expected, actual).kept_images == {"d1": "localhost/bb:v2"}

@@ -200,3 +200,102 @@ def test_state_of_vanished_containers_is_forgotten():
         del podman.containers[info.id]
     heartbeat.send_once()
     assert heartbeat._restarts == {} and heartbeat._last_health == {} and heartbeat._restart_times == {}
+
+
+# --- following a rollout: drains left out, changes reported at once, triggers coalesced -----
+
+
+def test_draining_containers_are_left_out_of_reports():
+    podman = FakePodman()
+    old = podman.add("d1")
+    podman.add("d2")
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    heartbeat.exclude = lambda: frozenset({old.id})
+    heartbeat.send_once()
+    assert [c["deploymentId"] for c in reports[-1]["containers"]] == ["d2"]
+
+
+def test_only_changed_reports_go_out_between_beats_and_the_loop_is_told():
+    podman = FakePodman()
+    new = podman.add("d2")
+    podman.health_status[new.id] = "starting"
+    reports, told = [], []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    heartbeat.on_report = told.append
+    assert heartbeat.send_once() is True
+    assert heartbeat.send_once(only_if_changed=True) is False
+    podman.health_status[new.id] = "healthy"
+    assert heartbeat.send_once(only_if_changed=True) is True
+    assert [c["healthStatus"] for r in reports for c in r["containers"]] == ["starting", "healthy"]
+    assert told == [True, True]
+    heartbeat.send_once()
+    assert told == [True, True, False]
+
+
+def test_a_health_change_is_reported_between_beats_while_following():
+    podman = FakePodman()
+    new = podman.add("d2")
+    podman.health_status[new.id] = "starting"
+    healthy = threading.Event()
+
+    def send(report):
+        if any(c["healthStatus"] == "healthy" for c in report["containers"]):
+            healthy.set()
+
+    heartbeat = Heartbeat(send, podman, interval=3600)
+    heartbeat.following = lambda: True
+    heartbeat.health_poll = 0.05
+    stop = threading.Event()
+    thread = threading.Thread(target=heartbeat.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        stop.wait(0.2)
+        podman.health_status[new.id] = "healthy"
+        assert healthy.wait(10), "reported without waiting for the hour-long interval"
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_triggers_during_a_report_make_one_more_report():
+    podman = FakePodman()
+    podman.add("d1")
+    release, first_started = threading.Event(), threading.Event()
+    reports = []
+
+    def send(report):
+        reports.append(report)
+        first_started.set()
+        release.wait(10)
+
+    heartbeat = Heartbeat(send, podman, interval=3600)
+    heartbeat.coalesce = 0.05
+    stop = threading.Event()
+    thread = threading.Thread(target=heartbeat.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert first_started.wait(10)
+        for _ in range(20):  # a burst of changes while the first report is on its way
+            heartbeat.trigger()
+        release.set()
+        while len(reports) < 2:
+            stop.wait(0.01)
+        stop.wait(0.5)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert len(reports) == 2, "twenty triggers coalesced into one report"
+
+
+def test_a_look_between_beats_stays_quiet_when_podman_fails(caplog):
+    podman = FakePodman()
+    podman.add("d1")
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    heartbeat.send_once()
+    podman.fail["list"] = RuntimeError("podman hung")
+    assert heartbeat.send_once(only_if_changed=True) is False
+    assert "cannot list containers" not in caplog.text and len(reports) == 1
+    heartbeat.send_once()  # the regular beat reports the last known list, and says so
+    assert "reporting the last known list" in caplog.text and len(reports) == 2

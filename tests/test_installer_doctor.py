@@ -73,7 +73,8 @@ def test_unregistered_without_token_fails_with_a_hint(fp, tmp_path: Path, host) 
     assert any(line.startswith("FAIL  control plane: http://127.0.0.1:9 unreachable") for line in lines)
     assert any(line.startswith("WARN  buildkit: tcp://127.0.0.1:9") for line in lines)
     assert any(line.startswith("WARN  wireguard: interface wg0 does not exist") for line in lines)
-    assert lines[-1] == "16 checks: 2 failed, 4 warnings"
+    assert any(line.startswith("OK    health checks: ") for line in lines)
+    assert lines[-1] == "17 checks: 2 failed, 4 warnings"
 
 
 def test_missing_required_tool_fails_but_missing_build_tools_only_warn(fp, tmp_path: Path, host) -> None:  # type: ignore[no-untyped-def]

@@ -7,16 +7,17 @@ import pytest
 
 from agent import crypto
 from agent.api import BadResponse, Unavailable
-from agent.loop import IDLE, RESTORE_KINDS, Reconciler, decrypt_env
-from agent.model import DnsRecord, ExpectedContainer, ExpectedState, ModelError
+from agent.heartbeat import Heartbeat
+from agent.loop import IDLE, RESTORE_KINDS, SETTLE_WINDOW, Reconciler, decrypt_env
+from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, ModelError
 from agent.settings import Settings
 from tests.fakes import FakePodman, ListSource, RecordingReporter
 
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 
 
-def spec(dep, image="localhost/app:v1", env=None):
-    return ExpectedContainer(dep, "svc", "Svc", f"c-{dep}", image, "", env=env or {})
+def spec(dep, image="localhost/app:v1", env=None, service="svc", ip=""):
+    return ExpectedContainer(dep, service, "Svc", f"c-{dep}", image, ip, env=env or {})
 
 
 def make(source, podman=None, syncs=(), key=KEY):
@@ -43,8 +44,8 @@ def test_order_orphans_first_then_starts_deploys_redeploys():
     podman.add("", "running")
     podman.add("old")
     exited = podman.add("b", "exited")
-    podman.add("c", image="localhost/app:v0")
-    state = ExpectedState(containers=(spec("a"), spec("b"), spec("c")))
+    podman.add("c", image="localhost/app:v0", service="lone")  # a lone deployment: re-imaged
+    state = ExpectedState(containers=(spec("a"), spec("b"), spec("c", service="lone")))
     reconciler, podman, _ = make(ListSource(state), podman)
     reconciler.tick()
     ops = [op for op, _ in podman.calls if op != "list"]
@@ -457,3 +458,292 @@ def test_a_change_outdated_by_a_work_item_is_skipped():
     reconciler.note_host_change()
     reconciler.apply(Change(ChangeKind.REDEPLOY, "image", old, spec("a")), ExpectedState())
     assert podman.containers == {}, "the removal by the work item is not undone"
+
+
+# --- rollouts (ROLLOUT.md): no re-image of the old deployment, drain, fast follow -----------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RoutedPodman(FakePodman):
+    """FakePodman whose containers have IPs (the drain looks them up with inspect) and that
+    logs every change into a shared event list, to check the order against Caddy's."""
+
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.ips: dict[str, str] = {}
+        self.events = events
+
+    def add_at(self, dep: str, ip: str, **kw) -> str:
+        info = self.add(dep, **kw)
+        self.ips[info.id] = ip
+        return info.id
+
+    def inspect(self, ref):
+        if ref not in self.containers:
+            return None
+        ip = self.ips.get(ref, "")
+        return {"Id": ref, "NetworkSettings": {"Networks": {"techulus": {"IPAddress": ip}}}}
+
+    def run_container(self, spec, env, volumes_dir):
+        cid = super().run_container(spec, env, volumes_dir)
+        self.ips[cid] = spec.ip_address
+        self.events.append(("run", spec.deployment_id))
+        return cid
+
+    def stop_and_remove(self, ref):
+        self.events.append(("remove", self.containers[ref].deployment_id))
+        super().stop_and_remove(ref)
+
+
+class FakeCaddy:
+    """A Caddy adapter: live routes in memory, applied from the expected state."""
+
+    name = "caddy"
+
+    def __init__(self, events: list, live: tuple = ()) -> None:
+        self.live = list(live)
+        self.events = events
+
+    def prepare(self):
+        pass
+
+    def expected_hash(self, state):
+        return repr(sorted((r.id, r.upstreams) for r in state.caddy_routes))
+
+    def actual_hash(self):
+        return repr(sorted((r.id, r.upstreams) for r in self.live))
+
+    def live_routes(self):
+        return list(self.live)
+
+    def apply(self, state):
+        self.live = list(state.caddy_routes)
+        self.events.append(("caddy", tuple(u for r in self.live for u in r.upstreams)))
+
+
+D1_IP, D2_IP = "10.200.1.2", "10.200.1.3"
+
+
+def route(*ips):
+    return CaddyRoute("app.example.com", "app.example.com", tuple(f"{ip}:80" for ip in ips), "svc")
+
+
+def rollout_setup(clock=None, caddy=True):
+    """D1 (v1) serves; D2 (v2) runs; the Caddy route lists both (caddy_updating)."""
+    events: list = []
+    podman = RoutedPodman(events)
+    d1 = podman.add_at("d1", D1_IP, image="localhost/app:v1")
+    podman.add_at("d2", D2_IP, image="localhost/app:v2")
+    syncs = [FakeCaddy(events, (route(D1_IP, D2_IP),))] if caddy else []
+    source = ListSource(ExpectedState())
+    settings = Settings.load({"data_dir": "/nonexistent-test-dir"}, environ={})
+    reporter = RecordingReporter()
+    reconciler = Reconciler(settings, podman, source, syncs, KEY, reporter, threading.Lock(), clock=clock or FakeClock())
+    return reconciler, podman, source, reporter, events, d1
+
+
+def stage(source, containers, *route_ips):
+    source.items = [ExpectedState(containers=containers, caddy_routes=(route(*route_ips),) if route_ips else ())]
+
+
+D1 = spec("d1", "localhost/app:v2", ip=D1_IP)
+D2 = spec("d2", "localhost/app:v2", ip=D2_IP)
+
+
+def test_redeploy_never_recreates_the_old_running_container():
+    events: list = []
+    podman = RoutedPodman(events)
+    d1 = podman.add_at("d1", D1_IP, image="localhost/app:v1")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(D1, D2))), podman)
+    reconciler.tick()
+    reconciler.tick()
+    assert events == [("run", "d2")]
+    assert podman.containers[d1].image == "localhost/app:v1"  # the same container, still serving
+    assert [(c.kind.value, c.container.deployment_id) for c in reconciler.held] == [("redeploy", "d1")]
+
+
+def test_crash_looped_old_container_is_restarted_not_reimaged():
+    podman = FakePodman()
+    d1 = podman.add("d1", "exited", image="localhost/app:v1")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(D1, D2))), podman)
+    reconciler.tick()
+    assert ("start", d1.id) in podman.calls
+    assert podman.containers[d1.id].state == "running" and podman.containers[d1.id].image == "localhost/app:v1"
+
+
+def test_drain_reports_without_the_old_one_and_removes_it_only_after_the_route_moved():
+    clock = FakeClock()
+    reconciler, podman, source, reporter, events, d1 = rollout_setup(clock)
+    reports: list = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    reconciler.couple(heartbeat)
+    heartbeat.send_once()
+    assert [c["deploymentId"] for c in reports[-1]["containers"]] == ["d1", "d2"]
+    # stopping_old: D1 is no longer listed, the route names D1 only.
+    stage(source, (D2,), D1_IP)
+    reconciler.tick()
+    assert d1 in podman.containers, "D1 keeps serving: the route still names it"
+    assert reconciler.draining_ids() == frozenset({d1})
+    heartbeat.send_once()
+    assert [c["deploymentId"] for c in reports[-1]["containers"]] == ["d2"], "D1 leaves the status reports"
+    assert reporter.triggers, "a report goes out at once"
+    assert reconciler.following(), "and the loop polls right after it"
+    assert any("draining for" in c.held_because for c in reconciler.held)
+    # A later poll of the same stage: still draining (nothing times out in between).
+    clock.now += 5
+    reconciler.tick()
+    assert d1 in podman.containers
+    # The rollout completed: the route names D2. Caddy first, then D1 goes.
+    stage(source, (D2,), D2_IP)
+    clock.now += 1
+    reconciler.tick()
+    assert d1 not in podman.containers
+    assert events == [("caddy", (f"{D1_IP}:80",)), ("caddy", (f"{D2_IP}:80",)), ("remove", "d1")]
+    reconciler.tick()
+    assert reconciler.draining_ids() == frozenset()
+
+
+def test_drain_is_bounded(caplog):
+    clock = FakeClock()
+    reconciler, podman, source, _, events, d1 = rollout_setup(clock)
+    stage(source, (D2,), D1_IP)
+    reconciler.tick()
+    assert d1 in podman.containers
+    clock.now += reconciler.settings.drain_timeout
+    reconciler.tick()
+    assert d1 not in podman.containers
+    assert "drain of c-d1 ended after 60s although route app.example.com still sends traffic to 10.200.1.2:80" in caplog.text
+
+
+def test_the_live_route_alone_keeps_the_drain():
+    # The expected route already moved to D2, the live one still names D1 only: the removal
+    # comes after Caddy is applied, never before.
+    reconciler, podman, source, _, events, d1 = rollout_setup()
+    reconciler.syncs["caddy"].live = [route(D1_IP)]
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    assert d1 not in podman.containers
+    assert events == [("caddy", (f"{D2_IP}:80",)), ("remove", "d1")]
+
+
+@pytest.mark.parametrize("caddy", [False, True])
+def test_no_drain_without_caddy_or_without_a_route_naming_it(caddy):
+    reconciler, podman, source, _, events, d1 = rollout_setup(caddy=caddy)
+    if caddy:
+        reconciler.syncs["caddy"].live = [route(D2_IP)]
+    stage(source, (D2,), *([D2_IP] if caddy else []))
+    reconciler.tick()
+    assert d1 not in podman.containers and reconciler.draining_ids() == frozenset()
+
+
+def test_unreadable_live_routes_keep_the_drain():
+    reconciler, podman, source, _, _, d1 = rollout_setup()
+
+    def broken():
+        raise OSError("admin API down")
+
+    reconciler.syncs["caddy"].live_routes = broken
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    assert d1 in podman.containers and reconciler.draining_ids() == frozenset({d1})
+
+
+def test_fast_follow_starts_with_a_rollout_and_stops_when_nothing_moves():
+    clock = FakeClock()
+    reconciler, podman, source, reporter, _, _ = rollout_setup(clock, caddy=False)
+    settled = ExpectedState(containers=(spec("d1", "localhost/app:v1", ip=D1_IP),))
+    podman.containers = {k: v for k, v in podman.containers.items() if v.deployment_id == "d1"}
+    source.items = [settled]
+    reconciler.tick()
+    assert not reconciler.following(), "nothing in progress: the normal tick"
+    # A redeploy: D2 listed without a container. The deploy moves things: follow.
+    source.items = [ExpectedState(containers=(D1, D2))]
+    clock.now += 10
+    reconciler.tick()
+    assert reconciler.following()
+    # A report that differs (health changed) keeps it going and asks for a poll at once.
+    clock.now += 20
+    reconciler.note_report(changed=True)
+    assert reconciler._poll_now.is_set()
+    clock.now += 20
+    assert reconciler.following()
+    # Two deployments stay listed, but nothing moves for fast_follow_timeout: back to normal.
+    clock.now += reconciler.settings.fast_follow_timeout
+    reconciler.tick()
+    assert not reconciler.following()
+    # The rollout settles (one deployment): the control plane still needs a few rounds that
+    # look settled here, so the loop follows a short while after the last movement, no longer.
+    podman.containers = {k: v for k, v in podman.containers.items() if v.deployment_id == "d2"}
+    source.items = [ExpectedState(containers=(D2,))]
+    reconciler.tick()
+    assert reconciler.following()
+    clock.now += SETTLE_WINDOW
+    assert not reconciler.following()
+
+
+def test_a_new_document_while_following_triggers_a_report_but_no_drift_ticks_do_not_flood():
+    clock = FakeClock()
+    reconciler, podman, source, reporter, _, _ = rollout_setup(clock, caddy=False)
+    source.items = [ExpectedState(containers=(D1, D2))]
+    reconciler.tick()
+    reconciler.tick()  # first no-drift tick: the report with resources
+    count = len(reporter.triggers)
+    for _ in range(5):  # fast polls, nothing new: no report each time
+        clock.now += 1
+        reconciler.tick()
+    assert len(reporter.triggers) == count
+    source.items = [ExpectedState(containers=(D1, D2), dns_records=RECORD, sections=frozenset({"containers"}))]
+    clock.now += 1
+    reconciler.tick()
+    assert len(reporter.triggers) == count + 1 and reporter.triggers[-1] is False
+
+
+def test_run_polls_right_after_a_report_while_following():
+    fetched = threading.Event()
+    count = [0]
+
+    class CountingSource:
+        def fetch(self):
+            count[0] += 1
+            if count[0] >= 2:
+                fetched.set()
+            return ExpectedState(containers=(D1, D2))
+
+    settings = Settings.load({"data_dir": "/nonexistent-test-dir", "tick_interval": 3600, "fast_poll_interval": 3600}, environ={})
+    podman = FakePodman()
+    podman.add("d1", image="localhost/app:v1")
+    podman.add("d2", image="localhost/app:v2")
+    reconciler = Reconciler(settings, podman, CountingSource(), [], KEY, RecordingReporter(), threading.Lock())
+    stop = threading.Event()
+    thread = threading.Thread(target=reconciler.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        while count[0] < 1:
+            stop.wait(0.01)
+        reconciler.wake()  # e.g. a deploy work item, or a report that went out
+        assert fetched.wait(10), "the loop polls again without waiting for its hour-long tick"
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_a_rolled_back_rollout_leaves_the_old_deployment_on_its_image():
+    podman = FakePodman()
+    d1 = podman.add("d1", image="localhost/app:v1")
+    broken_d1 = spec("d1", "localhost/app:broken")
+    source = ListSource(ExpectedState(containers=(broken_d1, spec("d2", "localhost/app:broken"))))
+    reconciler, podman, _ = make(source, podman)
+    reconciler.tick()
+    # Rolled back: D2 is gone from the list, D1 is listed alone with the broken image.
+    source.items = [ExpectedState(containers=(broken_d1,))]
+    reconciler.tick()
+    reconciler.tick()
+    assert podman.containers[d1.id].image == "localhost/app:v1"
+    assert [c.kind.value for c in reconciler.held] == ["redeploy"]

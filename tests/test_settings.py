@@ -14,6 +14,25 @@ def test_defaults_match_the_original_flags():
     assert s.tick_interval == 10 and s.processing_timeout == 300
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"health_runner": "systemd"}, "health_runner must be auto, podman or agent"),
+        ({"fast_poll_interval": 0}, "fast_poll_interval must be positive"),
+        ({"drain_timeout": -1}, "drain_timeout must be positive"),
+        ({"report_coalesce": -0.1}, "report_coalesce must not be negative"),
+    ],
+)
+def test_rollout_settings_are_checked(values, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_mapping(values)
+
+
+def test_rollout_settings_from_the_environment():
+    settings = Settings.load(environ={"TECHULUS_AGENT_HEALTH_RUNNER": "agent", "TECHULUS_AGENT_DRAIN_TIMEOUT": "5"})
+    assert (settings.health_runner, settings.drain_timeout, settings.fast_follow_timeout) == ("agent", 5.0, 30.0)
+
+
 def test_precedence(tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text('url = "https://toml.example"\ndata-dir = "/toml"\nlogs_endpoint = "http://toml:9428"\nstop_timeout = 3\n')

@@ -358,6 +358,16 @@ class Podman:
                     found[ref] = (status, restarts)
         return found
 
+    def healthcheck_run(self, ref: str, timeout: float | None = None) -> bool:
+        """Run a container's health check once (`podman healthcheck run`), for hosts where
+        podman's systemd timers cannot. Podman records the outcome in the container's health
+        state itself (start period, retries). True when the check passed, False when it
+        failed; raises when podman could not run it (no such container, no health check)."""
+        result = self._run("healthcheck", "run", _checked_ref(ref), timeout=timeout, check=False)
+        if result.returncode in (0, 1):
+            return result.returncode == 0
+        raise PodmanError(f"podman healthcheck run {ref}: {(result.stderr.strip() or 'no output')[-300:]}")
+
     def logs_tail(self, ref: str, lines: int = 50) -> str:
         result = self._run("logs", "--tail", str(lines), _checked_ref(ref), check=False)
         return (result.stdout + result.stderr).strip()
