@@ -68,7 +68,7 @@ from agent.drift import (
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman, check_env
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
-from agent.problems import ProblemLog
+from agent.problems import FailureStreak, ProblemLog
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,7 @@ class Reconciler:
         # The last expected state fetched (or restored from the cache at start): while no
         # fresh one can be had, crashed or missing containers of it are still brought back.
         self.last_good: ExpectedState | None = None
+        self._poll_failures = FailureStreak(log, "expected state unavailable", clock=clock)
 
     # --- observation ------------------------------------------------------------------------
 
@@ -488,9 +489,9 @@ class Reconciler:
             # A source that reported the problem itself (once, then counted) is not repeated here.
             level = logging.DEBUG if getattr(exc, "reported", False) else logging.ERROR
             if last is None:
-                log.log(level, "expected state unavailable, changing nothing: %s", exc)
+                self._poll_failures.failed(exc, "changing nothing", level)
                 return
-            log.log(level, "expected state unavailable (%s); only bringing back containers of the last good one", exc)
+            self._poll_failures.failed(exc, "only bringing back containers of the last good one", level)
             try:
                 repairs = [c for c in self.compute_plan(last) if c.kind in RESTORE_KINDS]
             except Exception as read_error:  # noqa: BLE001
@@ -501,6 +502,7 @@ class Reconciler:
                     log.info("local drift: %s", change.describe())
                 self.process(last, stop, only=RESTORE_KINDS)
             return
+        self._poll_failures.succeeded()
         self.note_fetch(expected)
         moved = self._last_document is not None and expected != self._last_document
         self._last_document = expected

@@ -73,3 +73,45 @@ class ProblemLog:
                 self.subject, "still " if repeated else "", f"{count:,}", len(shown), round(self.repeat / 60),
             )
         self._logged_at = now
+
+
+class FailureStreak:
+    """A repeated failure of one operation (a poll), logged once when it starts, then at
+    most every `repeat` seconds with a count, and once when it ends. Unlike ProblemLog the
+    text may differ from one failure to the next (a timeout, then a 502): the streak, not
+    the wording, is the problem."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        subject: str,
+        *,
+        repeat: float = REPEAT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.subject = subject
+        self.repeat = repeat
+        self.clock = clock
+        self.failures = 0
+        self._logged_at: float | None = None
+
+    def failed(self, error: object, consequence: str, level: int = logging.ERROR) -> None:
+        self.failures += 1
+        now = self.clock()
+        if self._logged_at is not None and now - self._logged_at < self.repeat:
+            return
+        self._logged_at = now
+        if self.failures == 1:
+            self.logger.log(level, "%s: %s; %s", self.subject, error, consequence)
+        else:
+            self.logger.log(
+                level, "%s: still failing, %d times in a row (last: %s); %s",
+                self.subject, self.failures, error, consequence,
+            )
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self.logger.info("%s: works again after %d failure(s)", self.subject, self.failures)
+        self.failures = 0
+        self._logged_at = None

@@ -747,3 +747,29 @@ def test_a_rolled_back_rollout_leaves_the_old_deployment_on_its_image():
     reconciler.tick()
     assert podman.containers[d1.id].image == "localhost/app:v1"
     assert [c.kind.value for c in reconciler.held] == ["redeploy"]
+
+
+def test_a_control_plane_outage_is_logged_once_then_counted_and_its_end_once(caplog):
+    """30 failed polls (a 5-minute outage at 10 s ticks) give one line, not 30; a failure
+    that lasts past the repeat window is logged again with a count; recovery gives one line."""
+    import logging
+
+    now = [1000.0]
+    outage = [Unavailable(f"timeout #{n}") for n in range(30)]
+    source = ListSource(*outage, ExpectedState())
+    settings = Settings.load({"data_dir": "/nonexistent-test-dir"}, environ={})
+    reconciler = Reconciler(settings, FakePodman(), source, [], KEY, RecordingReporter(), threading.Lock(), clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="agent.loop")
+    for _ in range(30):
+        reconciler.tick()
+        now[0] += 10
+    unavailable = [r for r in caplog.records if "expected state unavailable" in r.getMessage()]
+    assert len(unavailable) == 1 and "timeout #0" in unavailable[0].getMessage()
+    now[0] += 600  # past the repeat window: one reminder with the count, then recovery
+    source.items.insert(0, Unavailable("timeout #30"))
+    reconciler.tick()
+    reconciler.tick()
+    lines = [r.getMessage() for r in caplog.records if "expected state unavailable" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert "31 times in a row" in lines[1] and "timeout #30" in lines[1]
+    assert "works again after 31 failure(s)" in lines[2]
