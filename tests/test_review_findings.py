@@ -56,3 +56,31 @@ def test_names_podmans_helpers_read_never_ride_in_podmans_environment(name: str)
     # `NETAVARK_DNS_PORT=xyz` fails with "Invalid NETAVARK_DNS_PORT": a service's env var
     # reaches root's netavark, which programs the host firewall.
     assert podman_reads(name)
+
+
+@pytest.mark.xfail(strict=True, reason="a pull of a reference that was already on the host claims it for the image GC")
+def test_a_pull_of_an_image_already_present_does_not_claim_it(fp: Any, tmp_path: Path) -> None:
+    from agent.host.images import ImageLedger
+
+    image_id = "c" * 64
+    ledger = ImageLedger(tmp_path / "images.json")
+    podman = Podman(PodmanOptions(run_dir=tmp_path / "run"), sleep=lambda _s: None, images=ledger)
+    # The operator pulled nginx:1.27 before the agent ever ran it: the image is there already.
+    fp.register(["podman", "image", fp.any()], stdout=image_id + "\n", occurrences=10)
+    fp.register(["podman", "pull", "--quiet", "--", "docker.io/library/nginx:1.27"], stdout=image_id + "\n")
+    podman.pull("nginx:1.27")
+    # Under disk pressure the GC would untag (and so delete) the operator's image.
+    assert "docker.io/library/nginx:1.27" not in ledger.pulled()
+
+
+@pytest.mark.xfail(strict=True, reason="an upstream on a container subnet's gateway (the host itself) passes check_upstream")
+@pytest.mark.parametrize("upstream", ["10.200.1.1:22", "10.200.7.1:2019", "10.200.1.0:80", "10.200.1.255:80"])
+def test_upstream_on_a_gateway_or_network_address_is_refused(upstream: str) -> None:
+    # 10.200.X.1 is the host's own address on its podman bridge: any host service listening on
+    # 0.0.0.0 (sshd, an exporter, the agent's helpers) would be published on a public domain,
+    # the same class as the loopback upstream the module already refuses.
+    from agent.host.caddy import check_upstream, parse_upstream_networks, DEFAULT_UPSTREAM_NETWORKS
+    from agent.validate import InvalidValue
+
+    with pytest.raises(InvalidValue):
+        check_upstream(upstream, parse_upstream_networks(DEFAULT_UPSTREAM_NETWORKS))
