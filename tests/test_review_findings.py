@@ -84,3 +84,43 @@ def test_upstream_on_a_gateway_or_network_address_is_refused(upstream: str) -> N
 
     with pytest.raises(InvalidValue):
         check_upstream(upstream, parse_upstream_networks(DEFAULT_UPSTREAM_NETWORKS))
+
+
+@pytest.mark.xfail(strict=True, reason="held_images lives in memory only: an agent restart after a rolled-back rollout re-images the survivor")
+def test_an_agent_restart_after_a_rolled_back_rollout_keeps_the_old_deployment_on_its_image() -> None:
+    from agent.model import ExpectedState
+    from tests.fakes import FakePodman, ListSource
+    from tests.test_loop import make, spec as loop_spec
+
+    podman = FakePodman()
+    d1 = podman.add("d1", image="localhost/app:v1")
+    broken_d1 = loop_spec("d1", "localhost/app:broken")
+    source = ListSource(ExpectedState(containers=(broken_d1, loop_spec("d2", "localhost/app:broken"))))
+    reconciler, podman, _ = make(source, podman)
+    reconciler.tick()
+    # Rolled back: the control plane lists D1 alone with the failed image, for as long as
+    # nobody deploys again (ROLLOUT.md: the service's image is not reverted).
+    source.items = [ExpectedState(containers=(broken_d1,))]
+    reconciler.tick()
+    assert podman.containers[d1.id].image == "localhost/app:v1"
+    # The agent restarts (an upgrade, a crash, a reboot): a new Reconciler, same host.
+    restarted, podman, _ = make(ListSource(ExpectedState(containers=(broken_d1,))), podman)
+    restarted.tick()
+    assert any(c.image == "localhost/app:v1" and c.deployment_id == "d1" for c in podman.containers.values())
+
+
+@pytest.mark.xfail(strict=True, reason="the 'lone deployment' rule is per server; a rollout whose new deployment lands on another server re-images the old one here")
+def test_a_rollout_whose_new_deployment_runs_on_another_server_leaves_the_old_one_alone() -> None:
+    # ROLLOUT.md: the expected state lists *this server's* rows, each with the service's current
+    # image. Service svc has D1 here; the redeploy (or a placement change) puts D2 on server B.
+    # This server then sees D1 alone with image v2 from `pending` on, long before D2 is healthy;
+    # with a broken v2, D1 goes down too and the rollout has nothing to roll back to.
+    from agent.model import ExpectedState
+    from tests.fakes import FakePodman, ListSource
+    from tests.test_loop import make, spec as loop_spec
+
+    podman = FakePodman()
+    d1 = podman.add("d1", image="localhost/app:v1")
+    reconciler, podman, _ = make(ListSource(ExpectedState(containers=(loop_spec("d1", "localhost/app:v2"),))), podman)
+    reconciler.tick()
+    assert podman.containers.get(d1.id) is not None and podman.containers[d1.id].image == "localhost/app:v1"
