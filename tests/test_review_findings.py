@@ -124,3 +124,22 @@ def test_a_rollout_whose_new_deployment_runs_on_another_server_leaves_the_old_on
     reconciler, podman, _ = make(ListSource(ExpectedState(containers=(loop_spec("d1", "localhost/app:v2"),))), podman)
     reconciler.tick()
     assert podman.containers.get(d1.id) is not None and podman.containers[d1.id].image == "localhost/app:v1"
+
+
+@pytest.mark.xfail(strict=True, reason="remove_network removes an UNMARKED network (one the agent used but did not create)")
+def test_standalone_down_never_removes_a_network_it_did_not_create(fp: Any, tmp_path: Path) -> None:
+    # ensure_network uses an existing unmarked network "as it is" (an operator's, with
+    # network_name pointing at it); `agent standalone --down` then removes it.
+    import json
+
+    podman = Podman(PodmanOptions(owner="standalone-0123abcd", network="operators-net", run_dir=tmp_path / "run"),
+                    sleep=lambda _s: None)
+    unmarked = [{"name": "operators-net", "driver": "bridge", "labels": {},
+                 "subnets": [{"subnet": "10.200.1.0/24", "gateway": "10.200.1.1"}]}]
+    fp.register(["podman", "network", "inspect", "--", "operators-net"], stdout=json.dumps(unmarked), occurrences=3)
+    fp.register(["podman", "network", "rm", "--", "operators-net"], stdout="operators-net\n")
+    try:
+        podman.remove_network()
+    except PodmanError:
+        pass
+    assert fp.call_count(["podman", "network", "rm", fp.any()]) == 0
