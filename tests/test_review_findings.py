@@ -143,3 +143,21 @@ def test_standalone_down_never_removes_a_network_it_did_not_create(fp: Any, tmp_
     except PodmanError:
         pass
     assert fp.call_count(["podman", "network", "rm", fp.any()]) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="work items that cannot be acknowledged are logged once per item per poll, forever")
+@pytest.mark.parametrize("bad", [{"id": None, "type": "restart"}, {"id": "x\n", "type": "stop"}, "not an object", {"id": ""}])
+def test_unacknowledgeable_work_items_are_logged_once_then_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                     bad: Any) -> None:
+    # Such an item is never acknowledged, so the control plane serves it on every poll
+    # (every few seconds): 1,000 of them wrote 1,000 ERROR lines per poll.
+    import logging
+
+    from tests.test_workqueue import Harness
+
+    h = Harness(tmp_path, items=[bad] * 1000)
+    caplog.set_level(logging.INFO, logger="agent.workqueue")
+    for _ in range(3):
+        h.queue.poll_once()
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) <= 2, f"{len(lines)} lines, first: {lines[0].getMessage()}"
