@@ -213,3 +213,19 @@ def test_a_section_whose_every_entry_is_garbled_is_never_emptied(section: str, d
     for _ in range(3):
         reconciler.tick()
     assert sync.applied == [], "every entry was garbled: nothing may be removed"
+
+
+@pytest.mark.xfail(strict=True, reason="a listed service may use the doctor probe's reserved service id, which list_containers hides")
+def test_the_doctor_probes_service_id_is_refused_on_the_wire() -> None:
+    # list_containers() hides every container of service `techulus-doctor` (the probe). A
+    # deployment of a service with that id would be deployed on every pass: its run meets its
+    # own name in use, removes "the leftover" (its running container) and runs it again.
+    import ipaddress
+
+    from agent.host.podman import DOCTOR_PROBE_SERVICE
+    from agent.model import parse_expected_state
+
+    state = parse_expected_state({"containers": [{
+        "deploymentId": "d1", "serviceId": DOCTOR_PROBE_SERVICE, "serviceName": "x", "name": "c1",
+        "image": "nginx", "ipAddress": "10.200.1.5"}]}, ipaddress.IPv4Network("10.200.1.0/24"))
+    assert state.containers == () and "d1" in state.protected_deployments
