@@ -18,6 +18,7 @@ from agent import status
 from agent.api import ApiError
 from agent.drift import ContainerInfo
 from agent.host.podman import Podman
+from agent.observe import Observer
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ CRASH_LOOP_WINDOW = 300.0
 
 
 class Heartbeat:
+    observer: Observer = Observer()  # runtime.assemble gives it the Publisher (agent status, metrics)
+
     def __init__(
         self,
         send: Callable[[dict[str, Any]], None] | None,
@@ -81,12 +84,15 @@ class Heartbeat:
             log.warning("cannot read container health (%s); reporting the last known", exc)
             health = {cid: self._last_health.get(cid, "starting") for cid in running}
         report = status.build_report(containers, health, self.public_ip(), include_resources)
+        self.observer.containers(containers, health)
         if self._send is None:
             return
         try:
             self._send(report)
+            self.observer.report(None)
         except ApiError as exc:
             log.warning("status report failed: %s", exc)
+            self.observer.report(exc)
 
     def _crash_looping(self, container_id: str, status: str, restarts: int) -> str:
         """`unhealthy` for a container podman restarted at least CRASH_LOOP_RESTARTS times

@@ -26,7 +26,9 @@ from agent.configsync import ConfigSync
 from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerInfo, plan
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman, check_env
+from agent.logformat import change_fields
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
+from agent.observe import Observer
 from agent.problems import ProblemLog
 from agent.settings import Settings
 
@@ -111,6 +113,8 @@ def change_key(change: Change) -> str:
 
 
 class Reconciler:
+    observer: Observer = Observer()  # runtime.assemble gives it the Publisher (agent status, metrics)
+
     def __init__(
         self,
         settings: Settings,
@@ -190,7 +194,9 @@ class Reconciler:
         containers, drifted = self.observe(expected)
         changes = plan(expected, containers, drifted)
         self._plan_generation = self._host_generation
-        return self._guard(document, containers, changes)
+        changes = self._guard(document, containers, changes)
+        self.observer.plan(changes, self.held, self.syncs)
+        return changes
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()
@@ -255,6 +261,7 @@ class Reconciler:
         try:
             expected = self.source.fetch()
         except Exception as exc:  # noqa: BLE001 - a failed poll removes and reconfigures nothing
+            self.observer.poll(exc)
             last = self.last_good
             # A source that reported the problem itself (once, then counted) is not repeated here.
             level = logging.DEBUG if getattr(exc, "reported", False) else logging.ERROR
@@ -272,6 +279,7 @@ class Reconciler:
                     log.info("local drift: %s", change.describe())
                 self.process(last, stop, only=RESTORE_KINDS)
             return
+        self.observer.poll(None, expected)
         self.note_fetch(expected)
         try:
             changes = self.compute_plan(expected)
@@ -295,6 +303,7 @@ class Reconciler:
     ) -> None:
         """Apply the changes `snapshot` asks for; `only` limits the kinds (restoring from a cache)."""
         self.state = PROCESSING
+        self.observer.state(PROCESSING)
         self.reporter.trigger()
         started = self.clock()
         self._deadline = started + self.settings.processing_timeout
@@ -329,6 +338,7 @@ class Reconciler:
                     self._step(change, snapshot, skipped)
         finally:
             self.state = IDLE
+            self.observer.state(IDLE)
 
     def _should_stop(self, started: float, stop: threading.Event | None) -> bool:
         if stop is not None and stop.is_set():
@@ -345,14 +355,17 @@ class Reconciler:
         wait = self.backoff.wait(key)
         if wait > 0:
             log.info("retrying in %.0fs (it failed recently): %s", wait, change.describe())
+            self.observer.change(change, "backoff")
             return
         self.backoff.record(key)
         try:
             self.apply(change, snapshot, self._deadline)
         except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
-            log.error("failed: %s: %s", change.describe(), exc)
+            log.error("failed: %s: %s", change.describe(), exc, extra=change_fields(change))
+            self.observer.change(change, "failed", exc)
         else:
-            log.info("applied: %s", change.describe())
+            log.info("applied: %s", change.describe(), extra=change_fields(change))
+            self.observer.change(change, "applied")
             if change.kind not in (ChangeKind.START, ChangeKind.REDEPLOY):
                 # A re-start or re-create that has to happen again soon is a loop: keep pacing
                 # it. A fresh deploy (or removal, or config) is a new intent each time.
