@@ -147,6 +147,9 @@ class Publisher(Observer):
         self._build_started = 0.0
         self._ips: dict[str, str] = {}
         self._in_flight: dict[str, str] = {}
+        # Held by the plan (replaced by every plan) and by backoff (for the current pass).
+        self._held: list[str] = []
+        self._backoff: set[str] = set()
         # Metrics: counters by label values, and summaries as [count, sum].
         self.counts: dict[str, dict[tuple[str, ...], float]] = {}
         self.sums: dict[str, dict[tuple[str, ...], list[float]]] = {}
@@ -177,7 +180,9 @@ class Publisher(Observer):
 
         pending = {change.kind for change in changes} | {change.kind for change in held}
         with self._lock:
-            self._data["held"] = [f"{change.describe()} (waiting for a second poll)" for change in held]
+            self._held = [f"{change.describe()} (waiting for a second poll)" for change in held]
+            self._backoff &= {change.describe() for change in changes}  # still wanted, still waiting
+            self._show_held()
             self._data["sync"] = {name: CONFIG_KINDS[name] not in pending for name in syncs if name in CONFIG_KINDS}
             self._changed()
 
@@ -201,7 +206,8 @@ class Publisher(Observer):
             self._count("changes", (change.kind.value, outcome))
             text = change.describe()
             if outcome == "backoff":
-                self._data["held"] = [*self._data["held"], f"{text} (backoff after a recent failure)"]
+                self._backoff.add(text)
+                self._show_held()
             elif self._pass is not None:
                 self._pass[outcome].append(text if error is None else f"{text}: {_describe_error(error)}")
             self._changed()
@@ -353,6 +359,10 @@ class Publisher(Observer):
             found = {"peers": [], "at": self._clock(), "error": _describe_error(exc)}
         with self._lock:
             self._data["wireguard"] = found
+
+    def _show_held(self) -> None:
+        backoff = [f"{text} (backoff after a recent failure)" for text in sorted(self._backoff)]
+        self._data["held"] = self._held + backoff
 
     def _refresh_work(self) -> None:
         self._data["work"] = [{"id": item_id, "type": kind} for item_id, kind in self._in_flight.items()]
