@@ -89,10 +89,8 @@ class Heartbeat:
             return
         try:
             self._send(report)
-            self.observer.report(None)
         except ApiError as exc:
             log.warning("status report failed: %s", exc)
-            self.observer.report(exc)
 
     def _crash_looping(self, container_id: str, status: str, restarts: int) -> str:
         """`unhealthy` for a container podman restarted at least CRASH_LOOP_RESTARTS times

@@ -27,8 +27,8 @@ from agent.drift import CONFIG_KINDS, EMPTY_HASH, Change, ChangeKind, ContainerI
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman, check_env
 from agent.logformat import change_fields
-from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.observe import Observer
+from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.problems import ProblemLog
 from agent.settings import Settings
 
@@ -176,6 +176,7 @@ class Reconciler:
 
     def note_fetch(self, expected: ExpectedState) -> None:
         """Count, once per fetched document, how many polls in a row left each section empty."""
+        self.observer.poll(None, expected)
         self.last_good = expected
         sizes = {
             # An entry that failed validation still means the document is not empty.
@@ -194,9 +195,7 @@ class Reconciler:
         containers, drifted = self.observe(expected)
         changes = plan(expected, containers, drifted)
         self._plan_generation = self._host_generation
-        changes = self._guard(document, containers, changes)
-        self.observer.plan(changes, self.held, self.syncs)
-        return changes
+        return self._guard(document, containers, changes)
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()
@@ -279,7 +278,6 @@ class Reconciler:
                     log.info("local drift: %s", change.describe())
                 self.process(last, stop, only=RESTORE_KINDS)
             return
-        self.observer.poll(None, expected)
         self.note_fetch(expected)
         try:
             changes = self.compute_plan(expected)
@@ -287,6 +285,7 @@ class Reconciler:
             log.error("cannot read the actual state, changing nothing: %s", exc)
             return
         self.last_plan = changes
+        self.observer.plan(changes, self.held, self.syncs)
         if not changes:
             # "No drift" (the report with resources) only when nothing is being held back.
             self.reporter.trigger(include_resources=not self.held)
@@ -324,6 +323,7 @@ class Reconciler:
                 except Exception as exc:  # noqa: BLE001
                     log.error("cannot read the actual state: %s; back to IDLE", exc)
                     return
+                self.observer.plan(changes, self.held, self.syncs)
                 pending = [c for c in changes if change_key(c) not in skipped and (only is None or c.kind in only)]
                 if not pending:
                     if not changes:

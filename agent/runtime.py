@@ -222,14 +222,7 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
     # The heartbeat reads podman with a short timeout: a stuck podman must not silence it.
     reader = ObservedPodman(dataclasses.replace(podman.options, timeout=HEARTBEAT_PODMAN_TIMEOUT))
     reader.observer = observer
-    send: Callable[[dict[str, Any]], None] | None = None
-    if client is not None:
-        reporting_client = client
-
-        def send(report: dict[str, Any]) -> None:
-            # No retry: the next beat, due within the interval, is the retry.
-            reporting_client.report_status(report, retries=0)
-
+    send = None if client is None else report_sender(client, observer)
     heartbeat = Heartbeat(
         send,
         reader,
@@ -262,6 +255,21 @@ def published_info(settings: Settings, config: AgentConfig) -> dict[str, Any]:
         "serverId": "" if settings.standalone else config.server_id,
         "dataDir": str(settings.data_dir),
     }
+
+
+def report_sender(client: ControlPlane, observer: Observer) -> Callable[[dict[str, Any]], None]:
+    """The heartbeat's way to send a report; each outcome goes to the observer."""
+
+    def send(report: dict[str, Any]) -> None:
+        try:
+            # No retry: the next beat, due within the interval, is the retry.
+            client.report_status(report, retries=0)
+        except Exception as exc:
+            observer.report(exc)
+            raise
+        observer.report(None)
+
+    return send
 
 
 def refuse_collisions(podman: Podman, config: AgentConfig, source: FileSource, state_file: Path) -> None:

@@ -257,25 +257,31 @@ def test_the_reconciler_reports_polls_passes_and_changes(tmp_path):
     assert pub.snapshot()["poll"]["error"] == "control plane down"
 
 
-def test_the_heartbeat_reports_containers_and_sends(tmp_path):
+def test_the_heartbeat_reports_containers_and_the_sender_reports_outcomes(tmp_path):
     from agent.api import Unavailable
     from agent.heartbeat import Heartbeat
+    from agent.runtime import report_sender
     from tests.fakes import FakePodman
+
+    pub = publisher(tmp_path)
+    outcomes = [None, Unavailable("control plane down")]
+    sent = []
+
+    class Client:
+        def report_status(self, report, retries):
+            error = outcomes.pop(0)
+            if error is not None:
+                raise error
+            sent.append((report, retries))
 
     podman = FakePodman()
     podman.add("d1")
-    outcomes = [None, Unavailable("control plane down")]
-
-    def send(report):
-        error = outcomes.pop(0)
-        if error is not None:
-            raise error
-
-    heartbeat = Heartbeat(send, podman, interval=10)
-    pub = publisher(tmp_path)
+    heartbeat = Heartbeat(report_sender(Client(), pub), podman, interval=10)
     heartbeat.observer = pub
     heartbeat.send_once()
+    assert len(sent) == 1 and sent[0][1] == 0
     assert pub.snapshot()["report"]["ok"] is True
     assert [c["deployment"] for c in pub.snapshot()["containers"]] == ["d1"]
     heartbeat.send_once()
     assert pub.snapshot()["report"] == {"ok": False, "at": 1000.0, "error": "control plane down"}
+    assert pub.metrics()[0]["reports"] == {("sent",): 1, ("failed",): 1}
