@@ -62,11 +62,11 @@ class Observer:
     def containers(self, containers: Sequence[ContainerInfo], health: Mapping[str, str]) -> None:
         """The managed containers and their health, as the heartbeat last read them."""
 
-    def work(self, item_id: str, item_type: str, run: Callable[[], T]) -> T:
-        """Run one work item, shown in flight meanwhile."""
+    def work(self, item_id: str, item_type: object, run: Callable[[], T]) -> T:
+        """Run one work item (its type as the control plane sent it), shown in flight meanwhile."""
         return run()
 
-    def work_done(self, item_type: str, result: str) -> None:
+    def work_done(self, item_type: object, result: str) -> None:
         """A work item ended with `result` (completed/failed)."""
 
     def build(self, build_id: str | None, phase: str = "", status: str = "") -> None:
@@ -104,6 +104,11 @@ class ObservedPodman(Podman):
             return result
         finally:
             self.observer.podman_call(podman_verb(args), time.monotonic() - started, ok)
+
+
+def type_label(value: object) -> str:
+    """A work item's type as a short label (the control plane's value is not trusted)."""
+    return value[:64] if isinstance(value, str) else f"<{type(value).__name__}>"
 
 
 def _describe_error(error: BaseException) -> str:
@@ -239,9 +244,9 @@ class Publisher(Observer):
                 self._data["containers"] = shown
                 self._changed()
 
-    def work(self, item_id: str, item_type: str, run: Callable[[], T]) -> T:
+    def work(self, item_id: str, item_type: object, run: Callable[[], T]) -> T:
         with self._lock:
-            self._in_flight[item_id] = item_type
+            self._in_flight[item_id] = type_label(item_type)
             self._refresh_work()
         try:
             return run()
@@ -250,9 +255,9 @@ class Publisher(Observer):
                 self._in_flight.pop(item_id, None)
                 self._refresh_work()
 
-    def work_done(self, item_type: str, result: str) -> None:
+    def work_done(self, item_type: object, result: str) -> None:
         with self._lock:
-            self._count("work_items", (item_type, result))
+            self._count("work_items", (type_label(item_type), result))
 
     def build(self, build_id: str | None, phase: str = "", status: str = "") -> None:
         now, tick = self._clock(), self._monotonic()

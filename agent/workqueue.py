@@ -195,14 +195,14 @@ class WorkQueue:
             return
 
         try:
-            outcome = self.observer.work(item_id, _show(item_type), lambda: self._execute(item_id, item_type, raw.get("payload")))
+            outcome = self.observer.work(item_id, item_type, lambda: self._execute(item_id, item_type, raw.get("payload")))
         except _Defer:
             return
         except Exception as exc:  # noqa: BLE001 - a bug or an odd podman failure fails this item only
             log.exception("work queue: item %s (%s) raised", item_id, _show(item_type))
             outcome = Outcome.fail(f"agent error while handling {_show(item_type)}: {exc}")
         self._deferred_since.pop(item_id, None)
-        self.observer.work_done(_show(item_type), outcome.status)
+        self.observer.work_done(item_type, outcome.status)
         if len(outcome.error) > MAX_ERROR_CHARS:
             # Keep work-done.json and the request small; the full text goes to the log here.
             log.warning("work queue: item %s (%s) failed: %s", item_id, _show(item_type), outcome.error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import threading
 
 import pytest
@@ -285,3 +286,42 @@ def test_the_heartbeat_reports_containers_and_the_sender_reports_outcomes(tmp_pa
     heartbeat.send_once()
     assert pub.snapshot()["report"] == {"ok": False, "at": 1000.0, "error": "control plane down"}
     assert pub.metrics()[0]["reports"] == {("sent",): 1, ("failed",): 1}
+
+
+def test_the_work_queue_shows_an_item_in_flight_and_counts_its_result(tmp_path, caplog):
+    from tests.test_workqueue import DEP, Harness, item, ours
+
+    h = Harness(tmp_path)
+    pub = publisher(tmp_path)
+    h.queue.observer = pub
+    h.podman.add("c1", ours(), running=False)
+    during = []
+    restart = h.podman.restart
+    h.podman.restart = lambda ref: (during.append(pub.snapshot()["work"]), restart(ref))  # type: ignore[method-assign]
+    h.client.items = [item("w1", "restart", {"deploymentId": DEP, "containerId": "c1"})]
+    with caplog.at_level(logging.INFO):
+        h.queue.poll_once()
+    assert during == [[{"id": "w1", "type": "restart"}]]
+    assert pub.snapshot()["work"] == []
+    assert pub.metrics()[0]["work_items"] == {("restart", "completed"): 1}
+    assert [r.work_item for r in caplog.records if r.getMessage().endswith("completed")] == ["w1"]
+
+
+def test_a_build_claimed_elsewhere_leaves_no_build_shown(tmp_path):
+    from agent.builds import BuildWorker
+
+    class Client:
+        def pending_build(self):
+            return {"id": "b-1"}
+
+        def claim_build(self, build_id):
+            seen.append(pub.snapshot()["build"])
+            return None  # another server got it
+
+    seen: list = []
+    pub = publisher(tmp_path)
+    worker = BuildWorker(Settings(data_dir=tmp_path / "data"), Client(), "")
+    worker.observer = pub
+    assert worker.poll_once() is False
+    assert seen == [{"id": "b-1", "phase": "claiming", "since": 1000.0}]
+    assert pub.snapshot()["build"] is None
