@@ -79,12 +79,12 @@ class Heartbeat:
             found = self.podman.health_and_restarts(running)
             health = {cid: self._crash_looping(cid, status, restarts) for cid, (status, restarts) in found.items()}
             self._last_health = dict(health)
+            self.observer.containers(containers, health)  # after a failed read `agent status` keeps the last
         except Exception as exc:  # noqa: BLE001
             # Never guess "none" (the control plane counts it as healthy): last known, else "starting".
             log.warning("cannot read container health (%s); reporting the last known", exc)
             health = {cid: self._last_health.get(cid, "starting") for cid in running}
         report = status.build_report(containers, health, self.public_ip(), include_resources)
-        self.observer.containers(containers, health)
         if self._send is None:
             return
         try:
