@@ -328,7 +328,7 @@ class Publisher(Observer):
         with self._lock:
             self._dirty = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps(self.snapshot(), sort_keys=True), 0o644)
+        atomic_write(self.path, json.dumps(self.snapshot(), sort_keys=True), 0o600)
         self._written_at = self._monotonic()
 
     def run(self, stop: threading.Event) -> None:

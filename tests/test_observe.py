@@ -170,6 +170,7 @@ def test_publish_replaces_the_file_and_run_removes_it_when_stopping(tmp_path):
             stop.wait(0.05)
         first = json.loads(pub.path.read_text())
         assert first["mode"] == "test" and first["loop"]["state"] == "IDLE"
+        assert pub.path.stat().st_mode & 0o777 == 0o600  # errors may name hosts and commands: root's only
         pub.state("PROCESSING")
         for _ in range(100):
             if json.loads(pub.path.read_text())["loop"]["state"] == "PROCESSING":
