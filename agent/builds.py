@@ -46,6 +46,7 @@ from agent import crypto, fsutil, validate
 from agent.api import ApiError, Rejected
 from agent.host.run import CommandError, CommandNotFound, kill_group, popen, run
 from agent.logship import BuildLogStream
+from agent.observe import Observer
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,8 @@ class _Context:
 
 
 class BuildWorker:
+    observer: Observer = Observer()  # runtime gives it the Publisher (agent status, metrics)
+
     def __init__(
         self,
         settings: Any,
@@ -385,10 +388,12 @@ class BuildWorker:
     # -- the on-disk record --
 
     def _write_state(self, build_id: str, phase: str, status: str = "", error: str = "", **extra: Any) -> None:
+        self.observer.build(build_id, phase, status)
         fsutil.ensure_dir(self.state_path.parent, 0o700)
         fsutil.atomic_write_json(self.state_path, {"buildId": build_id, "phase": phase, "status": status, "error": error, **extra})
 
     def _clear_state(self) -> None:
+        self.observer.build(None)
         try:
             self.state_path.unlink()
         except FileNotFoundError:

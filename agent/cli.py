@@ -9,6 +9,7 @@
     agent upgrade --binary URL|FILE [--sha256 HEX]
                            swap in a new build; keep it only if it proves healthy
     agent purge --yes      remove this agent's containers, network, images and data dir
+    agent status [--json]  what the running agent is doing (exit 3 when none runs)
     agent --version
 
 Usage and configuration errors exit non-zero with one clear line, never a traceback.
@@ -29,7 +30,7 @@ from agent import __version__
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("run", "plan", "standalone", "doctor", "upgrade", "purge")
+COMMANDS = ("run", "plan", "standalone", "doctor", "upgrade", "purge", "status")
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -66,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="with `upgrade`: seconds the new agent has to prove healthy (default 90)")
     p.add_argument("--yes", action="store_true", help="with `purge`: yes, remove the containers and the data dir")
     p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
+    p.add_argument("--log-format", choices=("text", "json"), help="text (default) or one JSON object per line")
+    p.add_argument("--json", action="store_true", help="with `status`: print JSON for scripts")
     p.add_argument("--version", action="version", version=version_text())
     return p
 
@@ -85,6 +88,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         raise UsageError("--down goes with standalone: agent standalone --down FILE")
     if args.purge and not args.down:
         raise UsageError("--purge goes with --down: agent standalone --down FILE --purge")
+    if args.json and args.command != "status":
+        raise UsageError("--json goes with status: agent status --json")
     if args.command == "standalone":
         if not args.target and not state:
             raise UsageError("standalone needs a state file: agent standalone FILE")
@@ -101,6 +106,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "logs_endpoint": args.logs_endpoint,
         "state_file": state,
         "log_level": args.log_level,
+        "log_format": args.log_format,
     }
     return Settings.load(flags, config_file=Path(args.config) if args.config else None)
 
@@ -136,14 +142,10 @@ def run_upgrade(args: argparse.Namespace, settings: Any) -> int:
     return upgrade(options)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # urllib3 logs every retry at WARNING with the full URL; our own lines say it better.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
+def setup_logging(level: str, log_format: str = "text") -> None:
+    from agent.logformat import configure
+
+    configure(level, log_format)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The token now lives in `settings`; no child process (git, podman, …) inherits it.
     os.environ.pop("TECHULUS_AGENT_TOKEN", None)
     warn_unknown_environment()
-    setup_logging(settings.log_level)
+    if args.command == "status":
+        return run_status(settings, args.json)
+    setup_logging(settings.log_level, settings.log_format)
     if args.command == "doctor":
         from agent.doctor import run_doctor
 
@@ -228,6 +232,17 @@ def warn_unknown_environment() -> None:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             print(f"agent: ignoring unknown environment variable {name}{hint}", file=sys.stderr)
+
+
+def run_status(settings: Any, as_json: bool) -> int:
+    """Print what the running agent published; never waits on it or on the control plane."""
+    import json
+
+    from agent.statusview import gather, render
+
+    code, status = gather(settings.run_dir, settings.data_dir)
+    sys.stdout.write(json.dumps(status, indent=2, sort_keys=True) + "\n" if as_json else render(status))
+    return code
 
 
 def run_plan(settings: Any) -> int:

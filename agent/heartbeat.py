@@ -26,6 +26,7 @@ from agent import status
 from agent.api import ApiError
 from agent.drift import ContainerInfo
 from agent.host.podman import Podman
+from agent.observe import Observer
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ CRASH_LOOP_WINDOW = 300.0
 
 
 class Heartbeat:
+    observer: Observer = Observer()  # runtime.assemble gives it the Publisher (agent status, metrics)
+
     def __init__(
         self,
         send: Callable[[dict[str, Any]], None] | None,
@@ -104,6 +107,7 @@ class Heartbeat:
             found = self.podman.health_and_restarts(running)
             health = {cid: self._crash_looping(cid, status, restarts) for cid, (status, restarts) in found.items()}
             self._last_health = dict(health)
+            self.observer.containers(containers, health)  # after a failed read `agent status` keeps the last
         except Exception as exc:  # noqa: BLE001
             if only_if_changed:
                 return False

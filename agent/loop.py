@@ -67,6 +67,8 @@ from agent.drift import (
 )
 from agent.fsutil import atomic_write
 from agent.host.podman import Podman, check_env
+from agent.logformat import change_fields
+from agent.observe import Observer
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.problems import FailureStreak, ProblemLog
 from agent.settings import Settings
@@ -175,6 +177,8 @@ def change_key(change: Change) -> str:
 
 
 class Reconciler:
+    observer: Observer = Observer()  # runtime.assemble gives it the Publisher (agent status, metrics)
+
     def __init__(
         self,
         settings: Settings,
@@ -251,6 +255,7 @@ class Reconciler:
 
     def note_fetch(self, expected: ExpectedState) -> None:
         """Count, once per fetched document, how many polls in a row left each section empty."""
+        self.observer.poll(None, expected)
         self.last_good = expected
         sizes = {
             # An entry that failed validation still means the document is not empty.
@@ -485,6 +490,7 @@ class Reconciler:
         try:
             expected = self.source.fetch()
         except Exception as exc:  # noqa: BLE001 - a failed poll removes and reconfigures nothing
+            self.observer.poll(exc)
             last = self.last_good
             # A source that reported the problem itself (once, then counted) is not repeated here.
             level = logging.DEBUG if getattr(exc, "reported", False) else logging.ERROR
@@ -514,6 +520,7 @@ class Reconciler:
             log.error("cannot read the actual state, changing nothing: %s", exc)
             return
         self.last_plan = changes
+        self.observer.plan(changes, self.held, self.syncs)
         if not changes:
             # "No drift" (the report with resources) only when nothing is being held back, at
             # most once per tick however often a rollout is polled. A new document gets a
@@ -537,6 +544,7 @@ class Reconciler:
     ) -> None:
         """Apply the changes `snapshot` asks for; `only` limits the kinds (restoring from a cache)."""
         self.state = PROCESSING
+        self.observer.state(PROCESSING)
         self.reporter.trigger()
         started = self.clock()
         self._deadline = started + self.settings.processing_timeout
@@ -557,6 +565,7 @@ class Reconciler:
                 except Exception as exc:  # noqa: BLE001
                     log.error("cannot read the actual state: %s; back to IDLE", exc)
                     return
+                self.observer.plan(changes, self.held, self.syncs)
                 pending = [c for c in changes if change_key(c) not in skipped and (only is None or c.kind in only)]
                 if not pending:
                     if not changes:
@@ -571,6 +580,7 @@ class Reconciler:
                     self._step(change, snapshot, skipped)
         finally:
             self.state = IDLE
+            self.observer.state(IDLE)
 
     def _should_stop(self, started: float, stop: threading.Event | None) -> bool:
         if stop is not None and stop.is_set():
@@ -587,14 +597,17 @@ class Reconciler:
         wait = self.backoff.wait(key)
         if wait > 0:
             log.info("retrying in %.0fs (it failed recently): %s", wait, change.describe())
+            self.observer.change(change, "backoff")
             return
         self.backoff.record(key)
         try:
             self.apply(change, snapshot, self._deadline)
         except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
-            log.error("failed: %s: %s", change.describe(), exc)
+            log.error("failed: %s: %s", change.describe(), exc, extra=change_fields(change))
+            self.observer.change(change, "failed", exc)
         else:
-            log.info("applied: %s", change.describe())
+            log.info("applied: %s", change.describe(), extra=change_fields(change))
+            self.observer.change(change, "applied")
             if change.kind not in (ChangeKind.START, ChangeKind.REDEPLOY):
                 # A re-start or re-create that has to happen again soon is a loop: keep pacing
                 # it. A fresh deploy (or removal, or config) is a new intent each time.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from agent import sdnotify, status
+from agent import __version__, sdnotify, status
 from agent.api import ControlPlane, Signer
 from agent.configsync import ConfigSync
 from agent.heartbeat import Heartbeat
@@ -29,9 +29,11 @@ from agent.host.podman import Podman, PodmanError, PodmanOptions
 from agent.identity import AgentConfig, DataDir, Identity, standalone_owner
 from agent.loop import RESTORE_KINDS, ControlPlaneSource, FileSource, Reconciler, StateSource, load_state_file
 from agent.model import WireGuardPeer
+from agent.observe import ObservedPodman, Observer, Publisher
 from agent.ondemand import OnDemand
 from agent.registration import ensure_registered
 from agent.settings import Settings
+from agent.statusview import status_path
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class Components:
     initial_peers: tuple[WireGuardPeer, ...] | None = None
     public_ip: Callable[[], str] = lambda: ""
     image_gc: ImageGC | None = None
+    # What `agent status` and the metrics show (agent/observe.py).
+    observer: Observer = field(default_factory=Observer)
 
 
 def make_client(settings: Settings, identity: Identity | None) -> ControlPlane:
@@ -205,24 +209,20 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
 
     syncs = config_syncs(settings, config, identity, dns_woke_up)
     dns_active = not any(isinstance(sync, OnDemand) and sync.name == "dns" for sync in syncs)
-    podman = Podman(
+    observer = Publisher(status_path(settings.run_dir, settings.data_dir), published_info(settings, config))
+    podman = ObservedPodman(
         podman_options(settings, config, container_dns(settings, config, dns_active)),
         images=ImageLedger(settings.data_dir / LEDGER_FILE),
     )
+    podman.observer = observer
     log.info("owner mark %s on network %s", podman.options.owner, podman.options.network)
     if isinstance(source, FileSource):
         assert settings.state_file is not None
         refuse_collisions(podman, config, source, settings.state_file)
     # The heartbeat reads podman with a short timeout: a stuck podman must not silence it.
-    reader = Podman(dataclasses.replace(podman.options, timeout=HEARTBEAT_PODMAN_TIMEOUT))
-    send: Callable[[dict[str, Any]], None] | None = None
-    if client is not None:
-        reporting_client = client
-
-        def send(report: dict[str, Any]) -> None:
-            # No retry: the next beat, due within the interval, is the retry.
-            reporting_client.report_status(report, retries=0)
-
+    reader = ObservedPodman(dataclasses.replace(podman.options, timeout=HEARTBEAT_PODMAN_TIMEOUT))
+    reader.observer = observer
+    send = None if client is None else report_sender(client, observer)
     heartbeat = Heartbeat(
         send,
         reader,
@@ -230,8 +230,10 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
         public_ip=public_ip,
         on_beat=lambda: sdnotify.notify("WATCHDOG=1"),
     )
+    heartbeat.observer = observer
     host_lock = threading.Lock()
     reconciler = Reconciler(settings, podman, source, syncs, config.encryption_key, heartbeat, host_lock)
+    reconciler.observer = observer
     image_gc = ImageGC(
         podman,
         podman.images,
@@ -241,8 +243,33 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
     )
     return Components(
         settings, config, podman, source, syncs, reconciler, heartbeat, client, identity, host_lock, initial_peers, public_ip,
-        image_gc,
+        image_gc, observer,
     )
+
+
+def published_info(settings: Settings, config: AgentConfig) -> dict[str, Any]:
+    """The fixed part of what `agent status` shows."""
+    return {
+        "version": __version__,
+        "mode": f"standalone from {settings.state_file}" if settings.standalone else f"registered with {settings.url}",
+        "serverId": "" if settings.standalone else config.server_id,
+        "dataDir": str(settings.data_dir),
+    }
+
+
+def report_sender(client: ControlPlane, observer: Observer) -> Callable[[dict[str, Any]], None]:
+    """The heartbeat's way to send a report; each outcome goes to the observer."""
+
+    def send(report: dict[str, Any]) -> None:
+        try:
+            # No retry: the next beat, due within the interval, is the retry.
+            client.report_status(report, retries=0)
+        except Exception as exc:
+            observer.report(exc)
+            raise
+        observer.report(None)
+
+    return send
 
 
 def refuse_collisions(podman: Podman, config: AgentConfig, source: FileSource, state_file: Path) -> None:
@@ -286,6 +313,15 @@ def prepare_host(components: Components) -> None:
 def background_tasks(components: Components) -> list[tuple[str, Callable[[threading.Event], None]]]:
     settings = components.settings
     tasks: list[tuple[str, Callable[[threading.Event], None]]] = [("heartbeat", components.heartbeat.run)]
+    observer = components.observer
+    if isinstance(observer, Publisher):
+        tasks.append(("status", observer.run))
+        if any(sync.name == "wireguard" for sync in components.syncs):
+            observer.watch_wireguard(settings)
+        if settings.metrics_address is not None:
+            from agent.metrics import MetricsServer
+
+            tasks.append(("metrics", MetricsServer(settings.metrics_address, observer).run))
     if components.image_gc is not None:
         tasks.append(("images", components.image_gc.run))
     if isinstance(components.public_ip, status.PublicIp) and components.public_ip.url:
@@ -308,17 +344,20 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
             getattr(wireguard, "apply_peers", None),
             on_change=item_changed_containers,
         )
+        queue.observer = observer
         components.reconciler.stopped_deployments = queue.stopped_deployments
         tasks.append(("workqueue", queue.run))
         from agent.builds import BuildWorker
 
         assert components.identity is not None
         worker = BuildWorker(settings, components.client, components.identity.config.encryption_key)
+        worker.observer = observer
         tasks.append(("builds", worker.run))
     if settings.logs_endpoint:
         from agent.logship import LogShipper
 
         shipper = LogShipper(settings, components.podman)
+        observer.watch_logs(shipper)
         tasks.append(("logs", shipper.run))
     from agent import healthcheck
 

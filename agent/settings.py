@@ -8,6 +8,7 @@ intervals without touching the code. Environment variables are `TECHULUS_AGENT_<
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import sys
 import urllib.parse
@@ -147,6 +148,13 @@ class Settings:
     registry_insecure_push: bool = True
 
     log_level: str = "INFO"
+    # "text" (under systemd: journald priorities, no second timestamp) or "json" (one object a line).
+    log_format: str = "text"
+
+    # The metrics endpoint: "" = off; "127.0.0.1:9464", "[::1]:9464" or a unix socket path
+    # ("/run/techulus-agent/metrics.sock" or "unix:PATH"). Loopback only unless allowed below.
+    metrics_listen: str = ""
+    metrics_allow_remote: bool = False
 
     @property
     def keys_dir(self) -> Path:
@@ -166,6 +174,11 @@ class Settings:
         than a tick, so a hanging control plane cannot stall reconciliation, but never so
         short that a loaded machine misses a healthy answer."""
         return max(2.0, min(self.tick_interval * 0.8, self.http_connect_timeout + self.http_read_timeout))
+
+    @property
+    def metrics_address(self) -> tuple[Any, ...] | None:
+        """("tcp", host, port), ("unix", path), or None when metrics are off."""
+        return listen_address(self.metrics_listen, self.metrics_allow_remote) if self.metrics_listen else None
 
     @property
     def standalone(self) -> bool:
@@ -245,6 +258,38 @@ class Settings:
             raise SettingsError("image_gc_interval must be positive")
         if self.scope_label and "=" not in self.scope_label:
             raise SettingsError("scope_label must look like key=value")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        self.metrics_address  # noqa: B018 - raises SettingsError for an unusable address
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def listen_address(value: str, allow_remote: bool = False) -> tuple[Any, ...]:
+    """Parse `metrics_listen`. A unix socket is an absolute path (or `unix:PATH`); anything
+    else is `host:port` with an IP literal or `localhost`, refused off loopback unless
+    `allow_remote` (metrics tell anyone who can read them what runs on this server)."""
+    if value.startswith("unix:") or value.startswith("/"):
+        path = value.removeprefix("unix:")
+        if not path.startswith("/") or "\x00" in path:
+            raise SettingsError(f"metrics_listen: a unix socket needs an absolute path, got {value!r}")
+        return ("unix", path)
+    host, sep, port_text = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SettingsError(f"metrics_listen must be HOST:PORT (e.g. 127.0.0.1:9464) or a unix socket path, got {value!r}")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise SettingsError(f"metrics_listen: {host!r} is not an IP address (or localhost)") from None
+    if not address.is_loopback and not allow_remote:
+        raise SettingsError(
+            f"metrics_listen {value!r} is not a loopback address; set metrics_allow_remote = true to expose metrics beyond this host"
+        )
+    return ("tcp", str(address), int(port_text))
 
 
 def _is_http_url(value: str) -> bool:

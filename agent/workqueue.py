@@ -27,6 +27,7 @@ from agent.api import ApiError, ControlPlane, decode_json
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID
 from agent.host.podman import Podman
 from agent.model import ModelError, WireGuardPeer, parse_expected_state
+from agent.observe import Observer
 from agent.settings import Settings
 from agent.validate import InvalidValue
 
@@ -76,6 +77,8 @@ class _Defer(Exception):
 
 
 class WorkQueue:
+    observer: Observer = Observer()  # runtime gives it the Publisher (agent status, metrics)
+
     def __init__(
         self,
         client: ControlPlane,
@@ -192,21 +195,22 @@ class WorkQueue:
             return
 
         try:
-            outcome = self._execute(item_id, item_type, raw.get("payload"))
+            outcome = self.observer.work(item_id, item_type, lambda: self._execute(item_id, item_type, raw.get("payload")))
         except _Defer:
             return
         except Exception as exc:  # noqa: BLE001 - a bug or an odd podman failure fails this item only
             log.exception("work queue: item %s (%s) raised", item_id, _show(item_type))
             outcome = Outcome.fail(f"agent error while handling {_show(item_type)}: {exc}")
         self._deferred_since.pop(item_id, None)
+        self.observer.work_done(item_type, outcome.status)
         if len(outcome.error) > MAX_ERROR_CHARS:
             # Keep work-done.json and the request small; the full text goes to the log here.
             log.warning("work queue: item %s (%s) failed: %s", item_id, _show(item_type), outcome.error)
             outcome = Outcome(outcome.status, outcome.error[: MAX_ERROR_CHARS - 3] + "...", outcome.changed)
         elif outcome.status == COMPLETED:
-            log.info("work queue: item %s (%s) completed", item_id, _show(item_type))
+            log.info("work queue: item %s (%s) completed", item_id, _show(item_type), extra={"work_item": item_id})
         else:
-            log.warning("work queue: item %s (%s) failed: %s", item_id, _show(item_type), outcome.error)
+            log.warning("work queue: item %s (%s) failed: %s", item_id, _show(item_type), outcome.error, extra={"work_item": item_id})
         # Remember first: if the acknowledgement is lost the item comes back, and must not run
         # again. Not saved (disk full): not acknowledged either; the re-delivered item is
         # found in memory, saved and acknowledged then, never run twice.
