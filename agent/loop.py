@@ -88,7 +88,14 @@ RESTORE_KINDS = frozenset({ChangeKind.START, ChangeKind.DEPLOY})
 
 
 class StateSource(Protocol):
-    """Where the expected state comes from: the control plane or a local file."""
+    """Where the expected state comes from: the control plane or a local file.
+
+    `follow_image_changes` (drift.py's module docstring): whether a lone deployment whose
+    listed image changed is re-created. A control plane never asks for that (it changes
+    images through new deployments); a state file is the operator's intent and does. A
+    source without the attribute counts as a control plane, the rule that re-images nothing."""
+
+    follow_image_changes: bool
 
     def fetch(self) -> ExpectedState:
         """The current expected state; raises on any failure (nothing acts on a failed fetch)."""
@@ -219,8 +226,8 @@ class Reconciler:
         self._moved_at: float | None = None
         self._last_document: ExpectedState | None = None
         self._resources_at: float | None = None
-        # Deployment id -> the listed image whose drift was held back (drift.py's docstring).
-        self._held_images: dict[str, str] = {}
+        # Deployment id -> the listed image whose held-back drift was logged (once each).
+        self._image_held_logged: dict[str, str] = {}
         # Deployments a user stopped through a `stop` work item. The control plane keeps
         # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
         self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
@@ -267,8 +274,9 @@ class Reconciler:
         document = expected
         expected = self._without_stopped(expected)
         containers, drifted = self.observe(expected)
-        planned = full_plan(expected, containers, drifted, self._held_images)
-        self._remember_held(expected, planned.kept_images)
+        follow = bool(getattr(self.source, "follow_image_changes", False))
+        planned = full_plan(expected, containers, drifted, follow_image_changes=follow)
+        self._log_image_held(planned.held)
         self._plan_generation = self._host_generation
         changes = self._guard(document, containers, planned.changes)
         changes = self._drain(expected, containers, changes)
@@ -276,16 +284,19 @@ class Reconciler:
         self._in_progress = rollout_in_progress(expected, containers, self.reported_health(), bool(self.draining))
         return changes
 
-    def _remember_held(self, expected: ExpectedState, kept: Mapping[str, str]) -> None:
-        """Keep holding a deployment's image drift after its rollout rolled back, for as long
-        as it is listed with that image."""
-        listed = {c.deployment_id: canonical_image(c.image) for c in expected.containers}
-        self._held_images = {dep: image for dep, image in self._held_images.items() if listed.get(dep) == image}
-        for deployment_id, image in kept.items():
-            if self._held_images.get(deployment_id) != image:
-                log.info("deployment %s keeps its own image during a rollout (listed with %s); it goes when the "
-                         "control plane drops it", deployment_id, image)
-        self._held_images.update(kept)
+    def _log_image_held(self, held: Sequence[Change]) -> None:
+        """One line per deployment (and listed image) whose image change is held back, not
+        one per tick; a deployment no longer held is forgotten."""
+        logged: dict[str, str] = {}
+        for change in held:
+            if change.kind is not ChangeKind.REDEPLOY or change.expected is None or change.container is None:
+                continue
+            deployment_id, image = change.expected.deployment_id, change.expected.image
+            logged[deployment_id] = image
+            if self._image_held_logged.get(deployment_id) != image:
+                log.info("deployment %s stays on its own image %s although listed with %s: %s",
+                         deployment_id, change.container.image, image, change.held_because)
+        self._image_held_logged = logged
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()
@@ -732,6 +743,9 @@ class FileSource:
     reported once (then counted), and "is valid again" once it can. A `wireguard` section
     is refused with one line (one host has no mesh); the rest of the file applies."""
 
+    # The file is the operator's intent: a lone deployment's new image is applied.
+    follow_image_changes = True
+
     def __init__(self, path: Path, subnet: Any) -> None:
         self.path = path
         self.subnet = subnet
@@ -829,6 +843,9 @@ def load_state_file(path: Path) -> dict[str, Any]:
 
 class ControlPlaneSource:
     """Polls GET expected-state; keeps the last good answer on disk for restarts without a CP."""
+
+    # The control plane changes images only through new deployments (drift.py's docstring).
+    follow_image_changes = False
 
     def __init__(self, client: Any, subnet: Any, cache_path: Path | None, deadline: float | None = None) -> None:
         self.client = client

@@ -44,9 +44,9 @@ def test_order_orphans_first_then_starts_deploys_redeploys():
     podman.add("", "running")
     podman.add("old")
     exited = podman.add("b", "exited")
-    podman.add("c", image="localhost/app:v0", service="lone")  # a lone deployment: re-imaged
+    podman.add("c", image="localhost/app:v0", service="lone")  # a state file's lone deployment: re-imaged
     state = ExpectedState(containers=(spec("a"), spec("b"), spec("c", service="lone")))
-    reconciler, podman, _ = make(ListSource(state), podman)
+    reconciler, podman, _ = make(ListSource(state, follow_image_changes=True), podman)
     reconciler.tick()
     ops = [op for op, _ in podman.calls if op != "list"]
     # localhost/ images are never pulled (there is no registry behind them).
@@ -747,6 +747,44 @@ def test_a_rolled_back_rollout_leaves_the_old_deployment_on_its_image():
     reconciler.tick()
     assert podman.containers[d1.id].image == "localhost/app:v1"
     assert [c.kind.value for c in reconciler.held] == ["redeploy"]
+
+
+def test_a_held_image_change_is_logged_once_per_deployment_not_per_tick(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="agent.loop")
+    podman = FakePodman()
+    podman.add("d1", image="localhost/app:v1")
+    source = ListSource(ExpectedState(containers=(spec("d1", "localhost/app:v2"),)))
+    reconciler, podman, _ = make(source, podman)
+    for _ in range(5):
+        reconciler.tick()
+    lines = [r.getMessage() for r in caplog.records if "stays on its own image" in r.getMessage()]
+    assert len(lines) == 1 and "deployment d1" in lines[0] and "localhost/app:v2" in lines[0], lines
+    assert "only through new deployments" in lines[0]
+    # Listed with yet another image (a new configuration, still not deployed): one more line.
+    source.items = [ExpectedState(containers=(spec("d1", "localhost/app:v3"),))]
+    reconciler.tick()
+    reconciler.tick()
+    assert len([r for r in caplog.records if "stays on its own image" in r.getMessage()]) == 2
+
+
+def test_a_state_files_lone_image_change_is_applied_but_a_control_planes_is_not(tmp_path):
+    import ipaddress
+
+    from agent.loop import ControlPlaneSource, FileSource
+
+    path = tmp_path / "state.json"
+    path.write_text('{"containers": [{"deploymentId": "d1", "serviceId": "svc", "serviceName": "Svc", '
+                    '"name": "c-d1", "image": "localhost/app:v2"}]}')
+    subnet = ipaddress.IPv4Network("10.200.1.0/24")
+    podman = FakePodman()
+    old = podman.add("d1", image="localhost/app:v1")
+    reconciler, podman, _ = make(FileSource(path, subnet), podman)
+    reconciler.tick()
+    assert old.id not in podman.containers
+    assert [c.image for c in podman.containers.values()] == ["localhost/app:v2"]
+    assert FileSource.follow_image_changes and not ControlPlaneSource.follow_image_changes
 
 
 def test_a_control_plane_outage_is_logged_once_then_counted_and_its_end_once(caplog):
