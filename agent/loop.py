@@ -235,6 +235,9 @@ class Reconciler:
         # fresh one can be had, crashed or missing containers of it are still brought back.
         self.last_good: ExpectedState | None = None
         self._poll_failures = FailureStreak(log, "expected state unavailable", clock=clock)
+        # Config sections whose every listed entry is invalid: left as they are (see _guard).
+        self._garbled = ProblemLog(log, "expected state", cleared="has a valid entry again in every section it lists",
+                                   clock=clock)
 
     # --- observation ------------------------------------------------------------------------
 
@@ -262,9 +265,9 @@ class Reconciler:
         sizes = {
             # An entry that failed validation still means the document is not empty.
             "containers": len(expected.containers) + len(expected.protected_deployments),
-            "dns": len(expected.dns_records),
-            "caddy": len(expected.caddy_routes),
-            "wireguard": len(expected.wireguard_peers),
+            "dns": len(expected.dns_records) + expected.dropped.get("dns", 0),
+            "caddy": len(expected.caddy_routes) + expected.dropped.get("caddy", 0),
+            "wireguard": len(expected.wireguard_peers) + expected.dropped.get("wireguard", 0),
         }
         for section, size in sizes.items():
             empty = section in expected.sections and size == 0
@@ -312,9 +315,16 @@ class Reconciler:
     def _guard(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
         """Bad input destroys nothing: a section of the fetched document (`expected`, as the
         control plane sent it) that suddenly became empty must be confirmed by a second poll,
-        a missing section is left alone, and a container entry without a usable deployment id
-        blocks removals."""
+        a missing section is left alone, a config section that lists entries of which none is
+        valid (a format slip in every peer or route) changes nothing, and a container entry
+        without a usable deployment id blocks removals."""
         dropped: set[ChangeKind] = set()
+        garbled = [section for section in CONFIG_KINDS if section in expected.sections and expected.all_dropped(section)]
+        self._garbled.report([
+            f"every {section} entry it lists is invalid (see above); nothing in {section} changes until one is valid"
+            for section in garbled
+        ])
+        doubted = {CONFIG_KINDS[section] for section in garbled}
         ours = [c for c in containers if c.deployment_id]
         if "containers" not in expected.sections:
             dropped |= REMOVALS
@@ -334,7 +344,7 @@ class Reconciler:
             )
             dropped |= REMOVALS
         for section, kind in CONFIG_KINDS.items():
-            if not any(c.kind is kind for c in changes):
+            if not any(c.kind is kind for c in changes) or kind in doubted:
                 continue
             if (
                 self._expected_empty(section, expected)
@@ -344,11 +354,13 @@ class Reconciler:
                 log.warning("%s: expected state suddenly lists nothing; waiting for the next poll to confirm", section)
                 dropped.add(kind)
         self.held = [
+            dataclasses.replace(c, held_because="every entry of its section is invalid: nothing changes until one is valid")
+            if c.kind in doubted else
             dataclasses.replace(c, held_because="not until a second poll confirms it, or the invalid entry is fixed")
             for c in changes
-            if c.kind in dropped
+            if c.kind in dropped | doubted
         ]
-        return [c for c in changes if c.kind not in dropped]
+        return [c for c in changes if c.kind not in dropped | doubted]
 
     # --- draining (module docstring) ----------------------------------------------------------
 

@@ -316,6 +316,48 @@ def test_a_bad_entry_is_skipped_and_the_rest_of_its_section_applies():
     assert len(sync.applied) == 1 and [r.name for r in sync.applied[0].dns_records] == ["a.internal"]
 
 
+GARBLED_DNS = {"dns": {"records": [{"name": "bad name", "ips": ["10.200.1.2"]}, {"name": "b.internal", "ips": "10.200.1.3"}]}}
+
+
+def test_a_section_whose_every_entry_is_invalid_changes_nothing_and_says_so_once(caplog):
+    import logging
+
+    from agent.model import parse_expected_state
+
+    caplog.set_level(logging.INFO, logger="agent.loop")
+    sync = FakeSync()
+    garbled = parse_expected_state(GARBLED_DNS, None)
+    source = ListSource(garbled)
+    reconciler, _, _ = make(source, syncs=[sync])
+    for _ in range(5):
+        reconciler.tick()
+    assert sync.applied == []
+    assert [c.held_because for c in reconciler.held] == ["every entry of its section is invalid: nothing changes until one is valid"]
+    lines = [r.getMessage() for r in caplog.records if "every dns entry" in r.getMessage()]
+    assert lines == ["expected state: every dns entry it lists is invalid (see above); nothing in dns changes until one is valid"]
+    assert not [r for r in caplog.records if "suddenly lists nothing" in r.getMessage()]
+    # Fixed: the valid entry applies, and the all-clear is said once.
+    source.items = [parse_expected_state({"dns": {"records": [{"name": "a.internal", "ips": ["10.200.1.2"]}]}}, None)]
+    reconciler.tick()
+    reconciler.tick()
+    assert len(sync.applied) == 1
+    assert [r.getMessage() for r in caplog.records if "has a valid entry again" in r.getMessage()] == [
+        "expected state has a valid entry again in every section it lists"]
+
+
+def test_a_garbled_section_does_not_count_as_an_empty_poll():
+    # Garbled, then really empty: the empty list still needs its own second poll.
+    from agent.model import parse_expected_state
+
+    sync = FakeSync()
+    reconciler, _, _ = make(ListSource(parse_expected_state(GARBLED_DNS, None), ExpectedState()), syncs=[sync])
+    reconciler.tick()
+    reconciler.tick()
+    assert sync.applied == []
+    reconciler.tick()
+    assert len(sync.applied) == 1
+
+
 def test_a_slow_pull_does_not_hold_the_host_lock():
     podman = ImagesPodman(set())
     release = threading.Event()

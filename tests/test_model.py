@@ -122,6 +122,21 @@ def test_hostile_network_entries_are_skipped(section):
     state = parse_expected_state(section, SUBNET)
     assert len(state.problems) == 1
     assert not state.dns_records and not state.caddy_routes and not state.wireguard_peers
+    # The section listed an entry and none was valid: doubt, not emptiness (loop._guard).
+    (name,) = section
+    assert state.dropped == {name: 1} and state.all_dropped(name)
+
+
+def test_dropped_entries_are_counted_per_section():
+    peer = {"publicKey": "A" * 43 + "=", "allowedIps": "10.100.2.0/24"}
+    state = parse_expected_state({
+        "wireguard": {"peers": [peer, {**peer, "allowedIps": "10.100.3.0/24, 10.200.3.0/24"}]},
+        "caddy": {"routes": [{"id": "r", "domain": "a.example.com", "upstreams": "10.200.1.2:80"}] * 3},
+        "dns": {"records": []},
+    }, SUBNET)
+    assert state.dropped == {"wireguard": 1, "caddy": 3}
+    assert not state.all_dropped("wireguard"), "one valid peer: the section applies"
+    assert state.all_dropped("caddy") and not state.all_dropped("dns"), "an empty list is empty, not garbled"
 
 
 def test_every_fixture_expected_state_parses():
