@@ -41,6 +41,10 @@ SECTIONS = ("containers", "dns", "caddy", "wireguard")
 #: Problem texts kept per document (all of them are counted): a hostile document of millions
 #: of bad entries must not cost memory or log lines in proportion.
 MAX_PROBLEMS = 100
+#: Service ids the agent uses itself and so refuses from the wire: the doctor probe's
+#: (host/podman.py's DOCTOR_PROBE_SERVICE, whose containers list_containers hides; a listed
+#: service with that id would be deployed again on every pass). A test keeps the two equal.
+RESERVED_SERVICE_IDS = frozenset({"techulus-doctor"})
 # What is stripped from a deploymentId to find the container a garbled entry might describe.
 _SURROUNDING_JUNK = re.compile(r"^[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+|[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+$")
 
@@ -349,6 +353,8 @@ def _container(raw: Any, subnet: ipaddress.IPv4Network | None) -> ExpectedContai
     obj = _object(raw)
     deployment_id = validate.identifier(obj.get("deploymentId"), "deploymentId")
     service_id = validate.identifier(obj.get("serviceId"), "serviceId")
+    if service_id in RESERVED_SERVICE_IDS:
+        raise InvalidValue(f"serviceId {service_id} is reserved for the agent's own doctor probe")
     service_name = validate.free_text(obj.get("serviceName"), "serviceName")
     name = validate.container_name(obj.get("name"))
     image = validate.image_reference(obj.get("image"))

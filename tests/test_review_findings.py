@@ -212,7 +212,6 @@ def test_a_section_whose_every_entry_is_garbled_is_never_emptied(section: str, d
     assert sync.applied == [], "every entry was garbled: nothing may be removed"
 
 
-@pytest.mark.xfail(strict=True, reason="a listed service may use the doctor probe's reserved service id, which list_containers hides")
 def test_the_doctor_probes_service_id_is_refused_on_the_wire() -> None:
     # list_containers() hides every container of service `techulus-doctor` (the probe). A
     # deployment of a service with that id would be deployed on every pass: its run meets its
