@@ -43,8 +43,9 @@ deployment whose running container's IP is still an upstream of a Caddy route (e
 live in Caddy), the container is not removed yet. It leaves the status reports at once (the
 control plane then marks it `unknown` and completes the rollout), a report is triggered and
 the loop polls after it, the new route is applied, and the container is removed only once no
-route names it, or after `drain_timeout` (60 s; logged). Without a Caddy adapter there is
-nothing to drain.
+route names it and `drain_grace` (default `tick_interval`) has passed since, for other
+servers' Caddy, which route to it too, to poll and move on; or after `drain_timeout` (60 s;
+logged). Without a Caddy adapter there is nothing to drain.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Drain:
     deployment_id: str
     name: str
     since: float
+    # When no route here named it any more (None: one still does); it goes `drain_grace` later.
+    routes_moved_at: float | None = None
 
 
 def decrypt_env(container: ExpectedContainer, encryption_key: str) -> dict[str, str]:
@@ -365,8 +368,9 @@ class Reconciler:
     # --- draining (module docstring) ----------------------------------------------------------
 
     def _drain(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
-        """Hold back the removal of a running container that a Caddy route still names, for
-        at most `drain_timeout`; the container leaves the status reports meanwhile."""
+        """Hold back the removal of a running container that a Caddy route still names, and
+        for `drain_grace` after no route does, for at most `drain_timeout`; the container
+        leaves the status reports meanwhile."""
         present = {c.id for c in containers}
         listed = {c.deployment_id for c in expected.containers}
         now = self.clock()
@@ -393,30 +397,55 @@ class Reconciler:
             if not read_live:
                 live, read_live = self._live_routes(caddy), True
             route = route_naming(self._container_ips(container), expected.caddy_routes, live)
-            if not route:
+            reason = self._keep_draining(container, route, now)
+            if reason:
+                held.append(dataclasses.replace(change, held_because=reason))
+            else:
                 kept.append(change)
-                continue
-            if container.id not in self.draining:
-                self.draining[container.id] = Drain(container.deployment_id, container.name, now)
-                self.excluded = frozenset(self.draining)  # before the report it triggers
-                log.info(
-                    "draining %s (deployment %s): %s; it leaves the status reports now and is removed once no "
-                    "route names it (at most %.0fs)", container.name, container.deployment_id, route, self.settings.drain_timeout,
-                )
-                self._moved()
-                self.reporter.trigger()
-            elapsed = now - self.draining[container.id].since
-            if elapsed >= self.settings.drain_timeout:
-                log.warning("drain of %s ended after %.0fs although %s; removing it now", container.name, elapsed, route)
-                kept.append(change)
-                continue
-            held.append(dataclasses.replace(
-                change, held_because=f"draining for {elapsed:.0f}s: {route}; removed once no route does, "
-                f"at most {self.settings.drain_timeout:.0f}s after the drain began",
-            ))
         self._drain_held = held
         self.excluded = frozenset(self.draining)
         return kept
+
+    def _keep_draining(self, container: ContainerInfo, route: str, now: float) -> str:
+        """Why a dropped running container is kept for now ("" once it may go): while `route`
+        (a route naming it) is not "", then for `drain_grace` after no route here names it,
+        since other servers' Caddy may still send it traffic until their next poll; never
+        longer than `drain_timeout` after the drain began."""
+        drain = self.draining.get(container.id)
+        if drain is None:
+            if not route:
+                return ""  # no route named it when it was dropped: nothing to drain
+            drain = self.draining[container.id] = Drain(container.deployment_id, container.name, now)
+            self.excluded = frozenset(self.draining)  # before the report it triggers
+            log.info(
+                "draining %s (deployment %s): %s; it leaves the status reports now and is removed once no "
+                "route names it (at most %.0fs)", container.name, container.deployment_id, route, self.settings.drain_timeout,
+            )
+            self._moved()
+            self.reporter.trigger()
+        elapsed = now - drain.since
+        timeout = self.settings.drain_timeout
+        if elapsed >= timeout:
+            if route:
+                log.warning("drain of %s ended after %.0fs although %s; removing it now", container.name, elapsed, route)
+            return ""
+        if route:
+            if drain.routes_moved_at is not None:  # named again (a live route came back)
+                self.draining[container.id] = dataclasses.replace(drain, routes_moved_at=None)
+            return (f"draining for {elapsed:.0f}s: {route}; removed once no route does, "
+                    f"at most {timeout:.0f}s after the drain began")
+        grace = self.settings.drain_grace_seconds
+        moved_at = drain.routes_moved_at
+        if moved_at is None:
+            moved_at = now
+            self.draining[container.id] = dataclasses.replace(drain, routes_moved_at=now)
+            log.info("%s (deployment %s): no route here names it any more; removing it in %.0fs, once other "
+                     "servers' Caddy has moved on too", container.name, container.deployment_id, min(grace, timeout - elapsed))
+        moved_ago = now - moved_at
+        if moved_ago >= grace:
+            return ""
+        return (f"no route here names it since {moved_ago:.0f}s; kept {grace:.0f}s in all (drain_grace) for other "
+                f"servers' Caddy to move on, at most {timeout:.0f}s after the drain began")
 
     def _live_routes(self, caddy: ConfigSync) -> list[Any] | None:
         """The CaddyRoutes live in Caddy (None when they cannot be read)."""

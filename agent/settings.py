@@ -60,6 +60,10 @@ class Settings:
     fast_follow_timeout: float = 30.0
     # Longest time a dropped deployment still named by a Caddy route is kept running (drain).
     drain_timeout: float = 60.0
+    # How long a drained container is kept after no route here names it any more: other
+    # servers' Caddy may route to it until their next poll. Negative = `tick_interval`; never
+    # more than `drain_timeout` (see `drain_grace_seconds`).
+    drain_grace: float = -1.0
     # Who runs container health checks: "podman" (its systemd timers), "agent" (the agent runs
     # `podman healthcheck run`), "auto" (agent when systemd is not PID 1).
     health_runner: str = "auto"
@@ -166,6 +170,12 @@ class Settings:
         than a tick, so a hanging control plane cannot stall reconciliation, but never so
         short that a loaded machine misses a healthy answer."""
         return max(2.0, min(self.tick_interval * 0.8, self.http_connect_timeout + self.http_read_timeout))
+
+    @property
+    def drain_grace_seconds(self) -> float:
+        """`drain_grace` resolved: `tick_interval` by default, bounded by `drain_timeout`."""
+        grace = self.tick_interval if self.drain_grace < 0 else self.drain_grace
+        return min(grace, self.drain_timeout)
 
     @property
     def standalone(self) -> bool:

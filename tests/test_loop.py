@@ -642,9 +642,14 @@ def test_drain_reports_without_the_old_one_and_removes_it_only_after_the_route_m
     clock.now += 5
     reconciler.tick()
     assert d1 in podman.containers
-    # The rollout completed: the route names D2. Caddy first, then D1 goes.
+    # The rollout completed: the route names D2. Caddy first, then D1 goes once the other
+    # servers' Caddy had a poll to move on too (drain_grace, tick_interval by default).
     stage(source, (D2,), D2_IP)
     clock.now += 1
+    reconciler.tick()
+    assert d1 in podman.containers and reconciler.draining_ids() == frozenset({d1})
+    assert any("no route here names it since 0s" in c.held_because for c in reconciler.held)
+    clock.now += reconciler.settings.tick_interval
     reconciler.tick()
     assert d1 not in podman.containers
     assert events == [("caddy", (f"{D1_IP}:80",)), ("caddy", (f"{D2_IP}:80",)), ("remove", "d1")]
@@ -667,12 +672,87 @@ def test_drain_is_bounded(caplog):
 def test_the_live_route_alone_keeps_the_drain():
     # The expected route already moved to D2, the live one still names D1 only: the removal
     # comes after Caddy is applied, never before.
-    reconciler, podman, source, _, events, d1 = rollout_setup()
+    clock = FakeClock()
+    reconciler, podman, source, _, events, d1 = rollout_setup(clock)
     reconciler.syncs["caddy"].live = [route(D1_IP)]
     stage(source, (D2,), D2_IP)
     reconciler.tick()
-    assert d1 not in podman.containers
+    assert d1 in podman.containers and events == [("caddy", (f"{D2_IP}:80",))]
+    clock.now += reconciler.settings.drain_grace_seconds
+    reconciler.tick()
     assert events == [("caddy", (f"{D2_IP}:80",)), ("remove", "d1")]
+
+
+def grace_setup(clock, **settings):
+    """rollout_setup with settings; D1 drained at stopping_old, then the route moves to D2."""
+    reconciler, podman, source, reporter, events, d1 = rollout_setup(clock)
+    reconciler.settings = Settings.load({"data_dir": "/nonexistent-test-dir", **settings}, environ={})
+    stage(source, (D2,), D1_IP)
+    reconciler.tick()
+    assert reconciler.draining_ids() == frozenset({d1})
+    return reconciler, podman, source, events, d1
+
+
+def test_a_drained_container_is_kept_for_the_grace_after_the_routes_moved(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="agent.loop")
+    clock = FakeClock()
+    reconciler, podman, source, events, d1 = grace_setup(clock, drain_grace=7)
+    clock.now += 3
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()  # this server's route moved: other servers' may not have yet
+    for _ in range(3):
+        clock.now += 2
+        reconciler.tick()
+        assert d1 in podman.containers, "within the grace"
+        assert reconciler.draining_ids() == frozenset({d1}), "still out of the reports"
+    assert len([r for r in caplog.records if "no route here names it any more; removing it in 7s" in r.getMessage()]) == 1
+    clock.now += 1  # 7 s after the routes moved
+    reconciler.tick()
+    assert d1 not in podman.containers
+    assert events[-1] == ("remove", "d1")
+
+
+def test_a_route_that_names_it_again_restarts_the_grace():
+    clock = FakeClock()
+    reconciler, podman, source, _, d1 = grace_setup(clock, drain_grace=5)
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    clock.now += 4
+    reconciler.syncs["caddy"].live = [route(D1_IP)]  # e.g. Caddy restored an old config
+    stage(source, (D2,), D1_IP)
+    reconciler.tick()
+    stage(source, (D2,), D2_IP)
+    clock.now += 1
+    reconciler.tick()
+    clock.now += 4
+    reconciler.tick()
+    assert d1 in podman.containers, "the grace counts from the last time a route named it"
+    clock.now += 1
+    reconciler.tick()
+    assert d1 not in podman.containers
+
+
+def test_the_grace_never_outlasts_the_drain_timeout():
+    clock = FakeClock()
+    reconciler, podman, source, _, d1 = grace_setup(clock, drain_grace=500, drain_timeout=20)
+    assert reconciler.settings.drain_grace_seconds == 20
+    clock.now += 15
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    assert d1 in podman.containers
+    clock.now += 5  # 20 s after the drain began, 5 s into the grace
+    reconciler.tick()
+    assert d1 not in podman.containers
+
+
+def test_a_zero_grace_removes_it_as_soon_as_the_routes_moved():
+    clock = FakeClock()
+    reconciler, podman, source, _, d1 = grace_setup(clock, drain_grace=0)
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    assert d1 not in podman.containers
 
 
 @pytest.mark.parametrize("caddy", [False, True])
