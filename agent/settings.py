@@ -172,12 +172,6 @@ class Settings:
         return max(2.0, min(self.tick_interval * 0.8, self.http_connect_timeout + self.http_read_timeout))
 
     @property
-    def drain_grace_seconds(self) -> float:
-        """`drain_grace` resolved: `tick_interval` by default, bounded by `drain_timeout`."""
-        grace = self.tick_interval if self.drain_grace < 0 else self.drain_grace
-        return min(grace, self.drain_timeout)
-
-    @property
     def standalone(self) -> bool:
         return self.state_file is not None
 
@@ -187,6 +181,12 @@ class Settings:
         if self.network_name:
             return self.network_name
         return self.standalone_network_name if self.standalone else "techulus"
+
+    @property
+    def drain_grace_seconds(self) -> float:
+        """`drain_grace` resolved: `tick_interval` by default, bounded by `drain_timeout`."""
+        grace = self.tick_interval if self.drain_grace < 0 else self.drain_grace
+        return min(grace, self.drain_timeout)
 
     def resolved_token(self) -> str:
         """The registration token from the flag, environment or token file (trimmed)."""
