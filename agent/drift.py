@@ -6,28 +6,27 @@ containers, wrong images, then DNS, Caddy and WireGuard (PROTOCOL.md §9.3-9.5).
 the documented order; the Go code deployed missing containers before starting stopped
 ones (§9.5 note). Starting first is cheap and brings a known-good container back sooner.
 
-Image drift during a rollout (ROLLOUT.md): while a service has two or more deployments
-listed, the control plane gives every one of them the service's *current* image, the old
-running deployment included. So, for a service with several listed deployments:
+Image drift (ROLLOUT.md). The control plane changes a service's image only through NEW
+deployments (deployService makes new rows); the image listed for an existing row merely
+follows the service's current configuration: the not-yet-deployed one, the new image during
+a rollout (the old running row included, also when the new row runs on another server), or
+the failed image after a rollback. So with a control plane (`follow_image_changes=False`):
 
 * a running (or stopping/removing) container whose image differs is never stopped,
   restarted or re-created for that: the change is *held back* (shown by `agent plan`).
   It keeps serving until the control plane drops its deployment, and then goes the way
   of every unexpected deployment (drained first, see loop.py);
-* a container of such a deployment that is exited, created or crash-looped to a halt is
+* a container whose image differs and that is exited, created or crash-looped to a halt is
   repaired by a START on its own image, never re-imaged (if it cannot be started, the
   loop removes it and the next plan deploys it like a missing one);
-* a *missing* container is deployed on the listed image: the agent cannot tell a missing
-  old deployment from a new one, and has no other image to give it.
+* a *missing* container is deployed on the listed image: the agent has no other image to
+  give it.
 
-A lone deployment whose image changed is re-created on the new image (REDEPLOY) as before,
-with one exception: a deployment whose drift was held back during a rollout stays held
-while the control plane lists it with that same image (`held_images`, remembered by the
-loop). That is a rolled-back rollout: the control plane does not revert the service's image,
-so the surviving old deployment is listed alone with the failed new image; re-imaging it
-would take the service down. A restarted agent has forgotten this (the rule is then the
-lone one). Several replicas of one service also count as "several listed": their image
-changes through the control plane's rollout (new deployments), never by re-imaging in place.
+In standalone mode (`follow_image_changes=True`: the state file is the operator's intent) a
+lone deployment whose image changed is re-created on the new image (REDEPLOY); while a
+service has two or more deployments listed (a rollout written into the file, or replicas)
+the rules above apply to it, so the old deployment keeps serving until the file drops it.
+The rule depends only on the document and the mode: an agent restart changes nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, canonical_image, images_match
+from agent.model import CaddyRoute, DnsRecord, ExpectedContainer, ExpectedState, WireGuardPeer, images_match
 
 LABEL_SERVICE_ID = "techulus.service.id"
 LABEL_SERVICE_NAME = "techulus.service.name"
@@ -170,24 +169,25 @@ class Plan:
 
     changes: list[Change]
     held: list[Change]
-    # Deployment id -> listed image (canonical) whose drift was not acted on (held, or
-    # restarted on its own image): the loop remembers them as the next `held_images`.
-    kept_images: Mapping[str, str] = field(default_factory=dict)
 
 
-def container_changes(expected: ExpectedState, actual: Sequence[ContainerInfo]) -> list[Change]:
+def container_changes(
+    expected: ExpectedState, actual: Sequence[ContainerInfo], *, follow_image_changes: bool = False
+) -> list[Change]:
     """Container changes in the order they are applied."""
-    return container_plan(expected, actual).changes
+    return container_plan(expected, actual, follow_image_changes=follow_image_changes).changes
 
 
 def container_plan(
     expected: ExpectedState,
     actual: Sequence[ContainerInfo],
-    held_images: Mapping[str, str] | None = None,
+    *,
+    follow_image_changes: bool = False,
 ) -> Plan:
     """Container changes in the order they are applied, and the image changes held back
-    because a rollout is (or was) in progress (see the module docstring). `held_images`:
-    deployment id -> the listed image (canonical) whose drift was held back before."""
+    (see the module docstring). `follow_image_changes`: a lone deployment whose listed
+    image changed is re-created (standalone); without it (a control plane, the default, as
+    it never re-images anything) no existing container is re-imaged."""
     by_deployment: dict[str, ContainerInfo] = {}
     orphans: list[Change] = []
     duplicates: list[Change] = []
@@ -216,27 +216,18 @@ def container_plan(
     deploys: list[Change] = []
     redeploys: list[Change] = []
     held: list[Change] = []
-    kept_images: dict[str, str] = {}
     for item in expected.containers:
         found = by_deployment.get(item.deployment_id)
         if found is None:
             deploys.append(Change(ChangeKind.DEPLOY, "no container yet", expected=item))
-        elif not images_match(item.image, found.image) and (
-            item.service_id in rolling or (held_images or {}).get(item.deployment_id) == canonical_image(item.image)
-        ):
-            kept_images[item.deployment_id] = canonical_image(item.image)
+        elif not images_match(item.image, found.image) and (not follow_image_changes or item.service_id in rolling):
             if found.running or found.state in TRANSIENT_STATES:
-                why = (
-                    f"service {item.service_id} has other deployments listed (a rollout)"
-                    if item.service_id in rolling
-                    else "it was held back during a rollout that did not complete"
-                )
                 held.append(Change(
                     ChangeKind.REDEPLOY, f"image {found.image} should be {item.image}", found, item,
-                    held_because=f"{why}, so this one keeps serving until the control plane drops it",
+                    held_because=_why_image_held(item.service_id in rolling, follow_image_changes),
                 ))
             else:
-                starts.append(Change(ChangeKind.START, f"container is {found.state} (restarted on its own image during a rollout)", found, item))
+                starts.append(Change(ChangeKind.START, f"container is {found.state} (restarted on its own image)", found, item))
         elif not images_match(item.image, found.image):
             redeploys.append(Change(ChangeKind.REDEPLOY, f"image {found.image} should be {item.image}", found, item))
         elif found.running or found.state in TRANSIENT_STATES:
@@ -245,7 +236,18 @@ def container_plan(
             starts.append(Change(ChangeKind.START, f"container is {found.state}", found, item))
         else:
             redeploys.append(Change(ChangeKind.REDEPLOY, f"container is {found.state}", found, item))
-    return Plan(orphans + duplicates + unexpected + starts + deploys + redeploys, held, kept_images)
+    return Plan(orphans + duplicates + unexpected + starts + deploys + redeploys, held)
+
+
+def _why_image_held(rolling: bool, follow_image_changes: bool) -> str:
+    if follow_image_changes:
+        why = "its service has other deployments listed (a rollout, or replicas)"
+    else:
+        why = "the control plane changes images only through new deployments" + (
+            " (its service has other deployments listed: a rollout)" if rolling else
+            " (a rollout elsewhere, a rolled-back one, or a configuration not deployed yet)"
+        )
+    return f"{why}, so this one keeps serving on its own image until the control plane drops it"
 
 
 def rollout_in_progress(
@@ -287,22 +289,25 @@ def full_plan(
     expected: ExpectedState,
     actual: Sequence[ContainerInfo],
     config_drift: Sequence[str] = (),
-    held_images: Mapping[str, str] | None = None,
+    *,
+    follow_image_changes: bool = False,
 ) -> Plan:
     """Everything that differs, and what is held back. `config_drift` names the config
-    sections whose hashes differ; `held_images` as for `container_plan`."""
-    containers = container_plan(expected, actual, held_images)
+    sections whose hashes differ; `follow_image_changes` as for `container_plan`."""
+    containers = container_plan(expected, actual, follow_image_changes=follow_image_changes)
     changes = list(containers.changes)
     for section in ("dns", "caddy", "wireguard"):
         if section in config_drift:
             changes.append(Change(CONFIG_KINDS[section], f"{section} configuration differs"))
-    return Plan(changes, containers.held, containers.kept_images)
+    return Plan(changes, containers.held)
 
 
 def plan(
     expected: ExpectedState,
     actual: Sequence[ContainerInfo],
     config_drift: Sequence[str] = (),
+    *,
+    follow_image_changes: bool = False,
 ) -> list[Change]:
     """Everything that differs. `config_drift` names the config sections whose hashes differ."""
-    return full_plan(expected, actual, config_drift).changes
+    return full_plan(expected, actual, config_drift, follow_image_changes=follow_image_changes).changes

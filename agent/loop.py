@@ -43,8 +43,9 @@ deployment whose running container's IP is still an upstream of a Caddy route (e
 live in Caddy), the container is not removed yet. It leaves the status reports at once (the
 control plane then marks it `unknown` and completes the rollout), a report is triggered and
 the loop polls after it, the new route is applied, and the container is removed only once no
-route names it, or after `drain_timeout` (60 s; logged). Without a Caddy adapter there is
-nothing to drain.
+route names it and `drain_grace` (default `tick_interval`) has passed since, for other
+servers' Caddy, which route to it too, to poll and move on; or after `drain_timeout` (60 s;
+logged). Without a Caddy adapter there is nothing to drain.
 """
 
 from __future__ import annotations
@@ -90,7 +91,14 @@ RESTORE_KINDS = frozenset({ChangeKind.START, ChangeKind.DEPLOY})
 
 
 class StateSource(Protocol):
-    """Where the expected state comes from: the control plane or a local file."""
+    """Where the expected state comes from: the control plane or a local file.
+
+    `follow_image_changes` (drift.py's module docstring): whether a lone deployment whose
+    listed image changed is re-created. A control plane never asks for that (it changes
+    images through new deployments); a state file is the operator's intent and does. A
+    source without the attribute counts as a control plane, the rule that re-images nothing."""
+
+    follow_image_changes: bool
 
     def fetch(self) -> ExpectedState:
         """The current expected state; raises on any failure (nothing acts on a failed fetch)."""
@@ -119,6 +127,8 @@ class Drain:
     deployment_id: str
     name: str
     since: float
+    # When no route here named it any more (None: one still does); it goes `drain_grace` later.
+    routes_moved_at: float | None = None
 
 
 def decrypt_env(container: ExpectedContainer, encryption_key: str) -> dict[str, str]:
@@ -223,8 +233,8 @@ class Reconciler:
         self._moved_at: float | None = None
         self._last_document: ExpectedState | None = None
         self._resources_at: float | None = None
-        # Deployment id -> the listed image whose drift was held back (drift.py's docstring).
-        self._held_images: dict[str, str] = {}
+        # Deployment id -> the listed image whose held-back drift was logged (once each).
+        self._image_held_logged: dict[str, str] = {}
         # Deployments a user stopped through a `stop` work item. The control plane keeps
         # listing them (as `unknown`, PROTOCOL.md §17.27); re-creating them would undo the stop.
         self.stopped_deployments: Callable[[], frozenset[str]] = frozenset
@@ -232,6 +242,9 @@ class Reconciler:
         # fresh one can be had, crashed or missing containers of it are still brought back.
         self.last_good: ExpectedState | None = None
         self._poll_failures = FailureStreak(log, "expected state unavailable", clock=clock)
+        # Config sections whose every listed entry is invalid: left as they are (see _guard).
+        self._garbled = ProblemLog(log, "expected state", cleared="has a valid entry again in every section it lists",
+                                   clock=clock)
 
     # --- observation ------------------------------------------------------------------------
 
@@ -260,9 +273,9 @@ class Reconciler:
         sizes = {
             # An entry that failed validation still means the document is not empty.
             "containers": len(expected.containers) + len(expected.protected_deployments),
-            "dns": len(expected.dns_records),
-            "caddy": len(expected.caddy_routes),
-            "wireguard": len(expected.wireguard_peers),
+            "dns": len(expected.dns_records) + expected.dropped.get("dns", 0),
+            "caddy": len(expected.caddy_routes) + expected.dropped.get("caddy", 0),
+            "wireguard": len(expected.wireguard_peers) + expected.dropped.get("wireguard", 0),
         }
         for section, size in sizes.items():
             empty = section in expected.sections and size == 0
@@ -272,8 +285,9 @@ class Reconciler:
         document = expected
         expected = self._without_stopped(expected)
         containers, drifted = self.observe(expected)
-        planned = full_plan(expected, containers, drifted, self._held_images)
-        self._remember_held(expected, planned.kept_images)
+        follow = bool(getattr(self.source, "follow_image_changes", False))
+        planned = full_plan(expected, containers, drifted, follow_image_changes=follow)
+        self._log_image_held(planned.held)
         self._plan_generation = self._host_generation
         changes = self._guard(document, containers, planned.changes)
         changes = self._drain(expected, containers, changes)
@@ -281,16 +295,19 @@ class Reconciler:
         self._in_progress = rollout_in_progress(expected, containers, self.reported_health(), bool(self.draining))
         return changes
 
-    def _remember_held(self, expected: ExpectedState, kept: Mapping[str, str]) -> None:
-        """Keep holding a deployment's image drift after its rollout rolled back, for as long
-        as it is listed with that image."""
-        listed = {c.deployment_id: canonical_image(c.image) for c in expected.containers}
-        self._held_images = {dep: image for dep, image in self._held_images.items() if listed.get(dep) == image}
-        for deployment_id, image in kept.items():
-            if self._held_images.get(deployment_id) != image:
-                log.info("deployment %s keeps its own image during a rollout (listed with %s); it goes when the "
-                         "control plane drops it", deployment_id, image)
-        self._held_images.update(kept)
+    def _log_image_held(self, held: Sequence[Change]) -> None:
+        """One line per deployment (and listed image) whose image change is held back, not
+        one per tick; a deployment no longer held is forgotten."""
+        logged: dict[str, str] = {}
+        for change in held:
+            if change.kind is not ChangeKind.REDEPLOY or change.expected is None or change.container is None:
+                continue
+            deployment_id, image = change.expected.deployment_id, change.expected.image
+            logged[deployment_id] = image
+            if self._image_held_logged.get(deployment_id) != image:
+                log.info("deployment %s stays on its own image %s although listed with %s: %s",
+                         deployment_id, change.container.image, image, change.held_because)
+        self._image_held_logged = logged
 
     def _without_stopped(self, expected: ExpectedState) -> ExpectedState:
         stopped = self.stopped_deployments()
@@ -306,9 +323,16 @@ class Reconciler:
     def _guard(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
         """Bad input destroys nothing: a section of the fetched document (`expected`, as the
         control plane sent it) that suddenly became empty must be confirmed by a second poll,
-        a missing section is left alone, and a container entry without a usable deployment id
-        blocks removals."""
+        a missing section is left alone, a config section that lists entries of which none is
+        valid (a format slip in every peer or route) changes nothing, and a container entry
+        without a usable deployment id blocks removals."""
         dropped: set[ChangeKind] = set()
+        garbled = [section for section in CONFIG_KINDS if section in expected.sections and expected.all_dropped(section)]
+        self._garbled.report([
+            f"every {section} entry it lists is invalid (see above); nothing in {section} changes until one is valid"
+            for section in garbled
+        ])
+        doubted = {CONFIG_KINDS[section] for section in garbled}
         ours = [c for c in containers if c.deployment_id]
         if "containers" not in expected.sections:
             dropped |= REMOVALS
@@ -328,7 +352,7 @@ class Reconciler:
             )
             dropped |= REMOVALS
         for section, kind in CONFIG_KINDS.items():
-            if not any(c.kind is kind for c in changes):
+            if not any(c.kind is kind for c in changes) or kind in doubted:
                 continue
             if (
                 self._expected_empty(section, expected)
@@ -338,17 +362,20 @@ class Reconciler:
                 log.warning("%s: expected state suddenly lists nothing; waiting for the next poll to confirm", section)
                 dropped.add(kind)
         self.held = [
+            dataclasses.replace(c, held_because="every entry of its section is invalid: nothing changes until one is valid")
+            if c.kind in doubted else
             dataclasses.replace(c, held_because="not until a second poll confirms it, or the invalid entry is fixed")
             for c in changes
-            if c.kind in dropped
+            if c.kind in dropped | doubted
         ]
-        return [c for c in changes if c.kind not in dropped]
+        return [c for c in changes if c.kind not in dropped | doubted]
 
     # --- draining (module docstring) ----------------------------------------------------------
 
     def _drain(self, expected: ExpectedState, containers: list[ContainerInfo], changes: list[Change]) -> list[Change]:
-        """Hold back the removal of a running container that a Caddy route still names, for
-        at most `drain_timeout`; the container leaves the status reports meanwhile."""
+        """Hold back the removal of a running container that a Caddy route still names, and
+        for `drain_grace` after no route does, for at most `drain_timeout`; the container
+        leaves the status reports meanwhile."""
         present = {c.id for c in containers}
         listed = {c.deployment_id for c in expected.containers}
         now = self.clock()
@@ -375,30 +402,55 @@ class Reconciler:
             if not read_live:
                 live, read_live = self._live_routes(caddy), True
             route = route_naming(self._container_ips(container), expected.caddy_routes, live)
-            if not route:
+            reason = self._keep_draining(container, route, now)
+            if reason:
+                held.append(dataclasses.replace(change, held_because=reason))
+            else:
                 kept.append(change)
-                continue
-            if container.id not in self.draining:
-                self.draining[container.id] = Drain(container.deployment_id, container.name, now)
-                self.excluded = frozenset(self.draining)  # before the report it triggers
-                log.info(
-                    "draining %s (deployment %s): %s; it leaves the status reports now and is removed once no "
-                    "route names it (at most %.0fs)", container.name, container.deployment_id, route, self.settings.drain_timeout,
-                )
-                self._moved()
-                self.reporter.trigger()
-            elapsed = now - self.draining[container.id].since
-            if elapsed >= self.settings.drain_timeout:
-                log.warning("drain of %s ended after %.0fs although %s; removing it now", container.name, elapsed, route)
-                kept.append(change)
-                continue
-            held.append(dataclasses.replace(
-                change, held_because=f"draining for {elapsed:.0f}s: {route}; removed once no route does, "
-                f"at most {self.settings.drain_timeout:.0f}s after the drain began",
-            ))
         self._drain_held = held
         self.excluded = frozenset(self.draining)
         return kept
+
+    def _keep_draining(self, container: ContainerInfo, route: str, now: float) -> str:
+        """Why a dropped running container is kept for now ("" once it may go): while `route`
+        (a route naming it) is not "", then for `drain_grace` after no route here names it,
+        since other servers' Caddy may still send it traffic until their next poll; never
+        longer than `drain_timeout` after the drain began."""
+        drain = self.draining.get(container.id)
+        if drain is None:
+            if not route:
+                return ""  # no route named it when it was dropped: nothing to drain
+            drain = self.draining[container.id] = Drain(container.deployment_id, container.name, now)
+            self.excluded = frozenset(self.draining)  # before the report it triggers
+            log.info(
+                "draining %s (deployment %s): %s; it leaves the status reports now and is removed once no "
+                "route names it (at most %.0fs)", container.name, container.deployment_id, route, self.settings.drain_timeout,
+            )
+            self._moved()
+            self.reporter.trigger()
+        elapsed = now - drain.since
+        timeout = self.settings.drain_timeout
+        if elapsed >= timeout:
+            if route:
+                log.warning("drain of %s ended after %.0fs although %s; removing it now", container.name, elapsed, route)
+            return ""
+        if route:
+            if drain.routes_moved_at is not None:  # named again (a live route came back)
+                self.draining[container.id] = dataclasses.replace(drain, routes_moved_at=None)
+            return (f"draining for {elapsed:.0f}s: {route}; removed once no route does, "
+                    f"at most {timeout:.0f}s after the drain began")
+        grace = self.settings.drain_grace_seconds
+        moved_at = drain.routes_moved_at
+        if moved_at is None:
+            moved_at = now
+            self.draining[container.id] = dataclasses.replace(drain, routes_moved_at=now)
+            log.info("%s (deployment %s): no route here names it any more; removing it in %.0fs, once other "
+                     "servers' Caddy has moved on too", container.name, container.deployment_id, min(grace, timeout - elapsed))
+        moved_ago = now - moved_at
+        if moved_ago >= grace:
+            return ""
+        return (f"no route here names it since {moved_ago:.0f}s; kept {grace:.0f}s in all (drain_grace) for other "
+                f"servers' Caddy to move on, at most {timeout:.0f}s after the drain began")
 
     def _live_routes(self, caddy: ConfigSync) -> list[Any] | None:
         """The CaddyRoutes live in Caddy (None when they cannot be read)."""
@@ -745,6 +797,9 @@ class FileSource:
     reported once (then counted), and "is valid again" once it can. A `wireguard` section
     is refused with one line (one host has no mesh); the rest of the file applies."""
 
+    # The file is the operator's intent: a lone deployment's new image is applied.
+    follow_image_changes = True
+
     def __init__(self, path: Path, subnet: Any) -> None:
         self.path = path
         self.subnet = subnet
@@ -842,6 +897,9 @@ def load_state_file(path: Path) -> dict[str, Any]:
 
 class ControlPlaneSource:
     """Polls GET expected-state; keeps the last good answer on disk for restarts without a CP."""
+
+    # The control plane changes images only through new deployments (drift.py's docstring).
+    follow_image_changes = False
 
     def __init__(self, client: Any, subnet: Any, cache_path: Path | None, deadline: float | None = None) -> None:
         self.client = client

@@ -16,6 +16,9 @@ plane sent a garbled description of it:
 * an entry with no usable deploymentId at all (missing, not a string, too long, with
   characters no id may hold, or not an object) could describe any container: while it
   is listed, no container is removed (`invalid_sections` holds "containers").
+A DNS record, route or peer that is invalid is dropped and the rest of its section applies;
+`dropped` counts them per section, so that a section whose every entry was dropped (a format
+slip in each) is told from an empty one: nothing acts on it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ SECTIONS = ("containers", "dns", "caddy", "wireguard")
 #: Problem texts kept per document (all of them are counted): a hostile document of millions
 #: of bad entries must not cost memory or log lines in proportion.
 MAX_PROBLEMS = 100
+#: Service ids the agent uses itself and so refuses from the wire: the doctor probe's
+#: (host/podman.py's DOCTOR_PROBE_SERVICE, whose containers list_containers hides; a listed
+#: service with that id would be deployed again on every pass). A test keeps the two equal.
+RESERVED_SERVICE_IDS = frozenset({"techulus-doctor"})
 # What is stripped from a deploymentId to find the container a garbled entry might describe.
 _SURROUNDING_JUNK = re.compile(r"^[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+|[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+$")
 
@@ -124,6 +131,17 @@ class ExpectedState:
     # of its section applies: freezing a whole global section would stop every server.)
     invalid_sections: frozenset[str] = frozenset()
     problem_count: int = 0
+    # Section -> how many of its listed entries were dropped as invalid. A section whose
+    # entries were ALL dropped is doubt, not emptiness (loop.py's _guard changes nothing in it).
+    dropped: Mapping[str, int] = field(default_factory=dict)
+
+    def all_dropped(self, section: str) -> bool:
+        """Whether `section` listed entries and none of them was valid."""
+        kept = {
+            "containers": self.containers, "dns": self.dns_records,
+            "caddy": self.caddy_routes, "wireguard": self.wireguard_peers,
+        }[section]
+        return not kept and self.dropped.get(section, 0) > 0
 
     def container(self, deployment_id: str) -> ExpectedContainer | None:
         for item in self.containers:
@@ -222,6 +240,12 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
     parsed_dns = _entries(dns, "dns record", _dns_record, problems)
     parsed_routes = _entries(routes, "caddy route", _caddy_route, problems)
     parsed_peers = _entries(peers, "wireguard peer", _wireguard_peer, problems)
+    dropped = {
+        "containers": len(containers) - len(parsed_containers),
+        "dns": len(dns) - len(parsed_dns),
+        "caddy": len(routes) - len(parsed_routes),
+        "wireguard": len(peers) - len(parsed_peers),
+    }
     return ExpectedState(
         tuple(parsed_containers),
         tuple(parsed_dns),
@@ -232,6 +256,7 @@ def parse_expected_state(data: Any, subnet: ipaddress.IPv4Network | None) -> Exp
         frozenset(section for section in SECTIONS if data.get(section) is not None),
         frozenset(invalid),
         problems.count,
+        {section: count for section, count in dropped.items() if count},
     )
 
 
@@ -328,6 +353,8 @@ def _container(raw: Any, subnet: ipaddress.IPv4Network | None) -> ExpectedContai
     obj = _object(raw)
     deployment_id = validate.identifier(obj.get("deploymentId"), "deploymentId")
     service_id = validate.identifier(obj.get("serviceId"), "serviceId")
+    if service_id in RESERVED_SERVICE_IDS:
+        raise InvalidValue(f"serviceId {service_id} is reserved for the agent's own doctor probe")
     service_name = validate.free_text(obj.get("serviceName"), "serviceName")
     name = validate.container_name(obj.get("name"))
     image = validate.image_reference(obj.get("image"))

@@ -61,6 +61,10 @@ class Settings:
     fast_follow_timeout: float = 30.0
     # Longest time a dropped deployment still named by a Caddy route is kept running (drain).
     drain_timeout: float = 60.0
+    # How long a drained container is kept after no route here names it any more: other
+    # servers' Caddy may route to it until their next poll. Negative = `tick_interval`; never
+    # more than `drain_timeout` (see `drain_grace_seconds`).
+    drain_grace: float = -1.0
     # Who runs container health checks: "podman" (its systemd timers), "agent" (the agent runs
     # `podman healthcheck run`), "auto" (agent when systemd is not PID 1).
     health_runner: str = "auto"
@@ -190,6 +194,12 @@ class Settings:
         if self.network_name:
             return self.network_name
         return self.standalone_network_name if self.standalone else "techulus"
+
+    @property
+    def drain_grace_seconds(self) -> float:
+        """`drain_grace` resolved: `tick_interval` by default, bounded by `drain_timeout`."""
+        grace = self.tick_interval if self.drain_grace < 0 else self.drain_grace
+        return min(grace, self.drain_timeout)
 
     def resolved_token(self) -> str:
         """The registration token from the flag, environment or token file (trimmed)."""

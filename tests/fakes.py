@@ -97,10 +97,13 @@ class RecordingReporter:
 
 
 class ListSource:
-    """Returns the queued states (or raises queued exceptions) in order, then repeats the last."""
+    """Returns the queued states (or raises queued exceptions) in order, then repeats the last.
+    Like the control plane, it does not ask for a lone deployment's image change to be applied
+    unless `follow_image_changes` (a state file) is given."""
 
-    def __init__(self, *items) -> None:
+    def __init__(self, *items, follow_image_changes: bool = False) -> None:
         self.items = list(items)
+        self.follow_image_changes = follow_image_changes
 
     def fetch(self):
         item = self.items.pop(0) if len(self.items) > 1 else self.items[0]

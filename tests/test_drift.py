@@ -88,7 +88,7 @@ def test_plan_order_and_kinds():
         _actual("exited", "exited"),
         _actual("", "running"),
     ]
-    kinds = [(c.kind, (c.expected or c.container).name if (c.expected or c.container) else "") for c in drift.plan(expected, actual, ["wireguard", "dns"])]
+    kinds = [(c.kind, (c.expected or c.container).name if (c.expected or c.container) else "") for c in drift.plan(expected, actual, ["wireguard", "dns"], follow_image_changes=True)]
     assert [k for k, _ in kinds] == [
         ChangeKind.REMOVE_ORPHAN,
         ChangeKind.REMOVE_UNEXPECTED,
@@ -109,8 +109,10 @@ def test_no_drift_when_everything_matches():
     assert drift.plan(ExpectedState(containers=(_expected("a"),)), [_actual("a")]) == []
 
 
-# --- image drift during a rollout (ROLLOUT.md: every listed deployment gets the service's
-# current image, the old running one included) -------------------------------------------
+# --- image drift (ROLLOUT.md: the control plane changes images only through new deployments;
+# every listed row gets the service's current image, an old running one included) ----------
+
+BOTH_MODES = pytest.mark.parametrize("follow", [False, True], ids=["control-plane", "state-file"])
 
 
 def _rollout(old_state: str = "running") -> tuple[ExpectedState, list[ContainerInfo]]:
@@ -119,49 +121,84 @@ def _rollout(old_state: str = "running") -> tuple[ExpectedState, list[ContainerI
     return expected, [_actual("d1", old_state, image="localhost/bb:v1")]
 
 
-def test_old_running_deployment_is_never_reimaged_during_a_rollout():
+@BOTH_MODES
+def test_old_running_deployment_is_never_reimaged_during_a_rollout(follow):
     expected, actual = _rollout()
-    result = drift.full_plan(expected, actual)
+    result = drift.full_plan(expected, actual, follow_image_changes=follow)
     assert [(c.kind, c.expected.deployment_id) for c in result.changes] == [(ChangeKind.DEPLOY, "d2")]
     assert [(c.kind, c.container.deployment_id) for c in result.held] == [(ChangeKind.REDEPLOY, "d1")]
     assert "rollout" in result.held[0].held_because
 
 
+@BOTH_MODES
 @pytest.mark.parametrize("state", ["stopping", "removing"])
-def test_old_container_in_transition_is_left_alone_during_a_rollout(state):
+def test_old_container_in_transition_is_left_alone_during_a_rollout(state, follow):
     expected, actual = _rollout(state)
-    assert [c.kind for c in drift.plan(expected, actual)] == [ChangeKind.DEPLOY]
+    assert [c.kind for c in drift.plan(expected, actual, follow_image_changes=follow)] == [ChangeKind.DEPLOY]
 
 
+@BOTH_MODES
 @pytest.mark.parametrize("state", ["exited", "created", "dead"])
-def test_broken_old_container_is_restarted_on_its_own_image_not_reimaged(state):
+def test_broken_old_container_is_restarted_on_its_own_image_not_reimaged(state, follow):
     expected, actual = _rollout(state)
-    changes = drift.plan(expected, actual)
+    changes = drift.plan(expected, actual, follow_image_changes=follow)
     assert [(c.kind, (c.expected.deployment_id)) for c in changes] == [(ChangeKind.START, "d1"), (ChangeKind.DEPLOY, "d2")]
     assert changes[0].container is actual[0]
 
 
-def test_missing_old_container_is_deployed_on_the_listed_image():
+@BOTH_MODES
+def test_missing_old_container_is_deployed_on_the_listed_image(follow):
     expected, _ = _rollout()
-    changes = drift.plan(expected, [])
+    changes = drift.plan(expected, [], follow_image_changes=follow)
     assert [(c.kind, c.expected.deployment_id, c.expected.image) for c in changes] == [
         (ChangeKind.DEPLOY, "d1", "localhost/bb:v2"),
         (ChangeKind.DEPLOY, "d2", "localhost/bb:v2"),
     ]
 
 
-def test_lone_deployment_whose_image_changed_is_still_redeployed():
+def _lone(state: str = "running") -> tuple[ExpectedState, list[ContainerInfo]]:
+    """D1 of svc runs v1 and is listed alone with v2; another service is settled."""
     expected = ExpectedState(containers=(_expected("d1", "localhost/bb:v2"), _expected("x", service="other")))
-    actual = [_actual("d1", image="localhost/bb:v1"), _actual("x", service="other")]
-    result = drift.full_plan(expected, actual)
+    return expected, [_actual("d1", state, image="localhost/bb:v1"), _actual("x", service="other")]
+
+
+def test_a_state_files_lone_deployment_whose_image_changed_is_redeployed():
+    expected, actual = _lone()
+    result = drift.full_plan(expected, actual, follow_image_changes=True)
     assert [(c.kind, c.container.deployment_id) for c in result.changes] == [(ChangeKind.REDEPLOY, "d1")]
     assert result.held == []
 
 
-def test_once_the_old_deployment_is_dropped_it_is_removed_and_nothing_is_held():
+def test_a_control_planes_lone_deployment_whose_image_changed_keeps_serving():
+    # The new deployment runs on another server, or a rollout rolled back (the failed image
+    # stays the service's), or the configuration changed without a deploy: the control plane
+    # changes the image through a new deployment, never by re-imaging this one.
+    expected, actual = _lone()
+    result = drift.full_plan(expected, actual)
+    assert result.changes == []
+    assert [(c.kind, c.container.deployment_id) for c in result.held] == [(ChangeKind.REDEPLOY, "d1")]
+    assert "only through new deployments" in result.held[0].held_because
+    assert drift.plan(expected, actual, follow_image_changes=False) == []
+
+
+@pytest.mark.parametrize("state", ["exited", "created", "dead"])
+def test_a_control_planes_lone_crashed_deployment_is_restarted_on_its_own_image(state):
+    expected, actual = _lone(state)
+    changes = drift.plan(expected, actual)
+    assert [(c.kind, c.container) for c in changes] == [(ChangeKind.START, actual[0])]
+
+
+def test_a_control_planes_lone_missing_deployment_is_deployed_on_the_listed_image():
+    expected, actual = _lone()
+    changes = drift.plan(expected, actual[1:])
+    assert [(c.kind, c.expected.image) for c in changes] == [(ChangeKind.DEPLOY, "localhost/bb:v2")]
+
+
+@BOTH_MODES
+def test_once_the_old_deployment_is_dropped_it_is_removed_and_nothing_is_held(follow):
     expected = ExpectedState(containers=(_expected("d2", "localhost/bb:v2"),))
     actual = [_actual("d1", image="localhost/bb:v1"), _actual("d2", image="localhost/bb:v2")]
-    result = drift.full_plan(expected, actual)
+    result = drift.full_plan(expected, actual, follow_image_changes=follow)
     assert [(c.kind, c.container.deployment_id) for c in result.changes] == [(ChangeKind.REMOVE_UNEXPECTED, "d1")]
     assert result.held == []
 
@@ -185,21 +222,3 @@ def test_once_the_old_deployment_is_dropped_it_is_removed_and_nothing_is_held():
 )
 def test_rollout_in_progress(containers, actual, health, draining, expected):
     assert drift.rollout_in_progress(ExpectedState(containers=containers), actual, health, draining) is expected
-
-
-def test_after_a_rolled_back_rollout_the_survivor_keeps_its_image():
-    # The control plane keeps the service's (failed) new image: D1 is listed alone with it.
-    expected = ExpectedState(containers=(_expected("d1", "localhost/bb:broken"),))
-    actual = [_actual("d1", image="localhost/bb:v1")]
-    remembered = {"d1": "localhost/bb:broken"}
-    result = drift.full_plan(expected, actual, held_images=remembered)
-    assert result.changes == [] and [c.kind for c in result.held] == [ChangeKind.REDEPLOY]
-    assert "did not complete" in result.held[0].held_because
-    # Another image later (no rollout) is a real change again.
-    changed = ExpectedState(containers=(_expected("d1", "localhost/bb:v3"),))
-    assert [c.kind for c in drift.full_plan(changed, actual, held_images=remembered).changes] == [ChangeKind.REDEPLOY]
-
-
-def test_the_images_kept_during_a_rollout_are_returned_for_remembering():
-    expected, actual = _rollout("exited")
-    assert drift.full_plan(expected, actual).kept_images == {"d1": "localhost/bb:v2"}

@@ -44,9 +44,9 @@ def test_order_orphans_first_then_starts_deploys_redeploys():
     podman.add("", "running")
     podman.add("old")
     exited = podman.add("b", "exited")
-    podman.add("c", image="localhost/app:v0", service="lone")  # a lone deployment: re-imaged
+    podman.add("c", image="localhost/app:v0", service="lone")  # a state file's lone deployment: re-imaged
     state = ExpectedState(containers=(spec("a"), spec("b"), spec("c", service="lone")))
-    reconciler, podman, _ = make(ListSource(state), podman)
+    reconciler, podman, _ = make(ListSource(state, follow_image_changes=True), podman)
     reconciler.tick()
     ops = [op for op, _ in podman.calls if op != "list"]
     # localhost/ images are never pulled (there is no registry behind them).
@@ -314,6 +314,48 @@ def test_a_bad_entry_is_skipped_and_the_rest_of_its_section_applies():
     reconciler, _, _ = make(ListSource(state), syncs=[sync])
     reconciler.tick()
     assert len(sync.applied) == 1 and [r.name for r in sync.applied[0].dns_records] == ["a.internal"]
+
+
+GARBLED_DNS = {"dns": {"records": [{"name": "bad name", "ips": ["10.200.1.2"]}, {"name": "b.internal", "ips": "10.200.1.3"}]}}
+
+
+def test_a_section_whose_every_entry_is_invalid_changes_nothing_and_says_so_once(caplog):
+    import logging
+
+    from agent.model import parse_expected_state
+
+    caplog.set_level(logging.INFO, logger="agent.loop")
+    sync = FakeSync()
+    garbled = parse_expected_state(GARBLED_DNS, None)
+    source = ListSource(garbled)
+    reconciler, _, _ = make(source, syncs=[sync])
+    for _ in range(5):
+        reconciler.tick()
+    assert sync.applied == []
+    assert [c.held_because for c in reconciler.held] == ["every entry of its section is invalid: nothing changes until one is valid"]
+    lines = [r.getMessage() for r in caplog.records if "every dns entry" in r.getMessage()]
+    assert lines == ["expected state: every dns entry it lists is invalid (see above); nothing in dns changes until one is valid"]
+    assert not [r for r in caplog.records if "suddenly lists nothing" in r.getMessage()]
+    # Fixed: the valid entry applies, and the all-clear is said once.
+    source.items = [parse_expected_state({"dns": {"records": [{"name": "a.internal", "ips": ["10.200.1.2"]}]}}, None)]
+    reconciler.tick()
+    reconciler.tick()
+    assert len(sync.applied) == 1
+    assert [r.getMessage() for r in caplog.records if "has a valid entry again" in r.getMessage()] == [
+        "expected state has a valid entry again in every section it lists"]
+
+
+def test_a_garbled_section_does_not_count_as_an_empty_poll():
+    # Garbled, then really empty: the empty list still needs its own second poll.
+    from agent.model import parse_expected_state
+
+    sync = FakeSync()
+    reconciler, _, _ = make(ListSource(parse_expected_state(GARBLED_DNS, None), ExpectedState()), syncs=[sync])
+    reconciler.tick()
+    reconciler.tick()
+    assert sync.applied == []
+    reconciler.tick()
+    assert len(sync.applied) == 1
 
 
 def test_a_slow_pull_does_not_hold_the_host_lock():
@@ -600,9 +642,14 @@ def test_drain_reports_without_the_old_one_and_removes_it_only_after_the_route_m
     clock.now += 5
     reconciler.tick()
     assert d1 in podman.containers
-    # The rollout completed: the route names D2. Caddy first, then D1 goes.
+    # The rollout completed: the route names D2. Caddy first, then D1 goes once the other
+    # servers' Caddy had a poll to move on too (drain_grace, tick_interval by default).
     stage(source, (D2,), D2_IP)
     clock.now += 1
+    reconciler.tick()
+    assert d1 in podman.containers and reconciler.draining_ids() == frozenset({d1})
+    assert any("no route here names it since 0s" in c.held_because for c in reconciler.held)
+    clock.now += reconciler.settings.tick_interval
     reconciler.tick()
     assert d1 not in podman.containers
     assert events == [("caddy", (f"{D1_IP}:80",)), ("caddy", (f"{D2_IP}:80",)), ("remove", "d1")]
@@ -625,12 +672,87 @@ def test_drain_is_bounded(caplog):
 def test_the_live_route_alone_keeps_the_drain():
     # The expected route already moved to D2, the live one still names D1 only: the removal
     # comes after Caddy is applied, never before.
-    reconciler, podman, source, _, events, d1 = rollout_setup()
+    clock = FakeClock()
+    reconciler, podman, source, _, events, d1 = rollout_setup(clock)
     reconciler.syncs["caddy"].live = [route(D1_IP)]
     stage(source, (D2,), D2_IP)
     reconciler.tick()
-    assert d1 not in podman.containers
+    assert d1 in podman.containers and events == [("caddy", (f"{D2_IP}:80",))]
+    clock.now += reconciler.settings.drain_grace_seconds
+    reconciler.tick()
     assert events == [("caddy", (f"{D2_IP}:80",)), ("remove", "d1")]
+
+
+def grace_setup(clock, **settings):
+    """rollout_setup with settings; D1 drained at stopping_old, then the route moves to D2."""
+    reconciler, podman, source, reporter, events, d1 = rollout_setup(clock)
+    reconciler.settings = Settings.load({"data_dir": "/nonexistent-test-dir", **settings}, environ={})
+    stage(source, (D2,), D1_IP)
+    reconciler.tick()
+    assert reconciler.draining_ids() == frozenset({d1})
+    return reconciler, podman, source, events, d1
+
+
+def test_a_drained_container_is_kept_for_the_grace_after_the_routes_moved(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="agent.loop")
+    clock = FakeClock()
+    reconciler, podman, source, events, d1 = grace_setup(clock, drain_grace=7)
+    clock.now += 3
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()  # this server's route moved: other servers' may not have yet
+    for _ in range(3):
+        clock.now += 2
+        reconciler.tick()
+        assert d1 in podman.containers, "within the grace"
+        assert reconciler.draining_ids() == frozenset({d1}), "still out of the reports"
+    assert len([r for r in caplog.records if "no route here names it any more; removing it in 7s" in r.getMessage()]) == 1
+    clock.now += 1  # 7 s after the routes moved
+    reconciler.tick()
+    assert d1 not in podman.containers
+    assert events[-1] == ("remove", "d1")
+
+
+def test_a_route_that_names_it_again_restarts_the_grace():
+    clock = FakeClock()
+    reconciler, podman, source, _, d1 = grace_setup(clock, drain_grace=5)
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    clock.now += 4
+    reconciler.syncs["caddy"].live = [route(D1_IP)]  # e.g. Caddy restored an old config
+    stage(source, (D2,), D1_IP)
+    reconciler.tick()
+    stage(source, (D2,), D2_IP)
+    clock.now += 1
+    reconciler.tick()
+    clock.now += 4
+    reconciler.tick()
+    assert d1 in podman.containers, "the grace counts from the last time a route named it"
+    clock.now += 1
+    reconciler.tick()
+    assert d1 not in podman.containers
+
+
+def test_the_grace_never_outlasts_the_drain_timeout():
+    clock = FakeClock()
+    reconciler, podman, source, _, d1 = grace_setup(clock, drain_grace=500, drain_timeout=20)
+    assert reconciler.settings.drain_grace_seconds == 20
+    clock.now += 15
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    assert d1 in podman.containers
+    clock.now += 5  # 20 s after the drain began, 5 s into the grace
+    reconciler.tick()
+    assert d1 not in podman.containers
+
+
+def test_a_zero_grace_removes_it_as_soon_as_the_routes_moved():
+    clock = FakeClock()
+    reconciler, podman, source, _, d1 = grace_setup(clock, drain_grace=0)
+    stage(source, (D2,), D2_IP)
+    reconciler.tick()
+    assert d1 not in podman.containers
 
 
 @pytest.mark.parametrize("caddy", [False, True])
@@ -747,6 +869,44 @@ def test_a_rolled_back_rollout_leaves_the_old_deployment_on_its_image():
     reconciler.tick()
     assert podman.containers[d1.id].image == "localhost/app:v1"
     assert [c.kind.value for c in reconciler.held] == ["redeploy"]
+
+
+def test_a_held_image_change_is_logged_once_per_deployment_not_per_tick(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="agent.loop")
+    podman = FakePodman()
+    podman.add("d1", image="localhost/app:v1")
+    source = ListSource(ExpectedState(containers=(spec("d1", "localhost/app:v2"),)))
+    reconciler, podman, _ = make(source, podman)
+    for _ in range(5):
+        reconciler.tick()
+    lines = [r.getMessage() for r in caplog.records if "stays on its own image" in r.getMessage()]
+    assert len(lines) == 1 and "deployment d1" in lines[0] and "localhost/app:v2" in lines[0], lines
+    assert "only through new deployments" in lines[0]
+    # Listed with yet another image (a new configuration, still not deployed): one more line.
+    source.items = [ExpectedState(containers=(spec("d1", "localhost/app:v3"),))]
+    reconciler.tick()
+    reconciler.tick()
+    assert len([r for r in caplog.records if "stays on its own image" in r.getMessage()]) == 2
+
+
+def test_a_state_files_lone_image_change_is_applied_but_a_control_planes_is_not(tmp_path):
+    import ipaddress
+
+    from agent.loop import ControlPlaneSource, FileSource
+
+    path = tmp_path / "state.json"
+    path.write_text('{"containers": [{"deploymentId": "d1", "serviceId": "svc", "serviceName": "Svc", '
+                    '"name": "c-d1", "image": "localhost/app:v2"}]}')
+    subnet = ipaddress.IPv4Network("10.200.1.0/24")
+    podman = FakePodman()
+    old = podman.add("d1", image="localhost/app:v1")
+    reconciler, podman, _ = make(FileSource(path, subnet), podman)
+    reconciler.tick()
+    assert old.id not in podman.containers
+    assert [c.image for c in podman.containers.values()] == ["localhost/app:v2"]
+    assert FileSource.follow_image_changes and not ControlPlaneSource.follow_image_changes
 
 
 def test_a_control_plane_outage_is_logged_once_then_counted_and_its_end_once(caplog):

@@ -122,6 +122,21 @@ def test_hostile_network_entries_are_skipped(section):
     state = parse_expected_state(section, SUBNET)
     assert len(state.problems) == 1
     assert not state.dns_records and not state.caddy_routes and not state.wireguard_peers
+    # The section listed an entry and none was valid: doubt, not emptiness (loop._guard).
+    (name,) = section
+    assert state.dropped == {name: 1} and state.all_dropped(name)
+
+
+def test_dropped_entries_are_counted_per_section():
+    peer = {"publicKey": "A" * 43 + "=", "allowedIps": "10.100.2.0/24"}
+    state = parse_expected_state({
+        "wireguard": {"peers": [peer, {**peer, "allowedIps": "10.100.3.0/24, 10.200.3.0/24"}]},
+        "caddy": {"routes": [{"id": "r", "domain": "a.example.com", "upstreams": "10.200.1.2:80"}] * 3},
+        "dns": {"records": []},
+    }, SUBNET)
+    assert state.dropped == {"wireguard": 1, "caddy": 3}
+    assert not state.all_dropped("wireguard"), "one valid peer: the section applies"
+    assert state.all_dropped("caddy") and not state.all_dropped("dns"), "an empty list is empty, not garbled"
 
 
 def test_every_fixture_expected_state_parses():
@@ -268,3 +283,18 @@ def test_a_hostile_registration_peer_is_dropped_with_one_line(tmp_path, caplog):
         result = ensure_registered(settings, DataDir(tmp_path), FakeRegisterClient(answer), "")
     assert [peer.allowed_ips for peer in result.initial_peers] == ["10.100.2.0/24,10.200.2.0/24"]
     assert [r.getMessage() for r in caplog.records if "registration answer" in r.getMessage() and "endpoint" in r.getMessage()]
+
+
+def test_the_doctor_probes_service_id_is_reserved_and_named():
+    from agent.host.podman import DOCTOR_PROBE_SERVICE
+    from agent.model import RESERVED_SERVICE_IDS
+
+    assert DOCTOR_PROBE_SERVICE in RESERVED_SERVICE_IDS
+    entry = {"deploymentId": "d1", "serviceId": DOCTOR_PROBE_SERVICE, "serviceName": "x", "name": "c1",
+             "image": "nginx", "ipAddress": "10.200.1.5"}
+    state = parse_expected_state({"containers": [entry, {**entry, "deploymentId": "d2", "serviceId": "web",
+                                                         "ipAddress": "10.200.1.6"}]}, SUBNET)
+    assert [c.deployment_id for c in state.containers] == ["d2"]
+    assert state.protected_deployments == {"d1"}
+    assert state.problems == ("container #0 (deployment 'd1'): serviceId techulus-doctor is reserved for the agent's own "
+                              "doctor probe; skipped",)

@@ -86,7 +86,6 @@ def test_upstream_on_a_gateway_or_network_address_is_refused(upstream: str) -> N
         check_upstream(upstream, parse_upstream_networks(DEFAULT_UPSTREAM_NETWORKS))
 
 
-@pytest.mark.xfail(strict=True, reason="held_images lives in memory only: an agent restart after a rolled-back rollout re-images the survivor")
 def test_an_agent_restart_after_a_rolled_back_rollout_keeps_the_old_deployment_on_its_image() -> None:
     from agent.model import ExpectedState
     from tests.fakes import FakePodman, ListSource
@@ -109,7 +108,6 @@ def test_an_agent_restart_after_a_rolled_back_rollout_keeps_the_old_deployment_o
     assert any(c.image == "localhost/app:v1" and c.deployment_id == "d1" for c in podman.containers.values())
 
 
-@pytest.mark.xfail(strict=True, reason="the 'lone deployment' rule is per server; a rollout whose new deployment lands on another server re-images the old one here")
 def test_a_rollout_whose_new_deployment_runs_on_another_server_leaves_the_old_one_alone() -> None:
     # ROLLOUT.md: the expected state lists *this server's* rows, each with the service's current
     # image. Service svc has D1 here; the redeploy (or a placement change) puts D2 on server B.
@@ -163,7 +161,6 @@ def test_unacknowledgeable_work_items_are_logged_once_then_counted(tmp_path: Pat
     assert len(lines) <= 2, f"{len(lines)} lines, first: {lines[0].getMessage()}"
 
 
-@pytest.mark.xfail(strict=True, reason="entries the MODEL drops do not count as listed: a section whose every entry is garbled is emptied after two polls")
 @pytest.mark.parametrize("section,doc", [
     # A control-plane format slip in every entry: a space after the comma of allowedIps...
     ("wireguard", {"wireguard": {"peers": [
@@ -215,7 +212,6 @@ def test_a_section_whose_every_entry_is_garbled_is_never_emptied(section: str, d
     assert sync.applied == [], "every entry was garbled: nothing may be removed"
 
 
-@pytest.mark.xfail(strict=True, reason="a listed service may use the doctor probe's reserved service id, which list_containers hides")
 def test_the_doctor_probes_service_id_is_refused_on_the_wire() -> None:
     # list_containers() hides every container of service `techulus-doctor` (the probe). A
     # deployment of a service with that id would be deployed on every pass: its run meets its

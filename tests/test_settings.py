@@ -109,3 +109,10 @@ def test_registered_and_standalone_agents_get_different_networks(tmp_path):
 def test_image_gc_watermarks_must_be_ordered_percentages(start, stop):
     with pytest.raises(SettingsError, match="watermarks"):
         Settings.load({"image_gc_start_percent": start, "image_gc_stop_percent": stop}, environ={})
+
+
+def test_drain_grace_defaults_to_the_tick_and_is_bounded_by_the_drain_timeout():
+    assert Settings.load({}, environ={}).drain_grace_seconds == 10.0
+    assert Settings.load({"tick_interval": 4}, environ={}).drain_grace_seconds == 4.0
+    assert Settings.load(environ={"TECHULUS_AGENT_DRAIN_GRACE": "0"}).drain_grace_seconds == 0.0
+    assert Settings.load({"drain_grace": 300, "drain_timeout": 45}, environ={}).drain_grace_seconds == 45.0
