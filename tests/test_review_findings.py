@@ -47,7 +47,6 @@ def test_unmarked_container_on_host_or_no_network_is_not_adopted(networks: list[
     assert not judge(labels, [], options).ours
 
 
-@pytest.mark.xfail(strict=True, reason="netavark/aardvark/Rust/Go names are missing from the deny list (PODMAN_ENV_NAMES)")
 @pytest.mark.parametrize("name", ["NETAVARK_FW", "NETAVARK_DNS_PORT", "AARDVARK_BINARY", "RUST_LOG",
                                   "REGISTRIES_CONFIG_PATH", "ZONEINFO", "INVOCATION_ID"])
 def test_names_podmans_helpers_read_never_ride_in_podmans_environment(name: str) -> None:

@@ -73,8 +73,10 @@ MAX_ENV_TOTAL = 1024 * 1024
 # Env values shorter than this are not masked in podman's output: masking "1" or "abc"
 # would garble container ids and error messages, and such values are not secrets.
 MIN_SECRET_LEN = 4
-# Names podman, conmon, the OCI runtime, netavark, the Go runtime, glibc or the dynamic
-# linker read from their own environment. A deployment's variable with such a name would
+# Names podman, conmon, the OCI runtime, netavark, aardvark-dns, the Go and Rust runtimes,
+# glibc or the dynamic linker read from their own environment (`strings` on podman 4.3,
+# netavark 1.4, aardvark-dns, conmon, catatonit; NETAVARK_FW=firewalld or an invalid
+# NETAVARK_DNS_PORT make netavark fail, and root's netavark programs the host firewall). A deployment's variable with such a name would
 # change how podman runs (PATH, LD_PRELOAD, CONTAINER_HOST, ...) if it sat in podman's
 # environment: it goes through the env file. The agent's own variables with these names are
 # the only ones of the agent's environment `podman run` sees (the others, tokens included,
@@ -82,16 +84,22 @@ MIN_SECRET_LEN = 4
 PODMAN_ENV_NAMES = frozenset({
     "PATH", "HOME", "TMPDIR", "TMP", "TEMP", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TZDIR",
     "LANG", "LANGUAGE", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES", "HOSTALIASES",
-    "LOCALDOMAIN", "RES_OPTIONS", "GODEBUG", "GOGC", "GOMAXPROCS", "GOMEMLIMIT", "GOTRACEBACK",
+    "LOCALDOMAIN", "RES_OPTIONS",
     "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY",
     "http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "REGISTRY_AUTH_FILE", "STORAGE_DRIVER", "STORAGE_OPTS",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REGISTRY_AUTH_FILE",
     "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+    "REGISTRIES_CONFIG_PATH", "ZONEINFO", "INVOCATION_ID", "BUILD_REGISTRY_SOURCES",
+    "NO_COLOR", "COLUMNS",
 })
 PODMAN_ENV_PREFIXES = (
     "LD_", "MALLOC_", "LC_", "XDG_", "CONTAINERS_", "CONTAINER_", "PODMAN_", "BUILDAH_", "DOCKER_",
-    "DBUS_", "SYSTEMD_", "_",
+    "DBUS_", "SYSTEMD_", "_", "NETAVARK_", "AARDVARK_", "RUST_", "CNI_", "OCICRYPT_", "CONMON_", "STORAGE_",
+    "GOLANG_",
 )
+# The Go runtime's own settings (GODEBUG, GOGC, GOMAXPROCS, GOMEMLIMIT, GOTRACEBACK, GOROOT,
+# GOAMD64, ...): GO and capitals, no underscore, so GOOGLE_API_KEY stays a plain variable.
+GO_RUNTIME_NAME = re.compile(r"GO[A-Z0-9]*")
 # Set by systemd for the agent itself: podman would hand the agent's notify socket and
 # socket-activated descriptors on to the container.
 SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"})
@@ -944,7 +952,8 @@ class Podman:
 
 def podman_reads(name: str) -> bool:
     """Whether podman or a program it starts reads `name` from its own environment."""
-    return name in PODMAN_ENV_NAMES or name.startswith(PODMAN_ENV_PREFIXES)
+    return (name in PODMAN_ENV_NAMES or name.startswith(PODMAN_ENV_PREFIXES)
+            or GO_RUNTIME_NAME.fullmatch(name) is not None)
 
 
 def podman_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
