@@ -863,7 +863,7 @@ def standalone(tmp_path: Path, **kw: Any) -> Podman:
         ("registered", ours(**{"techulus.owner": "server-2"}), ["techulus"], False),
         ("registered", ours(), ["techulus"], True),  # the Go agent's, on our network: adopted
         ("registered", ours(), ["podman"], True),  # the Go agent's port-publishing container
-        ("registered", ours(), [], True),
+        ("registered", ours(), [], False),  # unmarked on --network=host or none (podman lists no network): not adopted
         ("registered", ours(), ["techulus-standalone"], False),  # unmarked, on someone else's network
         ("registered", ours(scope="techulus.test.scope=else", **{"techulus.owner": ME}), ["techulus"], False),
         ("registered", {"maintainer": "x", "techulus.owner": ME}, ["techulus"], False),  # no §9.1 labels

@@ -15,7 +15,6 @@ from agent.host.podman import Podman, PodmanError, PodmanOptions, judge, podman_
 from tests.test_podman import CID, CID2, IN_USE, NAME, inspect_json, ours, register_inspect, spec
 
 
-@pytest.mark.xfail(strict=True, reason="name-in-use handling removes a RUNNING container of another listed deployment")
 def test_name_clash_never_removes_a_running_container_of_another_deployment(fp: Any, tmp_path: Path) -> None:
     # Two listed deployments whose names clash (the control plane names a container
     # `<serviceId>-<depId[:8]>`: ids `deploy-1` and `deploy-10` share the name). Deployment
@@ -34,7 +33,6 @@ def test_name_clash_never_removes_a_running_container_of_another_deployment(fp: 
     assert fp.call_count(["podman", "rm", fp.any()]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="all([]) is True: an unmarked container on no network (host/none) is adopted")
 @pytest.mark.parametrize("networks", [[], ["host"], ["none"]])
 def test_unmarked_container_on_host_or_no_network_is_not_adopted(networks: list[str]) -> None:
     # `podman ps --format json` reports `Networks: []` for --network=host and --network=none

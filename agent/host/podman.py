@@ -553,6 +553,13 @@ class Podman:
                         raise PodmanError(
                             f"a container named {spec.name} exists that the agent does not manage; not replacing it"
                         ) from exc
+                    blocker = _running_other_deployment(existing, spec) if existing is not None else None
+                    if blocker is not None:
+                        # `<service>-<deployment[:8]>` of two listed deployments can clash.
+                        raise PodmanError(
+                            f"the name {spec.name} is held by a running container of deployment {blocker}; "
+                            f"not replacing it (the names of deployments {blocker} and {spec.deployment_id} clash)"
+                        ) from exc
                     if existing is not None:
                         log.info("removing leftover container %s before deploying it again", spec.name)
                         self._remove_ours(spec.name, grace=self.options.stop_timeout, info=existing)
@@ -690,17 +697,16 @@ class Podman:
                 "but no container holding it can be found"
             )
         holder_name = str(holder.get("Name") or holder_id[:12])
-        labels = _labels_of(holder)
         if not self._owns(holder):
             raise PodmanError(
                 f"IP {spec.ip_address} is held by container {holder_name}, which the agent does not manage; "
                 "not touching it (free the IP or remove that container)"
             )
-        running = bool((holder.get("State") or {}).get("Running"))
-        if running and labels.get(LABEL_DEPLOYMENT_ID) != spec.deployment_id:
+        blocker = _running_other_deployment(holder, spec)
+        if blocker is not None:
             raise PodmanError(
                 f"IP {spec.ip_address} is held by running container {holder_name} of deployment "
-                f"{labels.get(LABEL_DEPLOYMENT_ID) or '(none)'}; it must be removed first"
+                f"{blocker}; it must be removed first"
             )
         log.warning("IP %s is held by stale container %s; removing it", spec.ip_address, holder_name)
         self._remove_ours(str(holder.get("Id") or holder_id), grace=0, info=holder)
@@ -1171,9 +1177,23 @@ def judge(labels: Mapping[str, str], networks: Sequence[str], options: PodmanOpt
         return Ownership(False, f"no {LABEL_OWNER} mark (original Go agent or a registered agent); a standalone agent adopts none")
     if options.network in networks:
         return Ownership(True, f"no {LABEL_OWNER} mark, on our network {options.network}: adopted from the original agent")
-    if all(network == DEFAULT_PODMAN_NETWORK for network in networks):
+    # Podman lists no network for --network=host or none: such a container was never the
+    # original agent's (it ran on podman's default network or ours), so an empty list is not adopted.
+    if networks and all(network == DEFAULT_PODMAN_NETWORK for network in networks):
         return Ownership(True, f"no {LABEL_OWNER} mark, port-publishing container of the original agent: adopted")
-    return Ownership(False, f"no {LABEL_OWNER} mark and not on our network {options.network} (on {', '.join(networks)})")
+    where = ", ".join(networks) or "no network: host or none"
+    return Ownership(False, f"no {LABEL_OWNER} mark and not on our network {options.network} (on {where})")
+
+
+def _running_other_deployment(info: Mapping[str, Any], spec: ExpectedContainer) -> str | None:
+    """The deployment of `info` when a run of `spec` may not remove it: a container of ours
+    is stale (removable) when stopped or an older copy of the same deployment; a running
+    one of another deployment stays."""
+    running = bool((info.get("State") or {}).get("Running"))
+    deployment = _labels_of(info).get(LABEL_DEPLOYMENT_ID)
+    if running and deployment != spec.deployment_id:
+        return deployment or "(none)"
+    return None
 
 
 def _first(data: Any) -> Mapping[str, Any]:
