@@ -40,7 +40,7 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
             log.info("removed container %s (%s)", container.name, container.id[:12])
         network = podman.options.network
         if not podman.remove_network():
-            log.info("podman network %s does not exist", network)
+            log.info("podman network %s not removed (it does not exist or is not this agent's)", network)
         podman.remove_stale_env_files(older_than=0)
         remove_standalone_config(settings, config)  # its dnsmasq files and Caddy routes
         if purge and data_dir.exists():

@@ -123,7 +123,6 @@ def test_a_rollout_whose_new_deployment_runs_on_another_server_leaves_the_old_on
     assert podman.containers.get(d1.id) is not None and podman.containers[d1.id].image == "localhost/app:v1"
 
 
-@pytest.mark.xfail(strict=True, reason="remove_network removes an UNMARKED network (one the agent used but did not create)")
 def test_standalone_down_never_removes_a_network_it_did_not_create(fp: Any, tmp_path: Path) -> None:
     # ensure_network uses an existing unmarked network "as it is" (an operator's, with
     # network_name pointing at it); `agent standalone --down` then removes it.

@@ -935,7 +935,8 @@ class Podman:
         return True
 
     def remove_network(self) -> bool:
-        """Remove our network (`agent standalone --down`); False when it does not exist.
+        """Remove our network (`agent standalone --down`); False when it does not exist or
+        lacks our owner mark (a network the agent used but did not create).
 
         Never forced: podman refuses while any container, ours or not, is attached, and
         that refusal is raised with its reason.
@@ -946,6 +947,12 @@ class Podman:
             return False
         if not self._check_network_owner(name, found.stdout):
             raise PodmanError(f"podman network {name} belongs to another agent; not removing it")
+        if not self.options.owner or _network_owner(_first(_loads(found.stdout, "podman network inspect"))) != self.options.owner:
+            # ensure_network uses an unmarked network as it is (the original agent's, an
+            # operator's): the agent only used it, so it is not the agent's to remove.
+            log.info("podman network %s carries no %s=%s mark: this agent did not create it; leaving it",
+                     name, LABEL_OWNER, self.options.owner or "(none)")
+            return False
         result = self._run("network", "rm", "--", name, check=False)
         if result.returncode == 0:
             log.info("removed podman network %s", name)
