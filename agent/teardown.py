@@ -57,9 +57,10 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
 
 
 def _remove_images(podman: Podman, data_dir: Path) -> None:
-    """The images the agent pulled or ran (its ledger); podman keeps one another container uses."""
+    """The images the agent's ledger owns (it pulled them; an image it only ran, e.g. the
+    operator's own build, is not its to remove); podman keeps one another container uses."""
     ledger = ImageLedger(data_dir / LEDGER_FILE)
-    for reference in sorted(set(ledger.pulled()) | ledger.kept()):
+    for reference in sorted(ledger.pulled()):
         if podman.remove_image(reference):
             log.info("removed image %s", reference)
 

@@ -55,7 +55,6 @@ def test_names_podmans_helpers_read_never_ride_in_podmans_environment(name: str)
     assert podman_reads(name)
 
 
-@pytest.mark.xfail(strict=True, reason="a pull of a reference that was already on the host claims it for the image GC")
 def test_a_pull_of_an_image_already_present_does_not_claim_it(fp: Any, tmp_path: Path) -> None:
     from agent.host.images import ImageLedger
 

@@ -482,6 +482,11 @@ class Podman:
             # Only for registries the operator listed (e.g. the cluster's own plain-HTTP
             # registry on the mesh); every other pull verifies TLS (PROTOCOL.md §17.5).
             args.append("--tls-verify=false")
+        # The ledger claims only images the agent brought: a reference that already named
+        # an image not in the ledger is the operator's (or another agent's), and the GC
+        # and --down must leave it.
+        before = self.image_id(reference) if self.images.records else None
+        claimed = before is None or reference in self.images.pulled()
         started = time.monotonic()
         try:
             result = self._run(*args, "--", reference, timeout=limit)
@@ -490,7 +495,11 @@ class Podman:
                 raise PodmanError(f"pull of {reference} took longer than {limit:g}s and was stopped") from exc
             raise
         # `pull --quiet` prints the image id: recorded so that the GC removes only what we pulled.
-        self.images.note_pulled(reference, _container_id(result.stdout))
+        pulled_id = _container_id(result.stdout)
+        if claimed or pulled_id != before:
+            self.images.note_pulled(reference, pulled_id)
+        else:
+            log.debug("%s was on this host before the agent pulled it: not the agent's to remove", reference)
         log.info("pulled %s in %.1fs", reference, time.monotonic() - started)
 
     def image_exists(self, image: str) -> bool:
