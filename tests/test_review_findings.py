@@ -140,7 +140,6 @@ def test_standalone_down_never_removes_a_network_it_did_not_create(fp: Any, tmp_
     assert fp.call_count(["podman", "network", "rm", fp.any()]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="work items that cannot be acknowledged are logged once per item per poll, forever")
 @pytest.mark.parametrize("bad", [{"id": None, "type": "restart"}, {"id": "x\n", "type": "stop"}, "not an object", {"id": ""}])
 def test_unacknowledgeable_work_items_are_logged_once_then_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                                      bad: Any) -> None:
