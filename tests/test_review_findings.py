@@ -69,7 +69,6 @@ def test_a_pull_of_an_image_already_present_does_not_claim_it(fp: Any, tmp_path:
     assert "docker.io/library/nginx:1.27" not in ledger.pulled()
 
 
-@pytest.mark.xfail(strict=True, reason="an upstream on a container subnet's gateway (the host itself) passes check_upstream")
 @pytest.mark.parametrize("upstream", ["10.200.1.1:22", "10.200.7.1:2019", "10.200.1.0:80", "10.200.1.255:80"])
 def test_upstream_on_a_gateway_or_network_address_is_refused(upstream: str) -> None:
     # 10.200.X.1 is the host's own address on its podman bridge: any host service listening on
