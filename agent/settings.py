@@ -122,7 +122,7 @@ class Settings:
     caddy_https_listen: str = ":443"
     caddy_access_log: Path = Path("/var/log/caddy/techulus.log")
     caddy_timeout: float = 10.0
-    # Where Caddy upstreams may point; empty = wireguard_allowed_networks.
+    # Where Caddy upstreams may point; empty = 10.200.0.0/16 (deployment IPs of every server).
     caddy_upstream_networks: tuple[str, ...] = ()
     # "auto" adds the log_append handler only when this Caddy build has it.
     caddy_log_append: str = "auto"

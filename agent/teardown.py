@@ -40,7 +40,7 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
             log.info("removed container %s (%s)", container.name, container.id[:12])
         network = podman.options.network
         if not podman.remove_network():
-            log.info("podman network %s does not exist", network)
+            log.info("podman network %s not removed (it does not exist or is not this agent's)", network)
         podman.remove_stale_env_files(older_than=0)
         remove_standalone_config(settings, config)  # its dnsmasq files and Caddy routes
         if purge and data_dir.exists():
@@ -57,9 +57,10 @@ def standalone_down(settings: Settings, purge: bool = False) -> int:
 
 
 def _remove_images(podman: Podman, data_dir: Path) -> None:
-    """The images the agent pulled or ran (its ledger); podman keeps one another container uses."""
+    """The images the agent's ledger owns (it pulled them; an image it only ran, e.g. the
+    operator's own build, is not its to remove); podman keeps one another container uses."""
     ledger = ImageLedger(data_dir / LEDGER_FILE)
-    for reference in sorted(set(ledger.pulled()) | ledger.kept()):
+    for reference in sorted(ledger.pulled()):
         if podman.remove_image(reference):
             log.info("removed image %s", reference)
 

@@ -28,6 +28,7 @@ from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID
 from agent.host.podman import Podman
 from agent.model import ModelError, WireGuardPeer, parse_expected_state
 from agent.observe import Observer
+from agent.problems import ProblemLog
 from agent.settings import Settings
 from agent.validate import InvalidValue
 
@@ -116,6 +117,12 @@ class WorkQueue:
         self._deferred_since: dict[str, float] = {}
         # The last fetch error and when it was logged: an outage is logged once a minute, not every 5 s.
         self._fetch_error: tuple[str, float] | None = None
+        # Items without a usable id are never acknowledged, so the CP serves them on every
+        # poll: logged once per kind, then counted (not one line per item per poll).
+        self._unacknowledgeable = ProblemLog(
+            log, "work queue: items that cannot be acknowledged (served again on every poll)",
+            cleared="are gone", clock=monotonic,
+        )
 
     # --- public -------------------------------------------------------------------------------
 
@@ -139,11 +146,20 @@ class WorkQueue:
             if self._fetch_error is not None:
                 log.info("work queue: fetching pending items works again")
                 self._fetch_error = None
+            unusable: dict[str, str] = {}  # kind -> the first such item
+            unusable_count = 0
             for index, raw in enumerate(items):
                 try:
-                    self._handle(raw, index)
+                    problem = self._handle(raw, index)
                 except Exception:  # noqa: BLE001 - isolate items from each other
                     log.exception("work queue: item #%d failed unexpectedly", index)
+                    continue
+                if problem is not None:
+                    unusable_count += 1
+                    unusable.setdefault(problem[0], problem[1])
+            self._unacknowledgeable.report(
+                [f"{kind} (first: {first})" for kind, first in unusable.items()], total=unusable_count
+            )
             # Items the CP no longer lists (deleted by an aborted rollout) stop waiting.
             # Only string ids can match what we recorded (an odd id must not crash the poll).
             listed = {raw.get("id") for raw in items if isinstance(raw, Mapping) and isinstance(raw.get("id"), str)}
@@ -169,19 +185,18 @@ class WorkQueue:
 
     # --- one item -----------------------------------------------------------------------------
 
-    def _handle(self, raw: Any, index: int) -> None:
+    def _handle(self, raw: Any, index: int) -> tuple[str, str] | None:
+        """Work one item; (kind, example) when it cannot be acknowledged (the caller
+        reports those together, once per poll)."""
         if not isinstance(raw, Mapping):
-            log.error("work queue: item #%d is not an object (%s); ignored", index, type(raw).__name__)
-            return
+            return "not an object", f"item #{index} is {type(raw).__name__}"
         item_id = raw.get("id")
         try:
             item_id = validate.free_text(item_id, "id", max_len=200)
         except InvalidValue as exc:
-            log.error("work queue: item #%d has an unusable id (%s); it cannot be acknowledged", index, exc)
-            return
+            return "unusable id", f"item #{index}: {exc}"
         if not item_id:
-            log.error("work queue: item #%d has no id; it cannot be acknowledged", index)
-            return
+            return "no id", f"item #{index}"
         item_type = raw.get("type")
 
         remembered = self._remembered(item_id)
@@ -189,15 +204,15 @@ class WorkQueue:
             if not self._saved():
                 # Still only in memory (the disk was full): acknowledging now would let a
                 # restart run it again. It stays pending until the record is on disk.
-                return
+                return None
             log.info("work queue: item %s (%s) was already handled (%s); acknowledging again", item_id, _show(item_type), remembered.status)
             self._acknowledge(item_id, remembered)
-            return
+            return None
 
         try:
             outcome = self.observer.work(item_id, item_type, lambda: self._execute(item_id, item_type, raw.get("payload")))
         except _Defer:
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - a bug or an odd podman failure fails this item only
             log.exception("work queue: item %s (%s) raised", item_id, _show(item_type))
             outcome = Outcome.fail(f"agent error while handling {_show(item_type)}: {exc}")
@@ -221,6 +236,7 @@ class WorkQueue:
                 self.on_change()
             except Exception:  # noqa: BLE001
                 log.exception("work queue: on_change callback failed")
+        return None
 
     def _acknowledge(self, item_id: str, outcome: Outcome) -> None:
         try:

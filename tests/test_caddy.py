@@ -136,7 +136,11 @@ def test_bad_routes(route: CaddyRoute, problem: str) -> None:
         ("app.internal:80", "not a host name"),
         ("[::1]:80", "IPv4"),
         ("[fd00::1]:80", "IPv4"),
-        ("192.168.1.10:80", "outside the deployment networks 10.100.0.0/16, 10.200.0.0/16"),
+        ("192.168.1.10:80", "outside the deployment networks 10.200.0.0/16"),
+        ("10.200.1.1:22", "gateway (the server itself) address of container subnet 10.200.1.0/24"),
+        ("10.200.7.0:80", "network address of container subnet 10.200.7.0/24"),
+        ("10.200.7.255:80", "broadcast address of container subnet 10.200.7.0/24"),
+        ("10.100.2.1:9100", "WireGuard address"),  # another server's exporter over the mesh
         ("10.0.0.1:80", "outside the deployment networks"),
         ("010.200.1.2:80", "not a host name"),  # not an IPv4 literal Python or Go would read alike
     ],
@@ -158,9 +162,18 @@ def test_loopback_only_when_a_loopback_network_is_configured() -> None:
 
 def test_upstream_network_settings_are_checked() -> None:
     settings = replace(Settings(), caddy_admin_url="http://127.0.0.1:9")
-    assert [str(n) for n in CaddySync(settings).upstream_networks] == ["10.100.0.0/16", "10.200.0.0/16"]
-    narrow = CaddySync(replace(settings, wireguard_allowed_networks=("10.200.0.0/16",)))
-    assert "outside" in " ".join(validate_routes([replace(ROUTE, upstreams=("10.100.1.1:80",))], narrow.upstream_networks))
+    assert [str(n) for n in CaddySync(settings).upstream_networks] == ["10.200.0.0/16"]
+    # Container IPs of any server pass, from .2 to .254 of its /24.
+    edges = replace(ROUTE, upstreams=("10.200.1.2:80", "10.200.255.254:8080", "10.200.0.2:1"))
+    assert validate_routes([edges], CaddySync(settings).upstream_networks) == []
+    narrow = CaddySync(replace(settings, caddy_upstream_networks=("10.200.3.0/24",)))
+    assert "outside" in " ".join(validate_routes([replace(ROUTE, upstreams=("10.200.4.2:80",))], narrow.upstream_networks))
+    # A server address only when the operator lists a range of them; even 0.0.0.0/0 is not that.
+    servers = CaddySync(replace(settings, caddy_upstream_networks=("10.200.0.0/16", "10.100.0.0/16")))
+    assert validate_routes([replace(ROUTE, upstreams=("10.100.1.1:80",))], servers.upstream_networks) == []
+    wide = parse_upstream_networks(["0.0.0.0/0"])
+    assert "WireGuard" in " ".join(validate_routes([replace(ROUTE, upstreams=("10.100.1.1:80",))], wide))
+    assert "gateway" in " ".join(validate_routes([replace(ROUTE, upstreams=("10.200.1.1:80",))], wide))
     for bad in (("10.200.0.1/16",), ("fd00::/8",), ("nonsense",)):
         with pytest.raises(CaddyError, match="not an IPv4 network"):
             CaddySync(settings, upstream_networks=bad)

@@ -270,9 +270,10 @@ def test_upstreams_outside_the_deployment_networks_never_reach_caddy(caddy: Cadd
     # With the production defaults, Caddy's own admin API, cloud metadata or a host name as
     # an upstream would publish them on a public domain: refused before Caddy is asked.
     sync = make_sync(caddy, networks=None)
-    assert [str(n) for n in sync.upstream_networks] == ["10.100.0.0/16", "10.200.0.0/16"]
+    assert [str(n) for n in sync.upstream_networks] == ["10.200.0.0/16"]
     before = caddy.routes()
-    for upstream in (f"127.0.0.1:{caddy.admin_port}", "169.254.169.254:80", "localhost:1234", "0.0.0.0:80", "192.0.2.1:80"):
+    for upstream in (f"127.0.0.1:{caddy.admin_port}", "169.254.169.254:80", "localhost:1234", "0.0.0.0:80", "192.0.2.1:80",
+                     "10.200.3.1:22", "10.100.3.1:80"):
         with pytest.raises(CaddyError, match=r"nothing was changed.*upstream"):
             sync.apply(ExpectedState(caddy_routes=(CaddyRoute("x", "app.example.com", (upstream,), "svc"),)))
     assert caddy.routes() == before

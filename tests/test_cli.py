@@ -240,7 +240,7 @@ def test_standalone_down_removes_our_containers_and_network_and_with_purge_the_d
     fake_down(fp, data, {}, network_exists=False)
     code, output = run_cli("standalone", "--down", str(state), "--data-dir", str(data), "--purge")
     assert code == 0, output
-    assert "network techulus-standalone does not exist" in output and not data.exists()
+    assert "network techulus-standalone not removed (it does not exist" in output and not data.exists()
 
 
 def test_standalone_down_refuses_while_an_agent_runs_and_names_a_busy_network(run_cli, tmp_path, fp):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.host.images import ImageGC, ImageLedger, Watermarks
+from agent.host.images import LEDGER_FILE, ImageGC, ImageLedger, Watermarks
 from agent.host.podman import Podman, PodmanOptions
 from agent.model import ExpectedContainer
 
@@ -133,7 +133,19 @@ def podman(tmp_path: Path) -> Podman:
                   images=ImageLedger(tmp_path / "images.json"))
 
 
+NGINX = "docker.io/library/nginx:1.27"
+
+
+def register_image_id(fp: Any, reference: str, image_id: str | None) -> None:
+    argv = ["podman", "image", "inspect", "--format", "{{.Id}}", "--", reference]
+    if image_id is None:
+        fp.register(argv, returncode=125, stderr="Error: no such image\n")
+    else:
+        fp.register(argv, stdout=f"{image_id}\n")
+
+
 def test_pull_and_run_are_recorded(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    register_image_id(fp, NGINX, None)  # not on the host before: the agent brings it
     fp.register(["podman", "pull", "--quiet", "--", "docker.io/library/nginx:1.27"], stdout=f"{ID_A}\n", stderr="Copying blob\n")
     podman.pull("nginx:1.27")
     fp.register(["podman", "run", fp.any()], stdout=ID_B + "\n")
@@ -145,6 +157,39 @@ def test_pull_and_run_are_recorded(fp: Any, podman: Podman, tmp_path: Path) -> N
     podman.run_container(spec, {}, tmp_path / "volumes")
     assert {ref: image_id for ref, (image_id, _when) in podman.images.pulled().items()} == {"docker.io/library/nginx:1.27": ID_A}
     assert podman.images.kept() == {"docker.io/library/nginx:1.27"}
+
+
+def test_a_pull_claims_only_what_it_brought(fp: Any, podman: Podman) -> None:
+    # The operator's nginx:1.27 was there before: a pull that finds the same image claims nothing.
+    register_image_id(fp, NGINX, ID_A)
+    fp.register(["podman", "pull", "--quiet", "--", NGINX], stdout=f"{ID_A}\n")
+    podman.pull("nginx:1.27")
+    assert podman.images.pulled() == {}
+    # The tag moved upstream: the pull brought a new image, which is the agent's.
+    register_image_id(fp, NGINX, ID_A)
+    fp.register(["podman", "pull", "--quiet", "--", NGINX], stdout=f"{ID_B}\n")
+    podman.pull("nginx:1.27")
+    assert {ref: image_id for ref, (image_id, _when) in podman.images.pulled().items()} == {NGINX: ID_B}
+    # A refresh of a reference the agent owns stays the agent's, unchanged or not.
+    register_image_id(fp, NGINX, ID_B)
+    fp.register(["podman", "pull", "--quiet", "--", NGINX], stdout=f"{ID_B}\n")
+    podman.pull("nginx:1.27")
+    assert {ref: image_id for ref, (image_id, _when) in podman.images.pulled().items()} == {NGINX: ID_B}
+
+
+def test_down_purge_removes_only_ledger_owned_images(fp: Any, tmp_path: Path) -> None:
+    # A service ran the operator's localhost/app:1 (never pulled by the agent): --down keeps it.
+    from agent.teardown import _remove_images
+
+    data = tmp_path / "data"
+    data.mkdir()
+    ledger = ImageLedger(data / LEDGER_FILE)
+    ledger.note_pulled(NGINX, ID_A)
+    ledger.note_deployed("svc1", "localhost/app:1")
+    ledger.note_deployed("svc2", NGINX)
+    fp.register(["podman", "image", "rm", "--", NGINX], stdout=f"Untagged: {NGINX}\n")
+    _remove_images(Podman(PodmanOptions(run_dir=tmp_path / "run")), data)
+    assert [list(call) for call in fp.calls] == [["podman", "image", "rm", "--", NGINX]]
 
 
 def test_podman_image_calls(fp: Any, podman: Podman) -> None:

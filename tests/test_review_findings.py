@@ -15,7 +15,6 @@ from agent.host.podman import Podman, PodmanError, PodmanOptions, judge, podman_
 from tests.test_podman import CID, CID2, IN_USE, NAME, inspect_json, ours, register_inspect, spec
 
 
-@pytest.mark.xfail(strict=True, reason="name-in-use handling removes a RUNNING container of another listed deployment")
 def test_name_clash_never_removes_a_running_container_of_another_deployment(fp: Any, tmp_path: Path) -> None:
     # Two listed deployments whose names clash (the control plane names a container
     # `<serviceId>-<depId[:8]>`: ids `deploy-1` and `deploy-10` share the name). Deployment
@@ -34,7 +33,6 @@ def test_name_clash_never_removes_a_running_container_of_another_deployment(fp: 
     assert fp.call_count(["podman", "rm", fp.any()]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="all([]) is True: an unmarked container on no network (host/none) is adopted")
 @pytest.mark.parametrize("networks", [[], ["host"], ["none"]])
 def test_unmarked_container_on_host_or_no_network_is_not_adopted(networks: list[str]) -> None:
     # `podman ps --format json` reports `Networks: []` for --network=host and --network=none
@@ -47,7 +45,6 @@ def test_unmarked_container_on_host_or_no_network_is_not_adopted(networks: list[
     assert not judge(labels, [], options).ours
 
 
-@pytest.mark.xfail(strict=True, reason="netavark/aardvark/Rust/Go names are missing from the deny list (PODMAN_ENV_NAMES)")
 @pytest.mark.parametrize("name", ["NETAVARK_FW", "NETAVARK_DNS_PORT", "AARDVARK_BINARY", "RUST_LOG",
                                   "REGISTRIES_CONFIG_PATH", "ZONEINFO", "INVOCATION_ID"])
 def test_names_podmans_helpers_read_never_ride_in_podmans_environment(name: str) -> None:
@@ -58,7 +55,6 @@ def test_names_podmans_helpers_read_never_ride_in_podmans_environment(name: str)
     assert podman_reads(name)
 
 
-@pytest.mark.xfail(strict=True, reason="a pull of a reference that was already on the host claims it for the image GC")
 def test_a_pull_of_an_image_already_present_does_not_claim_it(fp: Any, tmp_path: Path) -> None:
     from agent.host.images import ImageLedger
 
@@ -73,7 +69,6 @@ def test_a_pull_of_an_image_already_present_does_not_claim_it(fp: Any, tmp_path:
     assert "docker.io/library/nginx:1.27" not in ledger.pulled()
 
 
-@pytest.mark.xfail(strict=True, reason="an upstream on a container subnet's gateway (the host itself) passes check_upstream")
 @pytest.mark.parametrize("upstream", ["10.200.1.1:22", "10.200.7.1:2019", "10.200.1.0:80", "10.200.1.255:80"])
 def test_upstream_on_a_gateway_or_network_address_is_refused(upstream: str) -> None:
     # 10.200.X.1 is the host's own address on its podman bridge: any host service listening on
@@ -124,7 +119,6 @@ def test_a_rollout_whose_new_deployment_runs_on_another_server_leaves_the_old_on
     assert podman.containers.get(d1.id) is not None and podman.containers[d1.id].image == "localhost/app:v1"
 
 
-@pytest.mark.xfail(strict=True, reason="remove_network removes an UNMARKED network (one the agent used but did not create)")
 def test_standalone_down_never_removes_a_network_it_did_not_create(fp: Any, tmp_path: Path) -> None:
     # ensure_network uses an existing unmarked network "as it is" (an operator's, with
     # network_name pointing at it); `agent standalone --down` then removes it.
@@ -143,7 +137,6 @@ def test_standalone_down_never_removes_a_network_it_did_not_create(fp: Any, tmp_
     assert fp.call_count(["podman", "network", "rm", fp.any()]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="work items that cannot be acknowledged are logged once per item per poll, forever")
 @pytest.mark.parametrize("bad", [{"id": None, "type": "restart"}, {"id": "x\n", "type": "stop"}, "not an object", {"id": ""}])
 def test_unacknowledgeable_work_items_are_logged_once_then_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                                      bad: Any) -> None:

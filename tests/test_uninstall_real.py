@@ -14,11 +14,9 @@ from agent.identity import AgentConfig, DataDir, PendingKeys
 from agent.runtime import hold_lock
 from tests.test_ownership_real import build_image, run_foreign
 from tests.testbed import (  # noqa: F401 - fixtures
-    TestNetwork,
     create_network,
     podman,
     podman_env,
-    podman_net,
     remove_network,
 )
 
@@ -31,19 +29,20 @@ def started_at(container: str) -> str:
 
 @pytest.mark.real
 def test_purge_removes_our_containers_network_images_and_data_dir_and_nothing_else(
-    podman_net: TestNetwork, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    podman_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    net = podman_net
-    data = tmp_path / "data"
-    DataDir(data).commit_registration(PendingKeys.generate(), AgentConfig(SERVER_ID, net.subnet_id, "10.100.7.1"))
-    (data / "volumes" / "svc").mkdir(parents=True)
     uid = uuid.uuid4().hex[:8]
     ours_image, other_image = f"localhost/techulus-purge-ours-{uid}:1", f"localhost/techulus-purge-other-{uid}:1"
     build_image(ours_image, f"ours-{uid}", tmp_path / "ours")
     build_image(other_image, f"other-{uid}", tmp_path / "other")
-    ImageLedger(data / LEDGER_FILE).note_pulled(ours_image, "unused-id")
+    # The agent's own network carries its owner mark (an unmarked one it only used stays).
+    net = create_network(owner=SERVER_ID)
     elsewhere = create_network()
     try:
+        data = tmp_path / "data"
+        DataDir(data).commit_registration(PendingKeys.generate(), AgentConfig(SERVER_ID, net.subnet_id, "10.100.7.1"))
+        (data / "volumes" / "svc").mkdir(parents=True)
+        ImageLedger(data / LEDGER_FILE).note_pulled(ours_image, "unused-id")
         ours = run_foreign("purge-ours-" + uid, net, net.scope_label, 10, SERVER_ID, "dep-ours")
         foreign = run_foreign("purge-foreign-" + uid, elsewhere, net.scope_label, 11, "another-server", "dep-foreign")
         foreign_started = started_at(foreign)
@@ -69,6 +68,7 @@ def test_purge_removes_our_containers_network_images_and_data_dir_and_nothing_el
         assert state["Running"] and started_at(foreign) == foreign_started
     finally:
         remove_network(elsewhere)
+        remove_network(net)
         podman("rmi", "--ignore", ours_image, other_image, check=False)
 
 

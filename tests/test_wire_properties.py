@@ -164,7 +164,7 @@ def test_the_hosts_read_back_refuses_what_would_not_read_as_intended(name: str, 
 
 ROUTE = {"id": "app", "domain": "app.example.com", "upstreams": "10.200.3.2:3000", "serviceId": "svc-1"}
 ROUTE_VALUES = {"id": ["app", "route-1"], "domain": ["app.example.com", "*.example.com"],
-                "upstreams": ["10.200.3.2:3000", "10.100.2.1:80"], "serviceId": ["svc-1", ""]}
+                "upstreams": ["10.200.3.2:3000", "10.200.2.254:80"], "serviceId": ["svc-1", ""]}
 
 
 @PROFILE

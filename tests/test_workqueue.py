@@ -684,6 +684,36 @@ def test_one_item_exception_does_not_stop_the_others(h: Harness) -> None:
     assert len(h.client.completed) == 2
 
 
+def test_unacknowledgeable_items_are_one_summary_then_counted_then_cleared(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    bad: list[Any] = ["not an object", {"type": "deploy"}, {"id": "x\n", "type": "stop"}, {"id": "y\n"}]
+    h = Harness(tmp_path, items=[*bad, item("w1", "deploy", {})], monotonic=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="agent.workqueue")
+
+    def problem_lines() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if "cannot be acknowledged" in r.getMessage()]
+        caplog.clear()
+        return lines
+
+    h.queue.poll_once()
+    lines = problem_lines()
+    # One line per kind (with its first item), one count; the good item is worked as ever.
+    assert len(lines) == 4 and "4 problem(s) in all" in lines[-1], lines
+    assert any("not an object (first: item #0 is str)" in line for line in lines)
+    assert any("no id (first: item #1)" in line for line in lines)
+    assert any("unusable id (first: item #2:" in line for line in lines)
+    assert h.outcome("w1") == ("completed", "")
+    h.queue.poll_once()
+    assert problem_lines() == []
+    now[0] += 601  # repeated every 10 minutes while it lasts
+    h.queue.poll_once()
+    assert len(problem_lines()) == 4
+    h.client.items = [item("w2", "deploy", {})]
+    h.queue.poll_once()
+    assert problem_lines() == ["work queue: items that cannot be acknowledged (served again on every poll) are gone"]
+
+
 def test_on_change_failure_is_contained(h: Harness) -> None:
     def broken() -> None:
         raise RuntimeError("loop gone")

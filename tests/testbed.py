@@ -134,8 +134,10 @@ def cleanup_scope(scope_label: str) -> None:
         podman("rm", "-f", "-t", "0", *ids, check=False)
 
 
-def create_network() -> TestNetwork:
-    """A fresh bridge on a free 10.200.X.0/24 with a unique scope label."""
+def create_network(owner: str = "") -> TestNetwork:
+    """A fresh bridge on a free 10.200.X.0/24 with a unique scope label (and `owner`'s
+    techulus.owner mark, as the agent makes its own)."""
+    mark = [f"--label=techulus.owner={owner}"] if owner else []
     scope = f"techulus.test.scope={uuid.uuid4().hex[:12]}"
     candidates = list(range(100, 250))
     random.shuffle(candidates)
@@ -143,7 +145,7 @@ def create_network() -> TestNetwork:
         name = f"tt{uuid.uuid4().hex[:10]}"
         result = podman(
             "network", "create", "--driver", "bridge", "--subnet", f"10.200.{subnet_id}.0/24",
-            "--gateway", f"10.200.{subnet_id}.1", "--disable-dns", name, check=False,
+            "--gateway", f"10.200.{subnet_id}.1", "--disable-dns", *mark, name, check=False,
         )
         if result.returncode == 0:
             break

@@ -20,7 +20,13 @@ Differences from the original agent, on purpose (§17 items 10, 20, 23):
   raises with Caddy's own error text;
 * an upstream must be `<IPv4>:<port>` inside the deployment networks (§9.9.4): a host name,
   loopback (`127.0.0.1:2019` would publish Caddy's own admin API on a public domain),
-  link-local (`169.254.169.254`, cloud metadata) or `0.0.0.0` is refused;
+  link-local (`169.254.169.254`, cloud metadata) or `0.0.0.0` is refused, and so are the
+  addresses of hosts rather than containers: a container subnet's gateway `10.200.X.1`
+  (server X itself on its bridge: its sshd or exporters), its network and broadcast
+  addresses, and WireGuard server addresses (10.100.0.0/16). The control plane sends
+  deployment IPs only (§6.1.3: `<deployment ip>:<container port>`), so the default range is
+  the containers' 10.200.0.0/16; a server address passes only when the operator lists a
+  range of 10.100.0.0/16 in `caddy_upstream_networks` themselves;
 * the read-modify-write of the route list is conditional (`If-Match` with the ETag of our
   read, retried on 412), so a route someone adds between our GET and PATCH is not lost.
 """
@@ -46,9 +52,11 @@ from agent.validate import InvalidValue
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024
-# Deployment IPs live in 10.200.0.0/16 and server (WireGuard) addresses in 10.100.0.0/16,
-# the same ranges the mesh carries (Settings.wireguard_allowed_networks by default).
-DEFAULT_UPSTREAM_NETWORKS = ("10.100.0.0/16", "10.200.0.0/16")
+# Deployment IPs live in 10.200.0.0/16, one /24 per server (gateway .1, containers .2-.254,
+# §9.9.4); server (WireGuard) addresses in 10.100.0.0/16 are hosts, never upstreams.
+CONTAINER_RANGE = ipaddress.IPv4Network("10.200.0.0/16")
+SERVER_RANGE = ipaddress.IPv4Network("10.100.0.0/16")
+DEFAULT_UPSTREAM_NETWORKS = (str(CONTAINER_RANGE),)
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 # The key of the owner mark in our `vars` handler (standalone agents only).
 OWNER_VAR = "techulus_owner"
@@ -104,6 +112,12 @@ def check_upstream(value: str, networks: Sequence[ipaddress.IPv4Network]) -> Non
     inside = [network for network in networks if address in network]
     if address.is_loopback and not any(network.subnet_of(_LOOPBACK) for network in inside):
         raise InvalidValue(f"upstream {value!r} is a loopback address (it would publish a local service of this server)")
+    if address in CONTAINER_RANGE and int(address) & 0xFF in (0, 1, 255):
+        role = {0: "network", 1: "gateway (the server itself)", 255: "broadcast"}[int(address) & 0xFF]
+        subnet = ipaddress.IPv4Network(f"{address}/24", strict=False)
+        raise InvalidValue(f"upstream {value!r} is the {role} address of container subnet {subnet}, never a deployment")
+    if address in SERVER_RANGE and not any(network.subnet_of(SERVER_RANGE) for network in inside):
+        raise InvalidValue(f"upstream {value!r} is a server's WireGuard address (a host, never a deployment)")
     if not inside:
         allowed = ", ".join(map(str, networks))
         raise InvalidValue(f"upstream {value!r} is outside the deployment networks {allowed}")
@@ -281,11 +295,12 @@ class CaddySync:
                 raise CaddyError(str(exc)) from None
         self.settings = settings
         self.owner = owner
-        # Where upstreams may point: `caddy_upstream_networks`, else the mesh ranges, which
-        # hold every deployment IP. The keyword override is for tests on 127.0.0.0/8.
+        # Where upstreams may point: `caddy_upstream_networks`, else every server's container
+        # range (not the whole mesh: its 10.100/16 half is servers). The keyword override is
+        # for tests on 127.0.0.0/8.
         configured = upstream_networks
         if configured is None:
-            configured = settings.caddy_upstream_networks or settings.wireguard_allowed_networks
+            configured = settings.caddy_upstream_networks
         self.upstream_networks = parse_upstream_networks(tuple(configured or DEFAULT_UPSTREAM_NETWORKS))
         url = settings.caddy_admin_url.rstrip("/")
         parts = urlsplit(url)

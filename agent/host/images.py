@@ -2,7 +2,8 @@
 
 `podman image prune` (with or without `--all`) removes every unused image on the host:
 another agent's, the operator's. So the agent keeps a ledger in its data dir
-(`images.json`): each reference it pulled, with the image id the pull gave, and the last
+(`images.json`): each reference it pulled that did not name that image before (an image the
+operator already had stays the operator's), with the image id the pull gave, and the last
 two images each service ran. The GC removes a ledger image only when
 
 - the disk holding podman's storage is above `start_percent` used (it stops as soon as
@@ -45,6 +46,11 @@ class ImageLedger:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
+
+    @property
+    def records(self) -> bool:
+        """Whether anything is recorded (a ledger without a path is a no-op)."""
+        return self.path is not None
 
     def note_pulled(self, reference: str, image_id: str, now: float | None = None) -> None:
         def change(data: dict[str, Any]) -> None:

@@ -73,8 +73,10 @@ MAX_ENV_TOTAL = 1024 * 1024
 # Env values shorter than this are not masked in podman's output: masking "1" or "abc"
 # would garble container ids and error messages, and such values are not secrets.
 MIN_SECRET_LEN = 4
-# Names podman, conmon, the OCI runtime, netavark, the Go runtime, glibc or the dynamic
-# linker read from their own environment. A deployment's variable with such a name would
+# Names podman, conmon, the OCI runtime, netavark, aardvark-dns, the Go and Rust runtimes,
+# glibc or the dynamic linker read from their own environment (`strings` on podman 4.3,
+# netavark 1.4, aardvark-dns, conmon, catatonit; NETAVARK_FW=firewalld or an invalid
+# NETAVARK_DNS_PORT make netavark fail, and root's netavark programs the host firewall). A deployment's variable with such a name would
 # change how podman runs (PATH, LD_PRELOAD, CONTAINER_HOST, ...) if it sat in podman's
 # environment: it goes through the env file. The agent's own variables with these names are
 # the only ones of the agent's environment `podman run` sees (the others, tokens included,
@@ -82,16 +84,22 @@ MIN_SECRET_LEN = 4
 PODMAN_ENV_NAMES = frozenset({
     "PATH", "HOME", "TMPDIR", "TMP", "TEMP", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TZDIR",
     "LANG", "LANGUAGE", "NLSPATH", "LOCPATH", "GCONV_PATH", "GLIBC_TUNABLES", "HOSTALIASES",
-    "LOCALDOMAIN", "RES_OPTIONS", "GODEBUG", "GOGC", "GOMAXPROCS", "GOMEMLIMIT", "GOTRACEBACK",
+    "LOCALDOMAIN", "RES_OPTIONS",
     "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY",
     "http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "REGISTRY_AUTH_FILE", "STORAGE_DRIVER", "STORAGE_OPTS",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REGISTRY_AUTH_FILE",
     "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+    "REGISTRIES_CONFIG_PATH", "ZONEINFO", "INVOCATION_ID", "BUILD_REGISTRY_SOURCES",
+    "NO_COLOR", "COLUMNS",
 })
 PODMAN_ENV_PREFIXES = (
     "LD_", "MALLOC_", "LC_", "XDG_", "CONTAINERS_", "CONTAINER_", "PODMAN_", "BUILDAH_", "DOCKER_",
-    "DBUS_", "SYSTEMD_", "_",
+    "DBUS_", "SYSTEMD_", "_", "NETAVARK_", "AARDVARK_", "RUST_", "CNI_", "OCICRYPT_", "CONMON_", "STORAGE_",
+    "GOLANG_",
 )
+# The Go runtime's own settings (GODEBUG, GOGC, GOMAXPROCS, GOMEMLIMIT, GOTRACEBACK, GOROOT,
+# GOAMD64, ...): GO and capitals, no underscore, so GOOGLE_API_KEY stays a plain variable.
+GO_RUNTIME_NAME = re.compile(r"GO[A-Z0-9]*")
 # Set by systemd for the agent itself: podman would hand the agent's notify socket and
 # socket-activated descriptors on to the container.
 SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"})
@@ -474,6 +482,11 @@ class Podman:
             # Only for registries the operator listed (e.g. the cluster's own plain-HTTP
             # registry on the mesh); every other pull verifies TLS (PROTOCOL.md §17.5).
             args.append("--tls-verify=false")
+        # The ledger claims only images the agent brought: a reference that already named
+        # an image not in the ledger is the operator's (or another agent's), and the GC
+        # and --down must leave it.
+        before = self.image_id(reference) if self.images.records else None
+        claimed = before is None or reference in self.images.pulled()
         started = time.monotonic()
         try:
             result = self._run(*args, "--", reference, timeout=limit)
@@ -482,7 +495,11 @@ class Podman:
                 raise PodmanError(f"pull of {reference} took longer than {limit:g}s and was stopped") from exc
             raise
         # `pull --quiet` prints the image id: recorded so that the GC removes only what we pulled.
-        self.images.note_pulled(reference, _container_id(result.stdout))
+        pulled_id = _container_id(result.stdout)
+        if claimed or pulled_id != before:
+            self.images.note_pulled(reference, pulled_id)
+        else:
+            log.debug("%s was on this host before the agent pulled it: not the agent's to remove", reference)
         log.info("pulled %s in %.1fs", reference, time.monotonic() - started)
 
     def image_exists(self, image: str) -> bool:
@@ -544,6 +561,13 @@ class Podman:
                     if existing is not None and not self._owns(existing):
                         raise PodmanError(
                             f"a container named {spec.name} exists that the agent does not manage; not replacing it"
+                        ) from exc
+                    blocker = _running_other_deployment(existing, spec) if existing is not None else None
+                    if blocker is not None:
+                        # `<service>-<deployment[:8]>` of two listed deployments can clash.
+                        raise PodmanError(
+                            f"the name {spec.name} is held by a running container of deployment {blocker}; "
+                            f"not replacing it (the names of deployments {blocker} and {spec.deployment_id} clash)"
                         ) from exc
                     if existing is not None:
                         log.info("removing leftover container %s before deploying it again", spec.name)
@@ -682,17 +706,16 @@ class Podman:
                 "but no container holding it can be found"
             )
         holder_name = str(holder.get("Name") or holder_id[:12])
-        labels = _labels_of(holder)
         if not self._owns(holder):
             raise PodmanError(
                 f"IP {spec.ip_address} is held by container {holder_name}, which the agent does not manage; "
                 "not touching it (free the IP or remove that container)"
             )
-        running = bool((holder.get("State") or {}).get("Running"))
-        if running and labels.get(LABEL_DEPLOYMENT_ID) != spec.deployment_id:
+        blocker = _running_other_deployment(holder, spec)
+        if blocker is not None:
             raise PodmanError(
                 f"IP {spec.ip_address} is held by running container {holder_name} of deployment "
-                f"{labels.get(LABEL_DEPLOYMENT_ID) or '(none)'}; it must be removed first"
+                f"{blocker}; it must be removed first"
             )
         log.warning("IP %s is held by stale container %s; removing it", spec.ip_address, holder_name)
         self._remove_ours(str(holder.get("Id") or holder_id), grace=0, info=holder)
@@ -921,7 +944,8 @@ class Podman:
         return True
 
     def remove_network(self) -> bool:
-        """Remove our network (`agent standalone --down`); False when it does not exist.
+        """Remove our network (`agent standalone --down`); False when it does not exist or
+        lacks our owner mark (a network the agent used but did not create).
 
         Never forced: podman refuses while any container, ours or not, is attached, and
         that refusal is raised with its reason.
@@ -932,6 +956,12 @@ class Podman:
             return False
         if not self._check_network_owner(name, found.stdout):
             raise PodmanError(f"podman network {name} belongs to another agent; not removing it")
+        if not self.options.owner or _network_owner(_first(_loads(found.stdout, "podman network inspect"))) != self.options.owner:
+            # ensure_network uses an unmarked network as it is (the original agent's, an
+            # operator's): the agent only used it, so it is not the agent's to remove.
+            log.info("podman network %s carries no %s=%s mark: this agent did not create it; leaving it",
+                     name, LABEL_OWNER, self.options.owner or "(none)")
+            return False
         result = self._run("network", "rm", "--", name, check=False)
         if result.returncode == 0:
             log.info("removed podman network %s", name)
@@ -944,7 +974,8 @@ class Podman:
 
 def podman_reads(name: str) -> bool:
     """Whether podman or a program it starts reads `name` from its own environment."""
-    return name in PODMAN_ENV_NAMES or name.startswith(PODMAN_ENV_PREFIXES)
+    return (name in PODMAN_ENV_NAMES or name.startswith(PODMAN_ENV_PREFIXES)
+            or GO_RUNTIME_NAME.fullmatch(name) is not None)
 
 
 def podman_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -1162,9 +1193,23 @@ def judge(labels: Mapping[str, str], networks: Sequence[str], options: PodmanOpt
         return Ownership(False, f"no {LABEL_OWNER} mark (original Go agent or a registered agent); a standalone agent adopts none")
     if options.network in networks:
         return Ownership(True, f"no {LABEL_OWNER} mark, on our network {options.network}: adopted from the original agent")
-    if all(network == DEFAULT_PODMAN_NETWORK for network in networks):
+    # Podman lists no network for --network=host or none: such a container was never the
+    # original agent's (it ran on podman's default network or ours), so an empty list is not adopted.
+    if networks and all(network == DEFAULT_PODMAN_NETWORK for network in networks):
         return Ownership(True, f"no {LABEL_OWNER} mark, port-publishing container of the original agent: adopted")
-    return Ownership(False, f"no {LABEL_OWNER} mark and not on our network {options.network} (on {', '.join(networks)})")
+    where = ", ".join(networks) or "no network: host or none"
+    return Ownership(False, f"no {LABEL_OWNER} mark and not on our network {options.network} (on {where})")
+
+
+def _running_other_deployment(info: Mapping[str, Any], spec: ExpectedContainer) -> str | None:
+    """The deployment of `info` when a run of `spec` may not remove it: a container of ours
+    is stale (removable) when stopped or an older copy of the same deployment; a running
+    one of another deployment stays."""
+    running = bool((info.get("State") or {}).get("Running"))
+    deployment = _labels_of(info).get(LABEL_DEPLOYMENT_ID)
+    if running and deployment != spec.deployment_id:
+        return deployment or "(none)"
+    return None
 
 
 def _first(data: Any) -> Mapping[str, Any]:
