@@ -41,10 +41,12 @@ SECTIONS = ("containers", "dns", "caddy", "wireguard")
 #: Problem texts kept per document (all of them are counted): a hostile document of millions
 #: of bad entries must not cost memory or log lines in proportion.
 MAX_PROBLEMS = 100
-#: Service ids the agent uses itself and so refuses from the wire: the doctor probe's
-#: (host/podman.py's DOCTOR_PROBE_SERVICE, whose containers list_containers hides; a listed
-#: service with that id would be deployed again on every pass). A test keeps the two equal.
-RESERVED_SERVICE_IDS = frozenset({"techulus-doctor"})
+#: The service id of `agent doctor`'s throwaway container (agent/host/probe.py): the Podman
+#: adapter hides its containers from the reconciler.
+DOCTOR_PROBE_SERVICE = "techulus-doctor"
+#: Service ids the agent uses itself and so refuses from the wire: a listed service with the
+#: probe's id would be deployed again on every pass (its containers are hidden).
+RESERVED_SERVICE_IDS = frozenset({DOCTOR_PROBE_SERVICE})
 # What is stripped from a deploymentId to find the container a garbled entry might describe.
 _SURROUNDING_JUNK = re.compile(r"^[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+|[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+$")
 

@@ -46,7 +46,7 @@ from agent import validate
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
 from agent.host.images import ImageLedger
 from agent.host.run import CommandError, CommandNotFound, CommandTimeout, Result, run
-from agent.model import ExpectedContainer, canonical_image
+from agent.model import DOCTOR_PROBE_SERVICE, ExpectedContainer, canonical_image
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,6 @@ STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
 # How long killed leftovers of a removed container get to disappear before we say so.
 REAP_WAIT = 5.0
 
-# The service id of `agent doctor`'s throwaway container (agent/host/probe.py).
-DOCTOR_PROBE_SERVICE = "techulus-doctor"
 # The owner mark on every container and network the agent creates.
 LABEL_OWNER = "techulus.owner"
 # Podman's default network: the Go agent ran port-publishing (no static IP) containers on it.
