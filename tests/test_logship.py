@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent import logship
+from agent.logship import containers as logship_containers
 from agent.drift import ContainerInfo
 from agent.logship import (
     BuildLogStream,
@@ -524,7 +525,7 @@ def test_a_backlog_of_long_lines_never_holds_more_than_the_queue_and_loses_nothi
         held.append(sum(len(line.message) for line in lines))
         return lines, complete
 
-    monkeypatch.setattr(logship, "read_podman_logs", spying_read)
+    monkeypatch.setattr(logship_containers, "read_podman_logs", spying_read)  # where the collector looks it up
     collector = ContainerLogCollector(scripted_podman.path, lambda: [_container()], sender, tmp_path / "pos.json",
                                       now_ns=lambda: parse_rfc3339_ns(T.format(0)))
     stop, thread = run_sender(sender)
