@@ -76,7 +76,7 @@ class Observer:
         """One podman command ran."""
 
     def watch_logs(self, shipper: Any) -> None:
-        """Log shipping counts are to be read from `shipper` (agent/logship.py's LogShipper)."""
+        """Log shipping counts are to be read from `shipper` (agent/logship/shipper.py's LogShipper)."""
 
     def watch_wireguard(self, settings: Settings) -> None:
         """The mesh peers' handshakes are to be read (settings name the interface)."""
