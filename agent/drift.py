@@ -107,6 +107,22 @@ class Change:
             target = f" {self.container.name} ({self.container.short_id})"
         return f"{self.kind.value}{target}: {self.reason}"
 
+    def done(self) -> str:
+        """The line for a change that was applied: it reads as what now holds ("deployed …"),
+        not as the drift that asked for it ("deploy …: no container yet" read as a failure)."""
+        if self.expected is not None:
+            target = f"{self.expected.name} (deployment {self.expected.deployment_id})"
+            where = f" on {self.expected.ip_address}" if self.expected.ip_address else ""
+            if self.kind is ChangeKind.DEPLOY:
+                return f"deployed {target}{where}, image {self.expected.image}"
+            if self.kind is ChangeKind.REDEPLOY:
+                return f"re-created {target}{where}, image {self.expected.image} (was: {self.reason})"
+            if self.kind is ChangeKind.START:
+                return f"started {target} (was: {self.reason})"
+        if self.container is not None and self.kind in (ChangeKind.REMOVE_ORPHAN, ChangeKind.REMOVE_UNEXPECTED):
+            return f"removed {self.container.name} ({self.container.short_id}): {self.reason}"
+        return f"applied: {self.describe()}"
+
 
 # --- hashes (PROTOCOL.md §9.3.2-9.3.5) -------------------------------------------------
 

@@ -658,7 +658,7 @@ class Reconciler:
             log.error("failed: %s: %s", change.describe(), exc, extra=change_fields(change))
             self.observer.change(change, "failed", exc)
         else:
-            log.info("applied: %s", change.describe(), extra=change_fields(change))
+            log.info("%s", change.done(), extra=change_fields(change))
             self.observer.change(change, "applied")
             if change.kind not in (ChangeKind.START, ChangeKind.REDEPLOY):
                 # A re-start or re-create that has to happen again soon is a loop: keep pacing

@@ -222,3 +222,22 @@ def test_once_the_old_deployment_is_dropped_it_is_removed_and_nothing_is_held(fo
 )
 def test_rollout_in_progress(containers, actual, health, draining, expected):
     assert drift.rollout_in_progress(ExpectedState(containers=containers), actual, health, draining) is expected
+
+
+def test_an_applied_change_reads_as_what_now_holds():
+    from agent.drift import Change, ChangeKind, ContainerInfo
+
+    spec = ExpectedContainer("dep-1", "svc", "Svc", "svc-dep-1", "localhost/app:v2", "10.200.1.5")
+    old = ContainerInfo("c" * 64, "svc-dep-1", "localhost/app:v1", "exited")
+    assert Change(ChangeKind.DEPLOY, "no container yet", expected=spec).done() == (
+        "deployed svc-dep-1 (deployment dep-1) on 10.200.1.5, image localhost/app:v2"
+    )
+    assert Change(ChangeKind.START, "container is exited", old, spec).done() == (
+        "started svc-dep-1 (deployment dep-1) (was: container is exited)"
+    )
+    assert Change(ChangeKind.REMOVE_UNEXPECTED, "deployment is no longer expected", old).done() == (
+        "removed svc-dep-1 (cccccccccccc): deployment is no longer expected"
+    )
+    assert Change(ChangeKind.UPDATE_CADDY, "caddy configuration differs").done() == (
+        "applied: update-caddy: caddy configuration differs"
+    )

@@ -73,7 +73,7 @@ def test_status_and_metrics_of_a_running_agent(tmp_path, podman_net):  # noqa: F
         assert "process_resident_memory_bytes" in text
 
         lines = [json.loads(line) for line in agent.log().splitlines() if line.startswith("{")]
-        applied = [line for line in lines if line["msg"].startswith("applied:")]
+        applied = [line for line in lines if line["msg"].startswith("deployed ")]
         assert applied and applied[0]["deployment"] == "dep-1" and applied[0]["change"] == "deploy"
         assert {"ts", "level", "logger", "msg"} <= set(applied[0])
 
