@@ -42,7 +42,7 @@ class FakePodman:
         if error is not None:
             raise error
 
-    def list_containers(self) -> list[ContainerInfo]:
+    def list_containers(self, max_age: float = 0.0) -> list[ContainerInfo]:
         self._maybe_fail("list", "")
         return list(self.containers.values())
 
