@@ -149,7 +149,7 @@ class HealthRunner:
             del self.tracked[gone]
             self._failing.discard(gone)
         for container_id in running - set(self.tracked):
-            info = self.podman.inspect(container_id)
+            info = self.podman.config_of(container_id)  # the inspect of its start, when the agent started it
             config = health_config(info) if info else None
             if config is None:
                 self.tracked[container_id] = None  # no health check: never inspected again

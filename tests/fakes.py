@@ -75,6 +75,9 @@ class FakePodman:
     def inspect(self, ref: str):
         return {"Id": ref} if ref in self.containers else None
 
+    def config_of(self, ref: str):
+        return self.inspect(ref)
+
     def start(self, ref: str) -> None:
         self._maybe_fail("start", ref)
         self.containers[ref] = replace(self.containers[ref], state="running")

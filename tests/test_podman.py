@@ -1100,3 +1100,14 @@ def test_a_network_removed_under_the_agent_is_recreated_by_the_next_run(fp: Any,
     register_verify(fp)
     assert podman.run_container(spec(), {}, tmp_path) == CID
     assert fp.call_count(["podman", "network", "create", fp.any()]) == 1 and len(run_argvs(fp)) == 2
+
+
+def test_the_health_runner_gets_a_started_containers_config_without_another_inspect(
+    fp: Any, podman: Podman, tmp_path: Path
+) -> None:
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(spec(), {}, tmp_path)
+    assert (podman.config_of(CID) or {}).get("Id") == CID  # fp refuses a second inspect
+    register_inspect(fp, CID, inspect_json())
+    assert (podman.config_of(CID) or {}).get("Id") == CID and fp.call_count([*INSPECT, CID]) == 2, "kept once only"

@@ -100,6 +100,8 @@ PODMAN_ENV_PREFIXES = (
 SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"})
 
 STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
+# How many inspects of freshly started containers `config_of` keeps for the health runner.
+STARTED_KEPT = 256
 # How long killed leftovers of a removed container get to disappear before we say so.
 REAP_WAIT = 5.0
 
@@ -301,6 +303,9 @@ class Podman:
         # (subnet, gateway) of our network once `ensure_network` made sure of it: a run that
         # finds it gone re-creates it the same way.
         self._network_spec: tuple[str, str] | None = None
+        # Container id -> its inspect when this adapter saw it start (`config_of`), bounded.
+        self._started: dict[str, dict[str, Any]] = {}
+        self._started_lock = threading.Lock()
 
     # --- low level --------------------------------------------------------------------------
 
@@ -380,6 +385,20 @@ class Podman:
             return None
         first = data[0]
         return first if isinstance(first, dict) else None
+
+    def config_of(self, ref: str) -> dict[str, Any] | None:
+        """A container's inspect, for what does not change after it is created (its config,
+        its health check): the one `wait_running` took when this adapter started it, once,
+        else a fresh inspect. Spares the health runner an inspect of every new container."""
+        with self._started_lock:
+            info = self._started.pop(ref, None)
+        return info if info is not None else self.inspect(ref)
+
+    def _note_started(self, info: dict[str, Any]) -> None:
+        with self._started_lock:
+            self._started[str(info.get("Id") or "")] = info
+            while len(self._started) > STARTED_KEPT:
+                del self._started[next(iter(self._started))]
 
     def is_managed(self, ref: str) -> bool:
         """True when the container exists and this agent owns it (`judge`)."""
@@ -841,6 +860,7 @@ class Podman:
                 log.warning("container %s restarted %d time(s) while starting", ref, restarts - baseline_restarts)
                 return False
             if state.get("Running"):
+                self._note_started(info)
                 return True
             if status in STOPPED_STATES:
                 log.warning("container %s is %s (exit code %s)", ref, status, state.get("ExitCode"))
