@@ -1,7 +1,7 @@
 """Issue 11's figures, measured on the shipped agent end to end; prints them, asserts nothing.
 
     ./build.sh && .venv/bin/python bench/bench_core.py [--runs 3] [--converge 20,250]
-                  [--idle 0,20,100,250] [--idle-seconds 30] [--agent bin/agent]
+                  [--idle 0,20,100,250] [--idle-seconds 30] [--agent bin/agent] [--baseline OLD]
 
 Each run starts `bin/agent` (or `python -m agent` with `--agent module`) as a process with its
 default timers, registered against the fake control plane (tests/fakecp.py) over HTTP on
@@ -18,6 +18,7 @@ work-queue and build polls all run as they do on a server.
 3. VmRSS of the agent process at each M, beside the import floor (a bare python3 importing
    what every agent needs: urllib3 and cryptography's Ed25519).
 Extra, labelled `micro (in-process)`: report building from a listing of M containers.
+With `--baseline OLD` (another build, e.g. main's), both agents are measured in turn in every run.
 Needs root and Podman (scripts/install-test-deps.sh). Prints the load average with each run.
 """
 
@@ -93,7 +94,14 @@ class Rig:
         for subnet in range(1, 256):  # registration takes the lowest free subnet: the network's
             if subnet != self.net.subnet_id:
                 self.cp.add_server("placeholder", subnet_id=subnet, status="offline")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ)
+        if self.command[0] == sys.executable:
+            env["PYTHONPATH"] = str(REPO)
+        else:
+            # The zipapp runs its own bundled code (PYTHONPATH would put the checkout first) and,
+            # as under systemd, may cache bytecode.
+            env.pop("PYTHONPATH", None)
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update({
             "TECHULUS_AGENT_MANAGE_DNS": "false",
             "TECHULUS_AGENT_MANAGE_WIREGUARD": "false",
@@ -267,7 +275,7 @@ def micro_report(count: int) -> float:
     ]
 
     class Reader:
-        def list_containers(self):  # noqa: ANN202
+        def list_containers(self, max_age=0.0):  # noqa: ANN001, ANN202
             return containers
 
         def health_and_restarts(self, ids):  # noqa: ANN001, ANN202
@@ -286,7 +294,17 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
+def agent_command(agent: str) -> list[str]:
+    if agent == "module":
+        return [sys.executable, "-m", "agent"]
+    if not Path(agent).exists():
+        raise SystemExit(f"{agent} does not exist: run ./build.sh, or pass --agent module")
+    return [str(Path(agent).resolve())]
+
+
 def main() -> None:
+    # SIGTERM ends the bench like Ctrl-C: the rigs' `finally` stops the agent and removes its containers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--converge", default="20", help="comma-separated deployment counts, e.g. 20,250")
@@ -294,44 +312,50 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--timeout", type=float, default=400)
     parser.add_argument("--agent", default=str(REPO / "bin" / "agent"), help="the agent binary, or `module`")
+    parser.add_argument("--baseline", default="", help="another agent binary, measured interleaved with --agent")
     args = parser.parse_args()
-    if args.agent == "module":
-        command = [sys.executable, "-m", "agent"]
-    elif Path(args.agent).exists():
-        command = [args.agent]
-    else:
-        parser.error(f"{args.agent} does not exist: run ./build.sh, or pass --agent module")
+    agents = {"agent": agent_command(args.agent)}
+    if args.baseline:
+        agents = {"baseline": agent_command(args.baseline), **agents}
     prepare_podman(Path(tempfile.mkdtemp(prefix="bench-podman-")))
     converge_counts = [int(n) for n in args.converge.split(",") if n.strip()]
     idle_counts = [int(n) for n in args.idle.split(",") if n.strip()]
-    print(f"agent: {' '.join(command)}; load average at start {load()}", flush=True)
-    converged: dict[int, list[dict]] = {n: [] for n in converge_counts}
-    idle: dict[int, list[dict]] = {n: [] for n in idle_counts}
-    for run in range(args.runs):  # interleaved: each run measures every figure once
-        for count in converge_counts:
-            result = converge(command, count, args.timeout)
-            converged[count].append(result)
-            print(f"  [run {run + 1}] converge {count}: {result['seconds']:.2f}s, podman run sum {result['runs']:.2f}s, "
-                  f"ratio {result['ratio']:.2f}x; podman calls {dict(result['calls'])} (load {load()})", flush=True)
-        if idle_counts:
-            for count, result in idle_series(command, idle_counts, args.idle_seconds, args.timeout).items():
-                idle[count].append(result)
+    for label, command in agents.items():
+        print(f"{label}: {' '.join(command)}", flush=True)
+    print(f"load average at start {load()}", flush=True)
+    converged = {label: {n: [] for n in converge_counts} for label in agents}
+    idle = {label: {n: [] for n in idle_counts} for label in agents}
+    for run in range(args.runs):  # interleaved: each run measures every figure of every agent once
+        for label, command in agents.items():
+            for count in converge_counts:
+                result = converge(command, count, args.timeout)
+                converged[label][count].append(result)
+                print(f"  [run {run + 1}, {label}] converge {count}: {result['seconds']:.2f}s, podman run sum "
+                      f"{result['runs']:.2f}s, ratio {result['ratio']:.2f}x; podman calls {dict(result['calls'])} "
+                      f"(load {load()})", flush=True)
+            if idle_counts:
+                print(f"  [run {run + 1}, {label}]", flush=True)
+                for count, result in idle_series(command, idle_counts, args.idle_seconds, args.timeout).items():
+                    idle[label][count].append(result)
     print(f"--- min/median/max over {args.runs} run(s); load average now {load()}")
-    for count, results in converged.items():
-        print(f"converge {count} deployments: {spread([r['seconds'] for r in results])} s end to end; "
-              f"summed podman run {spread([r['runs'] for r in results])} s; "
-              f"ratio {spread([r['ratio'] for r in results])}x")
-    for count, results in idle.items():
-        total = [r["own"] + r["children"] for r in results]
-        print(f"idle {count} containers, CPU per 10 s: agent {spread([r['own'] for r in results], '{:.0f}')} ms, "
-              f"children {spread([r['children'] for r in results], '{:.0f}')} ms, "
-              f"total {spread(total, '{:.0f}')} ms; VmRSS {spread([r['rss'] for r in results], '{:.1f}')} MB")
-        if results:
-            print(f"  requests per 10 s: {', '.join(f'{k} {v:.1f}' for k, v in sorted(results[-1]['requests'].items()))}")
-    print(f"import floor (python3 + urllib3 + cryptography Ed25519): VmRSS {import_floor(command):.1f} MB")
+    for label, command in agents.items():
+        print(f"{label} ({' '.join(command)}):")
+        for count, results in converged[label].items():
+            print(f"  converge {count} deployments: {spread([r['seconds'] for r in results])} s end to end; "
+                  f"summed podman run {spread([r['runs'] for r in results])} s; "
+                  f"ratio {spread([r['ratio'] for r in results])}x")
+        for count, results in idle[label].items():
+            total = [r["own"] + r["children"] for r in results]
+            print(f"  idle {count} containers, CPU per 10 s: agent {spread([r['own'] for r in results], '{:.0f}')} ms, "
+                  f"children {spread([r['children'] for r in results], '{:.0f}')} ms, "
+                  f"total {spread(total, '{:.0f}')} ms; VmRSS {spread([r['rss'] for r in results], '{:.1f}')} MB")
+            if results:
+                requests = ", ".join(f"{k} {v:.1f}" for k, v in sorted(results[-1]["requests"].items()))
+                print(f"    requests per 10 s: {requests}")
+        print(f"  import floor (python3 + urllib3 + cryptography Ed25519): VmRSS {import_floor(command):.1f} MB")
     for count in idle_counts:
-        print(f"micro (in-process, not the shipped binary): one report from a listing of {count} containers: "
-              f"{micro_report(count):.2f} ms CPU")
+        print(f"micro (in-process, this checkout, not the shipped binary): one report from a listing of {count} "
+              f"containers: {micro_report(count):.2f} ms CPU")
 
 
 if __name__ == "__main__":
