@@ -144,7 +144,7 @@ class HealthRunner:
 
     def _refresh(self, now: float) -> None:
         # The agent's shared listing (the reconciler's `ps`, kept current with its own changes) will do.
-        running = {c.id for c in self.podman.list_containers(max_age=2 * LIST_INTERVAL) if c.running}
+        running = {c.id for c in self.podman.list_containers(max_age=3 * LIST_INTERVAL) if c.running}
         for gone in [cid for cid in self.tracked if cid not in running]:
             del self.tracked[gone]
             self._failing.discard(gone)

@@ -56,16 +56,14 @@ nothing to drain.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import crypto
 from agent.configsync import ConfigSync
@@ -77,6 +75,9 @@ from agent.host.podman import Podman, check_env
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.problems import ProblemLog
 from agent.settings import Settings
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
 
@@ -610,6 +611,8 @@ class Reconciler:
     ) -> None:
         """`_step` for independent new deployments, DEPLOY_PARALLELISM at a time, each
         reported as it completes (module docstring). None starts once the pass must stop."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait  # a pass's need, not idle's
+
         waiting = list(group)
         running: dict[Future[None], Change] = {}
         with self.host_lock, ThreadPoolExecutor(DEPLOY_PARALLELISM, "deploy") as pool:
@@ -663,6 +666,7 @@ class Reconciler:
         ))
         if len(images) < 2:
             return
+        from concurrent.futures import ThreadPoolExecutor
 
         def pull(image: str) -> None:
             try:
@@ -886,6 +890,8 @@ class FileSource:
     def _unknown(self, table: dict[str, Any], known: set[str], where: str) -> None:
         for key in table:
             if key not in known:
+                import difflib  # only for a typo in a hand-written state file
+
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self._warn_once(f"{self.path}: unknown key {key!r} in {where}{hint}; ignored")
