@@ -34,7 +34,8 @@ rollout one stage per status report and tells the agent about it only through th
   polling after its last movement.
 * Bounds while following: polls <= 1 per report + 1 per `fast_poll_interval`; reports <= 1
   per `report_coalesce` and only on a trigger or a changed report; the heartbeat's extra
-  podman reads (one `ps`, one batched inspect) <= 1 per `health_poll_interval`. A no-drift
+  podman reads (one `ps` unless the shared listing is recent, one inspect of the containers
+  whose health is not settled) <= 1 per `health_poll_interval` (heartbeat.py). A no-drift
   poll triggers the report with resources at most once per `tick_interval`. Idle, nothing
   changes: one poll per tick and one report per heartbeat interval.
 
