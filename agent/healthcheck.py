@@ -143,12 +143,13 @@ class HealthRunner:
         return min([self._next_list, *dues]) - self.clock()
 
     def _refresh(self, now: float) -> None:
-        running = {c.id for c in self.podman.list_containers() if c.running}
+        # The agent's shared listing (the reconciler's `ps`, kept current with its own changes) will do.
+        running = {c.id for c in self.podman.list_containers(max_age=3 * LIST_INTERVAL) if c.running}
         for gone in [cid for cid in self.tracked if cid not in running]:
             del self.tracked[gone]
             self._failing.discard(gone)
         for container_id in running - set(self.tracked):
-            info = self.podman.inspect(container_id)
+            info = self.podman.config_of(container_id)  # the inspect of its start, when the agent started it
             config = health_config(info) if info else None
             if config is None:
                 self.tracked[container_id] = None  # no health check: never inspected again

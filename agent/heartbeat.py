@@ -12,6 +12,16 @@ and health are re-read every `health_poll` (0.5 s) and a report goes out as soon
 would differ from the last one sent, so a health change reaches the control plane within
 about a second. Containers the reconciler is draining (`exclude`) are left out of reports.
 After each report `on_report(changed)` tells the reconciler, which polls right after it.
+
+Podman cost (issue 11): a report that a trigger asked for uses the shared listing of the
+containers (`Listing` in agent/host/podman.py: the reconciler's own `podman ps`, kept current
+with the changes the agent made since) when it is at most `interval` old, and a look while
+following one at most `2 * health_poll` old; only a beat nobody asked for lists afresh. Health
+and restart counts of every running container are read (one batched inspect) at most once per
+`interval`; in between, only containers whose health is not settled (unknown, `starting`) are.
+Idle, the reconciler's tick asks for the report with resources every `interval`, so a beat of
+our own is held back up to BEAT_SLACK for that trigger: one report, one `ps` and one inspect
+per tick rather than two of each.
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ log = logging.getLogger(__name__)
 #: A container podman restarted this many times within the window is crash-looping.
 CRASH_LOOP_RESTARTS = 2
 CRASH_LOOP_WINDOW = 300.0
+#: How long a due beat waits for the trigger of a reconciler that ticks at the same interval.
+BEAT_SLACK = 1.0
+UNSETTLED = frozenset({"starting"})
 
 
 class Heartbeat:
@@ -69,11 +82,15 @@ class Heartbeat:
         self.coalesce = 0.25
         self.health_poll = 0.5
         self._last_entries: list[dict[str, str]] | None = None
+        self._full_health_at: float | None = None
+        self._resources_asked_at: float | None = None
 
     def trigger(self, include_resources: bool = False) -> None:
         """Send a report as soon as possible (with resources when there is no drift)."""
         with self._lock:
             self._include_resources = self._include_resources or include_resources
+            if include_resources:
+                self._resources_asked_at = time.monotonic()
         self._wake.set()
         if self.on_trigger is not None:
             self.on_trigger()
@@ -82,13 +99,16 @@ class Heartbeat:
         """Container id -> the health last read (for the reconciler's rollout check)."""
         return dict(self._last_health)
 
-    def send_once(self, only_if_changed: bool = False) -> bool:
+    def send_once(self, only_if_changed: bool = False, triggered: bool = False) -> bool:
         """Build and send a report; with `only_if_changed`, only when its containers differ
-        from the last one sent (and no resources are due). True when one was sent."""
+        from the last one sent (and no resources are due). True when one was sent. A report
+        something asked for (`triggered`) and a look reuse what podman said lately (module
+        docstring)."""
         with self._lock:
             include_resources = self._include_resources
+        max_age = self.interval if triggered else 2 * self.health_poll if only_if_changed else 0.0
         try:
-            containers = self.podman.list_containers()
+            containers = self.podman.list_containers(max_age=max_age)
             self._last_containers = containers
             self._forget_gone(containers)
         except Exception as exc:  # noqa: BLE001 - report what we last knew instead of nothing
@@ -103,9 +123,18 @@ class Heartbeat:
         excluded = self.exclude()
         containers = [c for c in containers if c.id not in excluded]
         running = [c.id for c in containers if c.running]
+        now = self._clock()
+        full = not (triggered or only_if_changed) or (
+            self._full_health_at is None or now - self._full_health_at >= self.interval * 0.9
+        )
+        known = self._last_health
+        read = running if full else [cid for cid in running if known.get(cid, "starting") in UNSETTLED]
         try:
-            found = self.podman.health_and_restarts(running)
-            health = {cid: self._crash_looping(cid, status, restarts) for cid, (status, restarts) in found.items()}
+            found = self.podman.health_and_restarts(read) if read else {}
+            if full:
+                self._full_health_at = now
+            health = {cid: known[cid] for cid in running if cid in known}
+            health.update((cid, self._crash_looping(cid, status, restarts)) for cid, (status, restarts) in found.items())
             self._last_health = dict(health)
             self.observer.containers(containers, health)  # after a failed read `agent status` keeps the last
         except Exception as exc:  # noqa: BLE001
@@ -163,15 +192,16 @@ class Heartbeat:
         while not stop.is_set():
             # The next beat is due `interval` after this one started, however long it takes.
             deadline = time.monotonic() + self.interval
+            triggered = self._wake.is_set()
             self._wake.clear()
             if self.on_beat is not None:
                 self.on_beat()
-            self._send_guarded(False)
+            self._send_guarded(False, triggered)
             self._until_next(stop, deadline)
 
-    def _send_guarded(self, only_if_changed: bool) -> bool:
+    def _send_guarded(self, only_if_changed: bool, triggered: bool = False) -> bool:
         try:
-            return self.send_once(only_if_changed)
+            return self.send_once(only_if_changed, triggered)
         except Exception:  # noqa: BLE001 - the heartbeat thread must never die
             log.exception("status report crashed")
             return False
@@ -184,7 +214,14 @@ class Heartbeat:
         while not stop.is_set() and not self._wake.is_set():
             now = time.monotonic()
             if now >= deadline:
-                return
+                # A reconciler that asked for resources one interval ago asks again any moment:
+                # that report is this beat (at most BEAT_SLACK late).
+                asked = self._resources_asked_at
+                until = deadline if asked is None else min(asked + self.interval, deadline) + BEAT_SLACK
+                if now >= until:
+                    return
+                self._wake.wait(until - now)
+                continue
             if not self.following():
                 self._wake.wait(min(0.5, deadline - now))
                 continue

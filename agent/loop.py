@@ -34,9 +34,16 @@ rollout one stage per status report and tells the agent about it only through th
   polling after its last movement.
 * Bounds while following: polls <= 1 per report + 1 per `fast_poll_interval`; reports <= 1
   per `report_coalesce` and only on a trigger or a changed report; the heartbeat's extra
-  podman reads (one `ps`, one batched inspect) <= 1 per `health_poll_interval`. A no-drift
+  podman reads (one `ps` unless the shared listing is recent, one inspect of the containers
+  whose health is not settled) <= 1 per `health_poll_interval` (heartbeat.py). A no-drift
   poll triggers the report with resources at most once per `tick_interval`. Idle, nothing
   changes: one poll per tick and one report per heartbeat interval.
+
+Convergence (issue 11): the images a pass needs are pulled first, up to PULL_PARALLELISM at a
+time, and new deployments (a DEPLOY with no container yet: nothing to stop, a name and an IP of
+their own) are started up to DEPLOY_PARALLELISM at a time, in chunks that hold `host_lock`
+briefly. Each one is still verified by the adapter and followed by its own report trigger as it
+completes; every other change runs alone, in plan order.
 
 Drain (no public route to a container that is gone): when the control plane drops a
 deployment whose running container's IP is still an upstream of a Caddy route (expected, or
@@ -51,7 +58,6 @@ logged). Without a Caddy adapter there is nothing to drain.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import threading
@@ -59,7 +65,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import crypto
 from agent.configsync import ConfigSync
@@ -73,6 +79,9 @@ from agent.observe import Observer
 from agent.model import SECTIONS, ExpectedContainer, ExpectedState, ModelError, canonical_image, parse_expected_state
 from agent.problems import FailureStreak, ProblemLog
 from agent.settings import Settings
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,11 @@ SNAPSHOT_MAX_AGE = 60.0
 SETTLE_WINDOW = 5.0
 #: From a cached expected state (control plane unreachable at start) only bring workloads back.
 RESTORE_KINDS = frozenset({ChangeKind.START, ChangeKind.DEPLOY})
+#: New deployments started at once, and images pulled at once (module docstring).
+DEPLOY_PARALLELISM = 4
+PULL_PARALLELISM = 3
+#: New deployments started under one hold of host_lock (work items wait at most this many).
+DEPLOY_CHUNK = 2 * DEPLOY_PARALLELISM
 
 
 class StateSource(Protocol):
@@ -626,10 +640,14 @@ class Reconciler:
                 # Each step verifies itself (the adapters check the result), so the plan is
                 # re-read once per batch rather than before every step; the next batch then
                 # verifies the whole and picks up anything that did not stick.
-                for change in pending:
+                self._prefetch(pending)
+                for group in groups(pending):
                     if self._should_stop(started, stop):
                         return
-                    self._step(change, snapshot, skipped)
+                    if len(group) == 1:
+                        self._step(group[0], snapshot, skipped)
+                    else:
+                        self._steps(group, snapshot, skipped, lambda: self._should_stop(started, stop))
         finally:
             self.state = IDLE
             self.observer.state(IDLE)
@@ -644,28 +662,88 @@ class Reconciler:
 
     def _step(self, change: Change, snapshot: ExpectedState, skipped: set[str]) -> None:
         """Apply one change; whatever happens it is not tried again in this pass."""
+        if not self._admit(change, skipped):
+            return
+        try:
+            self.apply(change, snapshot, self._deadline)
+        except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
+            self._finish(change, exc)
+        else:
+            self._finish(change, None)
+
+    def _steps(
+        self, group: Sequence[Change], snapshot: ExpectedState, skipped: set[str], should_stop: Callable[[], bool]
+    ) -> None:
+        """`_step` for independent new deployments, DEPLOY_PARALLELISM at a time, each
+        reported as it completes (module docstring). None starts once the pass must stop."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait  # a pass's need, not idle's
+
+        waiting = list(group)
+        running: dict[Future[None], Change] = {}
+        with self.host_lock, ThreadPoolExecutor(DEPLOY_PARALLELISM, "deploy") as pool:
+            while waiting or running:
+                while waiting and len(running) < DEPLOY_PARALLELISM and not should_stop():
+                    change = waiting.pop(0)
+                    if not self._admit(change, skipped):
+                        continue
+                    try:
+                        env = self._prepare(change, self._deadline)
+                    except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
+                        self._finish(change, exc)
+                        continue
+                    running[pool.submit(self._apply_locked, change, snapshot, env)] = change
+                if not running:
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    error = future.exception()
+                    self._finish(running.pop(future), error if isinstance(error, Exception) else None)
+
+    def _admit(self, change: Change, skipped: set[str]) -> bool:
+        """Whether `change` may be tried now (not within its backoff); it is not tried again in this pass."""
         key = change_key(change)
         skipped.add(key)
         wait = self.backoff.wait(key)
         if wait > 0:
             log.info("retrying in %.0fs (it failed recently): %s", wait, change.describe())
             self.observer.change(change, "backoff")
-            return
+            return False
         self.backoff.record(key)
-        try:
-            self.apply(change, snapshot, self._deadline)
-        except Exception as exc:  # noqa: BLE001 - one failing change must not block the others
-            log.error("failed: %s: %s", change.describe(), exc, extra=change_fields(change))
-            self.observer.change(change, "failed", exc)
+        return True
+
+    def _finish(self, change: Change, error: Exception | None) -> None:
+        if error is not None:
+            log.error("failed: %s: %s", change.describe(), error, extra=change_fields(change))
+            self.observer.change(change, "failed", error)
         else:
             log.info("%s", change.done(), extra=change_fields(change))
             self.observer.change(change, "applied")
             if change.kind not in (ChangeKind.START, ChangeKind.REDEPLOY):
                 # A re-start or re-create that has to happen again soon is a loop: keep pacing
                 # it. A fresh deploy (or removal, or config) is a new intent each time.
-                self.backoff.clear(key)
+                self.backoff.clear(change_key(change))
         self._moved()
         self.reporter.trigger()
+
+    def _prefetch(self, changes: Sequence[Change]) -> None:
+        """Pull the images of the pass, PULL_PARALLELISM at a time; a failure is left to the
+        change's own step, which pulls again and reports it."""
+        images = list(dict.fromkeys(
+            c.expected.image for c in changes
+            if c.expected is not None and c.kind in (ChangeKind.DEPLOY, ChangeKind.REDEPLOY) and c.expected.image not in self._pulled
+        ))
+        if len(images) < 2:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def pull(image: str) -> None:
+            try:
+                self._pull(image, self._deadline)
+            except Exception as exc:  # noqa: BLE001 - reported by the step that needs it
+                log.debug("pull of %s failed ahead of its deploy: %s", image, exc)
+
+        with ThreadPoolExecutor(min(PULL_PARALLELISM, len(images)), "pull") as pool:
+            list(pool.map(pull, images))
 
 
     # --- applying one change -----------------------------------------------------------------
@@ -674,35 +752,44 @@ class Reconciler:
         """Apply one change. Slow preparation (decrypting, pulling) happens before taking
         `host_lock`, so a long pull never holds up work items; the lock covers only the
         podman calls that change containers."""
+        env = self._prepare(change, deadline)
+        with self.host_lock:
+            self._apply_locked(change, snapshot, env)
+
+    def _prepare(self, change: Change, deadline: float | None) -> dict[str, str]:
+        """What a change needs before it takes the lock: its decrypted env, its image."""
         env: dict[str, str] = {}
         if change.expected is not None and change.kind in (ChangeKind.DEPLOY, ChangeKind.REDEPLOY):
             env = decrypt_env(change.expected, self.encryption_key)
             check_env(env)  # a value that cannot reach the container fails before anything is stopped
             self._pull(change.expected.image, deadline)
-        with self.host_lock:
-            if change.expected is not None and change.expected.deployment_id in self.stopped_deployments():
-                log.info("skipped: deployment %s was stopped by a work item meanwhile", change.expected.deployment_id)
-                return
-            if self._host_generation != self._plan_generation and self._outdated(change):
-                log.info("skipped: %s (a work item changed this container meanwhile; the next pass decides)", change.describe())
-                return
-            if change.kind in REMOVALS:
-                assert change.container is not None
-                if change.container.running:
-                    self.podman.stop_and_remove(change.container.id)
-                else:
-                    self.podman.force_remove(change.container.id)
-            elif change.kind is ChangeKind.START:
-                assert change.container is not None and change.expected is not None
-                self._start(change.container, change.expected)
-            elif change.kind in (ChangeKind.DEPLOY, ChangeKind.REDEPLOY):
-                assert change.expected is not None
-                if change.container is not None:
-                    self.podman.stop_and_remove(change.container.id)
-                self.podman.run_container(change.expected, env, self.settings.volumes_dir)
+        return env
+
+    def _apply_locked(self, change: Change, snapshot: ExpectedState, env: Mapping[str, str]) -> None:
+        """The podman calls of `apply`; the caller holds `host_lock`."""
+        if change.expected is not None and change.expected.deployment_id in self.stopped_deployments():
+            log.info("skipped: deployment %s was stopped by a work item meanwhile", change.expected.deployment_id)
+            return
+        if self._host_generation != self._plan_generation and self._outdated(change):
+            log.info("skipped: %s (a work item changed this container meanwhile; the next pass decides)", change.describe())
+            return
+        if change.kind in REMOVALS:
+            assert change.container is not None
+            if change.container.running:
+                self.podman.stop_and_remove(change.container.id)
             else:
-                section = next(name for name, kind in CONFIG_KINDS.items() if kind is change.kind)
-                self.syncs[section].apply(snapshot)
+                self.podman.force_remove(change.container.id)
+        elif change.kind is ChangeKind.START:
+            assert change.container is not None and change.expected is not None
+            self._start(change.container, change.expected)
+        elif change.kind in (ChangeKind.DEPLOY, ChangeKind.REDEPLOY):
+            assert change.expected is not None
+            if change.container is not None:
+                self.podman.stop_and_remove(change.container.id)
+            self.podman.run_container(change.expected, env, self.settings.volumes_dir)
+        else:
+            section = next(name for name, kind in CONFIG_KINDS.items() if kind is change.kind)
+            self.syncs[section].apply(snapshot)
 
     def _start(self, container: ContainerInfo, spec: ExpectedContainer) -> None:
         try:
@@ -755,6 +842,21 @@ class Reconciler:
             if on_tick is not None:
                 on_tick()
             self._wait_next(stop, started)
+
+
+def groups(changes: Sequence[Change]) -> list[list[Change]]:
+    """`changes` in order, cut into runs that may go together: up to DEPLOY_CHUNK new
+    deployments in a row (a DEPLOY with no container to replace) make one group; every other
+    change is a group of its own."""
+    result: list[list[Change]] = []
+    for change in changes:
+        fresh = change.kind is ChangeKind.DEPLOY and change.container is None and change.expected is not None
+        last = result[-1] if result else None
+        if fresh and last and len(last) < DEPLOY_CHUNK and last[0].kind is ChangeKind.DEPLOY and last[0].container is None:
+            last.append(change)
+        else:
+            result.append([change])
+    return result
 
 
 def needs_pull(image: str, podman: Podman) -> bool:
@@ -859,6 +961,8 @@ class FileSource:
     def _unknown(self, table: dict[str, Any], known: set[str], where: str) -> None:
         for key in table:
             if key not in known:
+                import difflib  # only for a typo in a hand-written state file
+
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self._warn_once(f"{self.path}: unknown key {key!r} in {where}{hint}; ignored")

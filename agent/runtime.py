@@ -220,7 +220,8 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
         assert settings.state_file is not None
         refuse_collisions(podman, config, source, settings.state_file)
     # The heartbeat reads podman with a short timeout: a stuck podman must not silence it.
-    reader = ObservedPodman(dataclasses.replace(podman.options, timeout=HEARTBEAT_PODMAN_TIMEOUT))
+    # It shares the listing: one `podman ps` per tick serves the reconciler and the reports.
+    reader = ObservedPodman(dataclasses.replace(podman.options, timeout=HEARTBEAT_PODMAN_TIMEOUT), listing=podman.listing)
     reader.observer = observer
     send = None if client is None else report_sender(client, observer)
     heartbeat = Heartbeat(

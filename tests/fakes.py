@@ -42,7 +42,7 @@ class FakePodman:
         if error is not None:
             raise error
 
-    def list_containers(self) -> list[ContainerInfo]:
+    def list_containers(self, max_age: float = 0.0) -> list[ContainerInfo]:
         self._maybe_fail("list", "")
         return list(self.containers.values())
 
@@ -74,6 +74,9 @@ class FakePodman:
 
     def inspect(self, ref: str):
         return {"Id": ref} if ref in self.containers else None
+
+    def config_of(self, ref: str):
+        return self.inspect(ref)
 
     def start(self, ref: str) -> None:
         self._maybe_fail("start", ref)

@@ -299,3 +299,71 @@ def test_a_look_between_beats_stays_quiet_when_podman_fails(caplog):
     assert "cannot list containers" not in caplog.text and len(reports) == 1
     heartbeat.send_once()  # the regular beat reports the last known list, and says so
     assert "reporting the last known list" in caplog.text and len(reports) == 2
+
+
+# --- issue 11: what a report costs in podman calls ------------------------------------------
+
+
+class CountingPodman(FakePodman):
+    """Records the listing age each read accepts and the ids each health read asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ages: list[float] = []
+        self.health_reads: list[list[str]] = []
+
+    def list_containers(self, max_age: float = 0.0):
+        self.ages.append(max_age)
+        return super().list_containers(max_age)
+
+    def health_and_restarts(self, ids):
+        self.health_reads.append(list(ids))
+        return super().health_and_restarts(ids)
+
+
+def test_a_triggered_report_reuses_the_listing_and_reads_only_unsettled_health():
+    podman = CountingPodman()
+    settled, new = podman.add("d1"), podman.add("d2")
+    podman.health_status[new.id] = "starting"
+    clock = [0.0]
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10, clock=lambda: clock[0])
+    heartbeat.send_once()  # a beat nobody asked for: fresh listing, every container's health
+    assert podman.ages == [0.0] and podman.health_reads == [[settled.id, new.id]]
+    clock[0] = 1
+    heartbeat.send_once(triggered=True)
+    assert podman.ages[-1] == 10, "a triggered report takes the shared listing up to an interval old"
+    assert podman.health_reads[-1] == [new.id], "only the container still starting is inspected"
+    podman.health_status[new.id] = "healthy"
+    clock[0] = 2
+    assert heartbeat.send_once(only_if_changed=True)
+    assert podman.ages[-1] == 2 * heartbeat.health_poll and podman.health_reads[-1] == [new.id]
+    clock[0] = 3
+    assert not heartbeat.send_once(only_if_changed=True)
+    assert len(podman.health_reads) == 3, "all settled: a look costs no health read"
+    clock[0] = 11
+    heartbeat.send_once(triggered=True)
+    assert podman.health_reads[-1] == [settled.id, new.id], "every container's health once per interval"
+    assert [c["healthStatus"] for c in reports[-1]["containers"]] == ["none", "healthy"]
+
+
+def test_a_due_beat_waits_briefly_for_the_reconcilers_tick():
+    podman = FakePodman()
+    podman.add("d1")
+    reports = []
+    heartbeat = Heartbeat(lambda r: reports.append((time.monotonic(), r)), podman, interval=0.5)
+    heartbeat.coalesce = 0.01
+    stop = threading.Event()
+    thread = threading.Thread(target=heartbeat.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        for _ in range(6):  # a reconciler ticking every interval, a little late each time
+            stop.wait(0.6)
+            heartbeat.trigger(include_resources=True)
+        stop.wait(0.3)
+    finally:
+        stop.set()
+        thread.join(5)
+    with_resources = [t for t, r in reports if "resources" in r]
+    assert len(with_resources) == 6
+    assert len(reports) <= 8, f"{len(reports)} reports for 6 ticks: the beats did not merge with them"

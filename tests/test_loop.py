@@ -933,3 +933,51 @@ def test_a_control_plane_outage_is_logged_once_then_counted_and_its_end_once(cap
     assert len(lines) == 3, lines
     assert "31 times in a row" in lines[1] and "timeout #30" in lines[1]
     assert "works again after 31 failure(s)" in lines[2]
+
+
+# --- issue 11: new deployments start together, images are pulled together -----------------
+
+
+def test_new_deployments_start_four_at_a_time_each_verified_and_reported():
+    from agent.loop import DEPLOY_PARALLELISM
+
+    state = ExpectedState(containers=tuple(spec(f"d{i}", image=f"registry.test/app{i % 3}:latest") for i in range(10)))
+    reconciler, podman, reporter = make(ListSource(state))
+    together = threading.Barrier(DEPLOY_PARALLELISM, timeout=10)
+    inflight, most = [0], [0]
+    lock = threading.Lock()
+    original = podman.run_container
+
+    def run(s, env, volumes_dir):
+        with lock:
+            inflight[0] += 1
+            most[0] = max(most[0], inflight[0])
+        if s.deployment_id in ("d0", "d1", "d2", "d3"):
+            together.wait()  # breaks (and fails the deploy) unless four run at once
+        try:
+            return original(s, env, volumes_dir)
+        finally:
+            with lock:
+                inflight[0] -= 1
+
+    podman.run_container = run
+    pulls = []
+    podman.pull = lambda image, timeout=None: pulls.append(image)
+    reconciler.tick()
+    assert sorted(c.deployment_id for c in podman.containers.values()) == sorted(f"d{i}" for i in range(10))
+    assert most[0] == DEPLOY_PARALLELISM
+    assert len(reporter.triggers) == 11, "a report after entering PROCESSING and after each deployment"
+    assert sorted(pulls) == [f"registry.test/app{i}:latest" for i in range(3)], "each image pulled once"
+
+
+def test_only_new_deployments_go_together():
+    from agent.drift import Change, ChangeKind
+    from agent.loop import DEPLOY_CHUNK, groups
+
+    existing = FakePodman().add("x")
+    fresh = [Change(ChangeKind.DEPLOY, "missing", expected=spec(f"d{i}")) for i in range(DEPLOY_CHUNK + 5)]
+    replace = Change(ChangeKind.DEPLOY, "missing", expected=spec("x"), container=existing)
+    remove = Change(ChangeKind.REMOVE_ORPHAN, "orphan", container=existing)
+    cut = groups([remove, *fresh[:3], replace, *fresh[3:]])
+    assert [len(g) for g in cut] == [1, 3, 1, DEPLOY_CHUNK, 2]
+    assert cut[0] == [remove] and cut[2] == [replace]

@@ -1023,3 +1023,95 @@ def test_each_mode_gets_its_owner_network_and_adoption_rule(tmp_path: Path) -> N
     assert (alone_opts.owner, alone_opts.network, alone_opts.adopt_legacy) == (
         standalone_owner(tmp_path), "techulus-standalone", False,
     )
+
+
+# --- issue 11: one listing per tick, images remembered, the network re-created -------------
+
+PS_OURS = ["podman", "ps", "--all", "--filter", f"label={LABEL_SERVICE_ID}", "--filter", f"label={SCOPE}", "--format", "json"]
+
+
+def test_a_recent_listing_is_shared_and_follows_the_adapters_own_changes(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    ps = [{"Id": CID2, "Names": ["old"], "Image": IMAGE, "State": "running", "Labels": ours("old-dep")}]
+    fp.register(PS_OURS, stdout=json.dumps(ps))
+    assert [c.id for c in podman.list_containers()] == [CID2]
+    reader = Podman(podman.options, listing=podman.listing)  # the heartbeat's adapter
+    assert [c.id for c in reader.list_containers(max_age=10)] == [CID2]  # no second `ps` (fp would refuse it)
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(spec(), {}, tmp_path)
+    seen = {c.id: c for c in reader.list_containers(max_age=10)}
+    assert set(seen) == {CID, CID2} and seen[CID].running and seen[CID].deployment_id == "dep00001-0000"
+    assert podman.judge(seen[CID].labels, []).ours, "the entry carries the labels podman ps would show"
+    fp.register(["podman", "stop", "--time", "3", CID2])
+    register_inspect(fp, CID2, inspect_json(CID2, name="old"))
+    fp.register(["podman", "rm", "--force", "--time", "0", CID2])
+    register_inspect(fp, CID2, missing=True)
+    podman.stop_and_remove(CID2)
+    assert [c.id for c in reader.list_containers(max_age=10)] == [CID]
+    assert fp.call_count(PS_OURS) == 1
+
+
+def test_a_listing_taken_while_the_adapter_changed_something_is_not_kept(podman: Podman) -> None:
+    generation = podman.listing.begin()
+    podman.listing.drop("x")  # a removal finished while `ps` ran
+    podman.listing.put([], generation)
+    assert podman.listing.get(10) is None
+    podman.listing.put([], podman.listing.begin())
+    assert podman.listing.get(10) == []
+    podman.listing.invalidate()
+    assert podman.listing.get(10) is None
+
+
+def test_an_image_seen_here_is_not_asked_about_again(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    fp.register(["podman", "image", "exists", "--", "docker.io/library/nginx:1.27"], returncode=0)
+    assert podman.image_exists("nginx:1.27") and podman.image_exists("docker.io/library/nginx:1.27")
+    assert fp.call_count(["podman", "image", "exists", fp.any()]) == 1
+    # Removed behind our back: the run says so, the image is pulled and known again.
+    fp.register(["podman", "run", fp.any()], returncode=125, stderr="Error: docker.io/library/nginx:1.27: image not known\n")
+    register_inspect(fp, NAME, missing=True)
+    fp.register(["podman", "pull", "--quiet", "--", "docker.io/library/nginx:1.27"], stdout="sha\n")
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(spec(), {}, tmp_path)
+    assert podman.image_exists("nginx:1.27") and fp.call_count(["podman", "image", "exists", fp.any()]) == 1
+    fp.register(["podman", "image", "rm", "--", "nginx:1.27"])
+    podman.remove_image("nginx:1.27")
+    fp.register(["podman", "image", "exists", "--", "docker.io/library/nginx:1.27"], returncode=1)
+    assert not podman.image_exists("nginx:1.27")
+
+
+def test_health_is_matched_by_full_id_name_and_short_id(fp: Any, podman: Podman) -> None:
+    ids = [f"{n:064x}" for n in range(1, 301)]
+    lines = "".join(f"{cid} n{i} running 0 healthy\n" for i, cid in enumerate(ids))
+    fp.register(["podman", "container", "inspect", "--format", fp.any()], stdout=lines + f"{CID} named running 2 starting\n")
+    found = podman.health_and_restarts([*ids, "named", CID[:12], "gone"])
+    assert all(found[cid] == ("healthy", 0) for cid in ids)
+    assert found["named"] == found[CID[:12]] == ("starting", 2) and found["gone"] == ("none", 0)
+
+
+def test_a_network_removed_under_the_agent_is_recreated_by_the_next_run(fp: Any, podman: Podman, tmp_path: Path) -> None:
+    network = json.dumps([{"name": "techulus", "subnets": [{"subnet": "10.200.3.0/24"}]}])
+    fp.register(["podman", "network", "inspect", "--", "techulus"], stdout=network)
+    assert podman.ensure_network("10.200.3.0/24", "10.200.3.1")
+    fp.register(["podman", "run", fp.any()], returncode=125,
+                stderr="Error: unable to find network with name or ID techulus: network not found\n")
+    register_inspect(fp, NAME, missing=True)
+    fp.register(["podman", "network", "inspect", "--", "techulus"], returncode=125,
+                stderr="Error: unable to find network with name or ID techulus: network not found\n")
+    fp.register(["podman", "network", "create", "--driver", "bridge", "--subnet=10.200.3.0/24", "--gateway=10.200.3.1",
+                 "--disable-dns", "--", "techulus"])
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    assert podman.run_container(spec(), {}, tmp_path) == CID
+    assert fp.call_count(["podman", "network", "create", fp.any()]) == 1 and len(run_argvs(fp)) == 2
+
+
+def test_the_health_runner_gets_a_started_containers_config_without_another_inspect(
+    fp: Any, podman: Podman, tmp_path: Path
+) -> None:
+    fp.register(["podman", "run", fp.any()], stdout=CID + "\n")
+    register_verify(fp)
+    podman.run_container(spec(), {}, tmp_path)
+    assert (podman.config_of(CID) or {}).get("Id") == CID  # fp refuses a second inspect
+    register_inspect(fp, CID, inspect_json())
+    assert (podman.config_of(CID) or {}).get("Id") == CID and fp.call_count([*INSPECT, CID]) == 2, "kept once only"

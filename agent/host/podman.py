@@ -36,6 +36,7 @@ import re
 import fcntl
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ NOT_FOUND_MARKERS = ("no such container", "no container with name or id", "no su
 # netavark: "IPAM error: requested ip address 10.200.1.2 is already allocated to container ID <64 hex>"
 NAME_IN_USE = "is already in use"
 IMAGE_UNKNOWN = "image not known"
+# podman run on a network that was removed: "unable to find network with name or ID X: network not found"
+NETWORK_GONE = "network not found"
 IPAM_CONFLICT = re.compile(r"already allocated(?: to container ID ([0-9a-f]{12,64}))?", re.IGNORECASE)
 CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 # What podman accepts as a container name or id; anything else never reaches an argv.
@@ -105,6 +108,8 @@ GO_RUNTIME_NAME = re.compile(r"GO[A-Z0-9]*")
 SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"})
 
 STOPPED_STATES = frozenset({"exited", "stopped", "dead", "paused"})
+# How many inspects of freshly started containers `config_of` keeps for the health runner.
+STARTED_KEPT = 256
 # How long killed leftovers of a removed container get to disappear before we say so.
 REAP_WAIT = 5.0
 
@@ -166,6 +171,56 @@ def podman_says(error: CommandError, limit: int = 500) -> str:
 def is_not_found(error: CommandError) -> bool:
     text = error.output.lower()
     return any(marker in text for marker in NOT_FOUND_MARKERS)
+
+
+class Listing:
+    """The last `podman ps` of our containers and when it was taken, shared by every Podman
+    adapter of one agent (reconciler, status report, health runner): one `ps` per tick serves
+    them all (issue 11). The adapter keeps it current with the changes it makes itself
+    (`run_container` adds, a removal drops, anything else invalidates), so a report sent
+    during a pass shows the reconciler's own view without running podman again. A listing
+    that was taken while the adapter changed something is not kept (it may predate the
+    change)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._containers: list[ContainerInfo] = []
+        self._generation = 0
+
+    def get(self, max_age: float) -> list[ContainerInfo] | None:
+        """The listing, when it is at most `max_age` seconds old; else None."""
+        with self._lock:
+            if self._at is None or self._clock() - self._at > max_age:
+                return None
+            return list(self._containers)
+
+    def begin(self) -> int:
+        """Call before listing; pass the result to `put`."""
+        with self._lock:
+            return self._generation
+
+    def put(self, containers: Sequence[ContainerInfo], generation: int) -> None:
+        with self._lock:
+            if generation == self._generation:
+                self._containers, self._at = list(containers), self._clock()
+
+    def add(self, container: ContainerInfo) -> None:
+        with self._lock:
+            self._generation += 1
+            self._containers = [c for c in self._containers if c.id != container.id and c.name != container.name]
+            self._containers.append(container)
+
+    def drop(self, ref: str) -> None:
+        with self._lock:
+            self._generation += 1
+            self._containers = [c for c in self._containers if ref not in (c.id, c.name) and not c.id.startswith(ref)]
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._at = None
 
 
 @dataclass(frozen=True)
@@ -240,12 +295,23 @@ class PodmanOptions:
 
 class Podman:
     def __init__(
-        self, options: PodmanOptions, sleep: Callable[[float], None] = time.sleep, images: ImageLedger | None = None
+        self, options: PodmanOptions, sleep: Callable[[float], None] = time.sleep, images: ImageLedger | None = None,
+        listing: Listing | None = None,
     ) -> None:
         self.options = options
         self._sleep = sleep
         # What this agent pulled and ran, for the image GC (agent/host/images.py).
         self.images = images or ImageLedger(None)
+        self.listing = listing or Listing()
+        # Images seen to exist (pulled, or `image exists` said so): a deploy of a pinned image
+        # does not ask podman again. Forgotten when removed or when a run says it is unknown.
+        self._known_images: set[str] = set()
+        # (subnet, gateway) of our network once `ensure_network` made sure of it: a run that
+        # finds it gone re-creates it the same way.
+        self._network_spec: tuple[str, str] | None = None
+        # Container id -> its inspect when this adapter saw it start (`config_of`), bounded.
+        self._started: dict[str, dict[str, Any]] = {}
+        self._started_lock = threading.Lock()
 
     # --- low level --------------------------------------------------------------------------
 
@@ -280,14 +346,22 @@ class Podman:
 
     # --- reading ----------------------------------------------------------------------------
 
-    def list_containers(self) -> list[ContainerInfo]:
+    def list_containers(self, max_age: float = 0.0) -> list[ContainerInfo]:
         """Every container this agent owns (see `judge`), any state, except `agent doctor`'s
         probe: it lives for a second beside a running agent, which must neither remove it as
-        unexpected nor report it to the control plane."""
-        return [
+        unexpected nor report it to the control plane. With `max_age`, the shared listing
+        (`Listing`) when it is at most that old, instead of running podman."""
+        if max_age > 0:
+            cached = self.listing.get(max_age)
+            if cached is not None:
+                return cached
+        generation = self.listing.begin()
+        containers = [
             container for container, verdict in self.survey()
             if verdict.ours and container.service_id != DOCTOR_PROBE_SERVICE
         ]
+        self.listing.put(containers, generation)
+        return containers
 
     def survey(self) -> list[tuple[ContainerInfo, Ownership]]:
         """Every container with the §9.1 service label (and scope label, if set), ours or
@@ -317,6 +391,20 @@ class Podman:
             return None
         first = data[0]
         return first if isinstance(first, dict) else None
+
+    def config_of(self, ref: str) -> dict[str, Any] | None:
+        """A container's inspect, for what does not change after it is created (its config,
+        its health check): the one `wait_running` took when this adapter started it, once,
+        else a fresh inspect. Spares the health runner an inspect of every new container."""
+        with self._started_lock:
+            info = self._started.pop(ref, None)
+        return info if info is not None else self.inspect(ref)
+
+    def _note_started(self, info: dict[str, Any]) -> None:
+        with self._started_lock:
+            self._started[str(info.get("Id") or "")] = info
+            while len(self._started) > STARTED_KEPT:
+                del self._started[next(iter(self._started))]
 
     def is_managed(self, ref: str) -> bool:
         """True when the container exists and this agent owns it (`judge`)."""
@@ -350,6 +438,9 @@ class Podman:
         if result.returncode != 0 and not result.stdout.strip():
             raise PodmanError(f"podman health read failed: {(result.stderr.strip() or 'no output')[-500:]}")
         found = {ref: ("none", 0) for ref in refs}
+        # Refs are matched by full id or name through a dict; only short ids (rare: callers
+        # pass the ids `ps` gave) need a prefix scan. Linear in the number of containers.
+        short = [ref for ref in refs if len(ref) < 64 and CONTAINER_ID.fullmatch(ref.ljust(64, "0"))]
         for line in result.stdout.splitlines():
             fields = line.split()
             if len(fields) < 4:
@@ -359,9 +450,10 @@ class Podman:
             status = fields[4] if len(fields) > 4 else ""
             if state != "running" or status not in ("starting", "healthy", "unhealthy"):
                 status = "none"
-            for ref in refs:
-                if ref == name or (len(ref) >= 12 and full_id.startswith(ref)):
-                    found[ref] = (status, restarts)
+            matched = [ref for ref in (full_id, name) if ref in found]
+            matched += [ref for ref in short if len(ref) >= 12 and full_id.startswith(ref)]
+            for ref in matched:
+                found[ref] = (status, restarts)
         return found
 
     def healthcheck_run(self, ref: str, timeout: float | None = None) -> bool:
@@ -399,6 +491,7 @@ class Podman:
         if gateway_ip not in network:
             raise PodmanError(f"gateway {gateway} is outside the container subnet {subnet}")
         name = self.options.network
+        self._network_spec = (subnet, gateway)
         result = self._run("network", "inspect", "--", name, check=False)
         if result.returncode == 0:
             return self._check_network_owner(name, result.stdout) and _check_network(name, result.stdout, str(network))
@@ -498,10 +591,18 @@ class Podman:
             self.images.note_pulled(reference, pulled_id)
         else:
             log.debug("%s was on this host before the agent pulled it: not the agent's to remove", reference)
+        self._known_images.add(reference)
         log.info("pulled %s in %.1fs", reference, time.monotonic() - started)
 
     def image_exists(self, image: str) -> bool:
-        result = self._run("image", "exists", "--", canonical_image(_checked_image(image)), check=False)
+        """Whether the image is here; an image seen here before is not asked about again (a
+        run that finds it gone says so, and forgets it: `run_container`)."""
+        reference = canonical_image(_checked_image(image))
+        if reference in self._known_images:
+            return True
+        result = self._run("image", "exists", "--", reference, check=False)
+        if result.returncode == 0:
+            self._known_images.add(reference)
         return result.returncode == 0
 
     def run_container(self, spec: ExpectedContainer, env: Mapping[str, str], volumes_dir: Path) -> str:
@@ -541,7 +642,24 @@ class Podman:
             raise PodmanError(f"container {spec.name} did not stay running (removed it); last log lines:\n{tail}")
         log.info("container %s (%s) runs %s", spec.name, container_id[:12], spec.image)
         self.images.note_deployed(spec.service_id, canonical_image(spec.image))
+        self._known_images.add(canonical_image(spec.image))
+        if CONTAINER_ID.fullmatch(container_id):
+            self.listing.add(ContainerInfo(
+                id=container_id, name=spec.name, image=canonical_image(spec.image), state="running",
+                labels=self._labels(spec), created=int(time.time()),
+            ))
         return container_id
+
+    def _labels(self, spec: ExpectedContainer) -> dict[str, str]:
+        """The labels `_run_argv` gives a container of `spec`."""
+        labels = {LABEL_SERVICE_ID: spec.service_id, LABEL_SERVICE_NAME: spec.service_name,
+                  LABEL_DEPLOYMENT_ID: spec.deployment_id}
+        if self.options.scope_label:
+            key, _, value = self.options.scope_label.partition("=")
+            labels[key] = value
+        if self.options.owner:
+            labels[LABEL_OWNER] = self.options.owner
+        return labels
 
     def _run_resolving_obstacles(
         self, spec: ExpectedContainer, argv: list[str], secrets: list[str], pass_fds: Sequence[int] = (),
@@ -575,7 +693,14 @@ class Podman:
                 self._remove_failed_run(spec.name)
                 if IMAGE_UNKNOWN in output and "image" not in handled:
                     handled.add("image")
+                    self._known_images.discard(canonical_image(spec.image))
                     self.pull(spec.image)
+                    continue
+                if NETWORK_GONE in output.lower() and self._network_spec is not None and "network" not in handled:
+                    handled.add("network")
+                    log.warning("podman network %s is gone; re-creating it", self.options.network)
+                    if not self.ensure_network(*self._network_spec):
+                        raise PodmanRunFailed(exc, spec.name) from exc
                     continue
                 conflict = IPAM_CONFLICT.search(output)
                 if conflict is not None and spec.ip_address and "ip" not in handled:
@@ -756,6 +881,7 @@ class Podman:
                 log.warning("container %s restarted %d time(s) while starting", ref, restarts - baseline_restarts)
                 return False
             if state.get("Running"):
+                self._note_started(info)
                 return True
             if status in STOPPED_STATES:
                 log.warning("container %s is %s (exit code %s)", ref, status, state.get("ExitCode"))
@@ -769,6 +895,7 @@ class Podman:
         that lands while the container is between two restarts does not stick, so try a
         few times and keep it stopped (its logs stay readable), or else remove it."""
         after: dict[str, Any] | None = None
+        self.listing.invalidate()
         for _ in range(attempts):
             self._run("stop", "--time", "0", ref, check=False)
             before = self.inspect(ref)
@@ -794,6 +921,7 @@ class Podman:
         info = self._require_ours(ref)
         if info is None:
             raise PodmanError(f"cannot start container {ref}: it does not exist")
+        self.listing.invalidate()
         self._run("start", ref)
         if not self.wait_running(ref, baseline_restarts=_int(info.get("RestartCount"))):
             tail = self.logs_tail(ref)
@@ -804,6 +932,7 @@ class Podman:
         info = self._require_ours(ref)
         if info is None:
             raise PodmanError(f"cannot restart container {ref}: it does not exist")
+        self.listing.invalidate()
         self._run("restart", "--time", self._stop_time(), ref, timeout=self.options.timeout + self.options.stop_timeout)
         # `podman restart` and `start` leave RestartCount alone: only crashes raise it.
         if not self.wait_running(ref, baseline_restarts=_int(info.get("RestartCount"))):
@@ -864,10 +993,12 @@ class Podman:
                 self._run("rm", "--force", "--time", str(grace), ref, timeout=self.options.timeout + grace)
             except PodmanCommandError as exc:
                 if exc.not_found:
+                    self.listing.drop(container_id or ref)
                     self._reap(container_id)
                     return
                 last = str(exc)
             if self.inspect(ref) is None:
+                self.listing.drop(container_id or ref)
                 self._reap(container_id)
                 return
             if attempt + 1 < attempts:
@@ -935,6 +1066,7 @@ class Podman:
 
     def remove_image(self, reference: str) -> bool:
         """Untag `reference` (no --force: an image in use, or tagged by others, stays)."""
+        self._known_images.discard(canonical_image(_checked_image(reference)))
         result = self._run("image", "rm", "--", _checked_image(reference), check=False)
         if result.returncode != 0:
             log.info("image %s stays: %s", reference, result.stderr.strip()[-300:])
