@@ -258,7 +258,13 @@ class RolloutRig:
 
     def start_agent(self, token: str = "") -> None:
         assert self.net is not None
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ)
+        if self.agent_command[1:3] == ["-m", "agent"]:
+            env["PYTHONPATH"] = str(REPO)  # `python -m agent` runs the checkout
+        else:
+            # A zipapp runs its own bundled code: the checkout on PYTHONPATH would shadow it,
+            # and the bench would measure the checkout instead of the shipped agent.
+            env.pop("PYTHONPATH", None)
         env.update(
             {
                 "TECHULUS_AGENT_MANAGE_DNS": "false",
