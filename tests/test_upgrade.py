@@ -33,9 +33,12 @@ from agent.upgrade import HealthMarker, Options, Systemd, UnitState, Upgrade, Up
 def zipapp(build: str, behaviour: str = "good") -> bytes:
     buffer = io.BytesIO()
     buffer.write(b"#!/usr/bin/python3\n")
+    # A fixed timestamp: the same build must give the same bytes whenever it is made (the
+    # tests compare an installed build with a fresh copy; a second boundary broke that).
+    stamp = (2026, 1, 1, 0, 0, 0)
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("environment.json", json.dumps({"build_id": build}))
-        archive.writestr("behaviour", behaviour)
+        archive.writestr(zipfile.ZipInfo("environment.json", stamp), json.dumps({"build_id": build}))
+        archive.writestr(zipfile.ZipInfo("behaviour", stamp), behaviour)
     return buffer.getvalue()
 
 
