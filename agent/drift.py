@@ -187,13 +187,6 @@ class Plan:
     held: list[Change]
 
 
-def container_changes(
-    expected: ExpectedState, actual: Sequence[ContainerInfo], *, follow_image_changes: bool = False
-) -> list[Change]:
-    """Container changes in the order they are applied."""
-    return container_plan(expected, actual, follow_image_changes=follow_image_changes).changes
-
-
 def container_plan(
     expected: ExpectedState,
     actual: Sequence[ContainerInfo],
