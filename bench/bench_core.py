@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.fakecp import FakeControlPlane  # noqa: E402
+from tests.e2e import stop_process  # noqa: E402
 from tests.testbed import HTTPD_IMAGE, TestNetwork, create_network, prepare_podman, remove_network  # noqa: E402
 
 API = "/api/v1/agent"
@@ -128,13 +129,7 @@ class Rig:
         return self
 
     def down(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.cp.stop()
         remove_network(self.net)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -31,6 +30,7 @@ from typing import Any, TypeVar
 from agent.model import canonical_image
 from tests.fakecp import FakeControlPlane
 from tests.test_caddy_real import CaddyProcess, free_port
+from tests.e2e import stop_process
 from tests.testbed import (
     ROLLOUT_HEALTH_CMD,
     ROLLOUT_V1,
@@ -287,13 +287,7 @@ class RolloutRig:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
     def stop_agent(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def down(self) -> None:
         self.stop_agent()
