@@ -92,6 +92,7 @@ def test_cni_without_plugins_is_named(tmp_path: Path, podman_net: TestNetwork, m
         ("Error: OCI runtime error: crun: cgroups in hybrid mode not supported, drop all controllers from cgroupv2", "cgroups"),
         ("Error: unable to find network with name or ID techulus: network not found", "network backend"),
         ("Error: mkdir /var/lib/containers/storage/overlay/x: no space left on device", "full"),
+        ("Error: subnet 10.200.1.0/24 is already used on the host or by another config", "already uses this subnet"),
         ("Error: something nobody has seen", ""),
     ],
 )

@@ -35,6 +35,11 @@ BUSYBOX = Path("/bin/busybox")
 REACH_TIMEOUT = 10.0
 #: podman's error text -> (what is wrong, how to fix it); the first match wins.
 CAUSES: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    # First: netavark's words for it ("... is already used on the host or by another config")
+    # contain "config", and another network's subnet is not a storage or runtime fault.
+    (("is already used on the host",), "another podman network (or a host interface) already uses this subnet",
+     "give this agent another subnet (subnetId in the state file; EXAMPLE_SUBNET=N for scripts/run-example.sh), "
+     "or remove the other network if nothing uses it (`podman network ls`, `podman network rm NAME`)"),
     (("rlimit", "ulimit"), "the OCI runtime cannot apply podman's default ulimits (above this host's hard limits)",
      'set default_ulimits = ["nofile=N:N", "nproc=N:N"] under [containers] in /etc/containers/containers.conf, '
      "N at most `ulimit -Hn` / `ulimit -Hu`"),
