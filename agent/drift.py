@@ -57,6 +57,13 @@ class ContainerInfo:
     state: str
     labels: Mapping[str, str] = field(default_factory=dict)
     created: int = 0
+    # What `podman ps` says besides (issue 11: the status report needs no inspect per tick):
+    # the health check's status ("" when ps shows none), when the container last started
+    # (unix seconds; a restart moves it, 0 = unknown) and podman's restart count (-1 where
+    # ps does not carry it, as podman 4.3's does not).
+    health: str = ""
+    started_at: int = 0
+    restarts: int = -1
 
     @property
     def deployment_id(self) -> str:

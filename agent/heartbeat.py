@@ -16,12 +16,16 @@ After each report `on_report(changed)` tells the reconciler, which polls right a
 Podman cost (issue 11): a report that a trigger asked for uses the shared listing of the
 containers (`Listing` in agent/host/podman.py: the reconciler's own `podman ps`, kept current
 with the changes the agent made since) when it is at most `interval` old, and a look while
-following one at most `2 * health_poll` old; only a beat nobody asked for lists afresh. Health
-and restart counts of every running container are read (one batched inspect) at most once per
-`interval`; in between, only containers whose health is not settled (unknown, `starting`) are.
-Idle, the reconciler's tick asks for the report with resources every `interval`, so a beat of
-our own is held back up to BEAT_SLACK for that trigger: one report, one `ps` and one inspect
-per tick rather than two of each.
+following one at most `2 * health_poll` old; only a beat nobody asked for lists afresh. The
+listing carries each container's health ("Up 3 minutes (healthy)") and when it last started,
+so a report normally costs no inspect at all. One batched inspect reads only what the listing
+cannot tell: a container seen for the first time (its restart count, the baseline of crash-loop
+detection, and whether it has a health check at all), one whose start time moved (it restarted:
+by how many restarts?), and, when the listing is older than `health_poll`, a container whose
+health is not settled (unknown, `starting`) — or every checked one, on a podman whose listing
+shows no health. Idle, the reconciler's tick asks for the report with resources every
+`interval`, so a beat of our own is held back up to BEAT_SLACK for that trigger: one report
+and one `ps` per tick rather than two.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class Heartbeat:
         self._last_containers: list[ContainerInfo] | None = None
         self._last_health: dict[str, str] = {}
         self._restarts: dict[str, int] = {}
+        # Container id -> (when it last started as the listing said, has a health check).
+        self._seen: dict[str, tuple[int, bool]] = {}
         self._restart_times: dict[str, list[float]] = {}
         # Set by Reconciler.couple (defaults: nothing excluded, never following).
         self.exclude: Callable[[], frozenset[str]] = frozenset
@@ -82,7 +88,6 @@ class Heartbeat:
         self.coalesce = 0.25
         self.health_poll = 0.5
         self._last_entries: list[dict[str, str]] | None = None
-        self._full_health_at: float | None = None
         self._resources_asked_at: float | None = None
 
     def trigger(self, include_resources: bool = False) -> None:
@@ -122,19 +127,10 @@ class Heartbeat:
             containers = self._last_containers
         excluded = self.exclude()
         containers = [c for c in containers if c.id not in excluded]
-        running = [c.id for c in containers if c.running]
-        now = self._clock()
-        full = not (triggered or only_if_changed) or (
-            self._full_health_at is None or now - self._full_health_at >= self.interval * 0.9
-        )
-        known = self._last_health
-        read = running if full else [cid for cid in running if known.get(cid, "starting") in UNSETTLED]
+        running = [c for c in containers if c.running]
+        age = self.podman.listing_age()
         try:
-            found = self.podman.health_and_restarts(read) if read else {}
-            if full:
-                self._full_health_at = now
-            health = {cid: known[cid] for cid in running if cid in known}
-            health.update((cid, self._crash_looping(cid, status, restarts)) for cid, (status, restarts) in found.items())
+            health = self._health(running, current=age is not None and age <= self.health_poll)
             self._last_health = dict(health)
             self.observer.containers(containers, health)  # after a failed read `agent status` keeps the last
         except Exception as exc:  # noqa: BLE001
@@ -142,7 +138,7 @@ class Heartbeat:
                 return False
             # Never guess "none" (the control plane counts it as healthy): last known, else "starting".
             log.warning("cannot read container health (%s); reporting the last known", exc)
-            health = {cid: self._last_health.get(cid, "starting") for cid in running}
+            health = {c.id: self._last_health.get(c.id, "starting") for c in running}
         entries = status.container_entries(containers, health)
         changed = entries != self._last_entries
         if only_if_changed and not changed and not include_resources:
@@ -161,30 +157,75 @@ class Heartbeat:
             self.on_report(changed)
         return True
 
-    def _crash_looping(self, container_id: str, status: str, restarts: int) -> str:
+    def _health(self, running: list[ContainerInfo], current: bool) -> dict[str, str]:
+        """Container id -> health of the running containers: what the listing says, and one
+        batched inspect for what it cannot tell (module docstring). `current`: the listing
+        is at most `health_poll` old, so its health is as good as an inspect's."""
+        known = self._last_health
+        read = []
+        for container in running:
+            seen = self._seen.get(container.id)
+            if seen is None:
+                read.append(container.id)
+                continue
+            started_at, checked = seen
+            if container.started_at and started_at and container.started_at != started_at and container.restarts < 0:
+                read.append(container.id)
+            elif (checked or container.health) and (
+                not container.health or (not current and known.get(container.id, "starting") in UNSETTLED)
+            ):
+                read.append(container.id)
+        found = self.podman.read_health(read) if read else {}
+        health = {}
+        for container in running:
+            seen = self._seen.get(container.id)
+            reading = found.get(container.id)
+            restarts: int | None
+            if reading is not None:
+                status, restarts, checked = reading.status, reading.restarts, reading.checked
+            elif seen is not None:
+                checked = seen[1] or bool(container.health)
+                if not checked:
+                    status = "none"
+                elif current and container.health:
+                    status = container.health
+                else:  # an older listing: what the last read said is newer
+                    status = known.get(container.id) or container.health or "starting"
+                restarts = container.restarts if container.restarts >= 0 else None
+            else:  # vanished between the listing and the inspect: the next report drops it
+                status, restarts, checked = "none", None, False
+            self._seen[container.id] = (container.started_at or (seen[0] if seen else 0), checked)
+            health[container.id] = self._crash_looping(container.id, status, restarts)
+        return health
+
+    def _crash_looping(self, container_id: str, status: str, restarts: int | None) -> str:
         """`unhealthy` for a container podman restarted at least CRASH_LOOP_RESTARTS times
         within CRASH_LOOP_WINDOW: with --restart=always a crash loop looks "running" at almost
         every look, and the control plane would count it healthy (PROTOCOL.md §17.18). A
-        single restart (one OOM kill) does not count."""
+        single restart (one OOM kill) does not count. `restarts` is podman's RestartCount,
+        None when it was not read this time (its start time did not move)."""
         now = self._clock()
         previous = self._restarts.get(container_id)
-        self._restarts[container_id] = restarts
+        if restarts is not None:
+            self._restarts[container_id] = restarts
+        restarted = restarts is not None and previous is not None and restarts > previous
         times = [t for t in self._restart_times.get(container_id, []) if now - t < CRASH_LOOP_WINDOW]
-        if previous is not None and restarts > previous:
+        if restarted:
+            assert restarts is not None and previous is not None
             times.extend([now] * min(restarts - previous, CRASH_LOOP_RESTARTS))
         if times:
             self._restart_times[container_id] = times
         else:
             self._restart_times.pop(container_id, None)
         if len(times) >= CRASH_LOOP_RESTARTS:
-            if previous is not None and restarts > previous:
+            if restarted:
                 log.warning("container %s keeps restarting (%d restarts); reporting it unhealthy", container_id[:12], restarts)
             return "unhealthy"
         return status
 
     def _forget_gone(self, containers: list[ContainerInfo]) -> None:
         present = {c.id for c in containers}
-        for table in (self._restarts, self._restart_times, self._last_health):
+        for table in (self._restarts, self._restart_times, self._last_health, self._seen):
             for gone in [cid for cid in table if cid not in present]:
                 del table[gone]
 

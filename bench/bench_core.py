@@ -262,6 +262,7 @@ def micro_report(count: int) -> float:
     """Milliseconds of agent CPU to turn a listing of `count` containers into a report."""
     from agent.drift import ContainerInfo
     from agent.heartbeat import Heartbeat
+    from agent.host.podman import HealthReading
 
     containers = [
         ContainerInfo(id=f"{i:064x}", name=f"c{i}", image=HTTPD_IMAGE, state="running",
@@ -273,8 +274,11 @@ def micro_report(count: int) -> float:
         def list_containers(self, max_age=0.0):  # noqa: ANN001, ANN202
             return containers
 
-        def health_and_restarts(self, ids):  # noqa: ANN001, ANN202
-            return {cid: ("none", 0) for cid in ids}
+        def listing_age(self):  # noqa: ANN202
+            return 0.0
+
+        def read_health(self, ids):  # noqa: ANN001, ANN202
+            return {cid: HealthReading("none", 0, False) for cid in ids}
 
     heartbeat = Heartbeat(None, Reader(), 10)  # type: ignore[arg-type]
     started = time.process_time()

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
+from agent.host.podman import HealthReading
 from agent.model import canonical_image
 
 
@@ -43,14 +44,34 @@ class FakePodman:
             raise error
 
     def list_containers(self, max_age: float = 0.0) -> list[ContainerInfo]:
+        """Like `podman ps` (4.3): health as its status suffix shows it, a start time that
+        each restart moves, no restart count."""
         self._maybe_fail("list", "")
-        return list(self.containers.values())
+        return [
+            replace(info, health=self._ps_health(cid), started_at=1_000_000 + self.restart_counts.get(cid, 0))
+            for cid, info in self.containers.items()
+        ]
+
+    def _ps_health(self, cid: str) -> str:
+        status = self.health_status.get(cid, "none")
+        return "" if status == "none" or not self.ps_shows_health else status
+
+    # How old the listing is said to be (`Podman.listing_age`); None: never listed.
+    listing_age_value: float | None = 0.0
+    # Whether `ps` shows health (podman 4.3 does); False: a podman whose listing does not.
+    ps_shows_health = True
+
+    def listing_age(self) -> float | None:
+        return self.listing_age_value
 
     def health(self, ids):
-        return {i: status for i, (status, _) in self.health_and_restarts(ids).items()}
+        return {i: reading.status for i, reading in self.read_health(ids).items()}
 
-    def health_and_restarts(self, ids):
-        return {i: (self.health_status.get(i, "none"), self.restart_counts.get(i, 0)) for i in ids}
+    def read_health(self, ids):
+        return {
+            i: HealthReading(self.health_status.get(i, "none"), self.restart_counts.get(i, 0), i in self.health_status)
+            for i in ids
+        }
 
     def pull(self, image: str, timeout: float | None = None) -> None:
         self._maybe_fail("pull", image)

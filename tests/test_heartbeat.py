@@ -4,10 +4,12 @@ a stopped container never counts as healthy (PROTOCOL.md §17.18)."""
 
 import threading
 import time
+from dataclasses import replace
 
 from agent import status
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, ContainerInfo
 from agent.heartbeat import Heartbeat
+from agent.host.podman import HealthReading
 from agent.loop import Reconciler
 from agent.model import ExpectedContainer, ExpectedState
 from agent.settings import Settings
@@ -127,13 +129,13 @@ def test_health_read_failure_never_reports_none():
     podman.add("d1")
     reports = []
     heartbeat = Heartbeat(reports.append, podman, interval=10)
-    podman.health_and_restarts = lambda ids: {i: ("starting", 0) for i in ids}
+    podman.read_health = lambda ids: {i: HealthReading("starting", 0, True) for i in ids}
     heartbeat.send_once()
 
     def broken(ids):
         raise RuntimeError("inspect timed out")
 
-    podman.health_and_restarts = broken
+    podman.read_health = broken
     heartbeat.send_once()
     assert reports[-1]["containers"][0]["healthStatus"] == "starting"
     podman.add("d2")
@@ -316,35 +318,78 @@ class CountingPodman(FakePodman):
         self.ages.append(max_age)
         return super().list_containers(max_age)
 
-    def health_and_restarts(self, ids):
+    def read_health(self, ids):
         self.health_reads.append(list(ids))
-        return super().health_and_restarts(ids)
+        return super().read_health(ids)
 
 
-def test_a_triggered_report_reuses_the_listing_and_reads_only_unsettled_health():
+def test_health_comes_from_the_listing_and_an_inspect_reads_only_what_it_cannot_tell():
     podman = CountingPodman()
-    settled, new = podman.add("d1"), podman.add("d2")
-    podman.health_status[new.id] = "starting"
+    plain, checked = podman.add("d1"), podman.add("d2")
+    podman.health_status[checked.id] = "starting"
     clock = [0.0]
     reports = []
     heartbeat = Heartbeat(reports.append, podman, interval=10, clock=lambda: clock[0])
-    heartbeat.send_once()  # a beat nobody asked for: fresh listing, every container's health
-    assert podman.ages == [0.0] and podman.health_reads == [[settled.id, new.id]]
+    health = lambda: [c["healthStatus"] for c in reports[-1]["containers"]]  # noqa: E731
+    heartbeat.send_once()  # a beat nobody asked for: a fresh listing
+    assert podman.ages == [0.0]
+    assert podman.health_reads == [[plain.id, checked.id]], "first sight: restart baseline and whether it has a check"
+    assert health() == ["none", "starting"]
     clock[0] = 1
-    heartbeat.send_once(triggered=True)
+    heartbeat.send_once(triggered=True)  # the listing was just taken (the reconciler's tick)
     assert podman.ages[-1] == 10, "a triggered report takes the shared listing up to an interval old"
-    assert podman.health_reads[-1] == [new.id], "only the container still starting is inspected"
-    podman.health_status[new.id] = "healthy"
+    assert len(podman.health_reads) == 1, "a current listing says all: no inspect"
+    podman.listing_age_value = 5.0  # an older listing: its health of a starting container is stale
+    podman.health_status[checked.id] = "healthy"
     clock[0] = 2
     assert heartbeat.send_once(only_if_changed=True)
-    assert podman.ages[-1] == 2 * heartbeat.health_poll and podman.health_reads[-1] == [new.id]
+    assert podman.ages[-1] == 2 * heartbeat.health_poll and podman.health_reads[-1] == [checked.id]
+    assert health() == ["none", "healthy"]
     clock[0] = 3
     assert not heartbeat.send_once(only_if_changed=True)
-    assert len(podman.health_reads) == 3, "all settled: a look costs no health read"
+    assert len(podman.health_reads) == 2, "all settled: a look costs no health read"
+    podman.listing_age_value = 0.0
+    podman.restart_counts[plain.id] = 1  # it restarted: its start time moved
     clock[0] = 11
     heartbeat.send_once(triggered=True)
-    assert podman.health_reads[-1] == [settled.id, new.id], "every container's health once per interval"
-    assert [c["healthStatus"] for c in reports[-1]["containers"]] == ["none", "healthy"]
+    assert podman.health_reads[-1] == [plain.id], "a moved start time asks how many restarts"
+    heartbeat.send_once(triggered=True)
+    assert len(podman.health_reads) == 3
+    assert health() == ["none", "healthy"]
+
+
+def test_a_listing_without_health_falls_back_to_an_inspect_of_checked_containers():
+    podman = CountingPodman()
+    podman.ps_shows_health = False
+    podman.add("d1")
+    checked = podman.add("d2")
+    podman.health_status[checked.id] = "starting"
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10)
+    heartbeat.send_once()
+    podman.health_status[checked.id] = "unhealthy"
+    heartbeat.send_once(triggered=True)
+    assert podman.health_reads[-1] == [checked.id], "only the container with a health check"
+    assert [c["healthStatus"] for c in reports[-1]["containers"]] == ["none", "unhealthy"]
+
+
+def test_a_restart_count_in_the_listing_spares_the_inspect():
+    podman = CountingPodman()
+    looping = podman.add("d1")
+    clock = [0.0]
+    reports = []
+    heartbeat = Heartbeat(reports.append, podman, interval=10, clock=lambda: clock[0])
+    counted = lambda restarts, moved: [  # noqa: E731 - a podman whose ps carries "Restarts"
+        replace(c, restarts=restarts, started_at=1000 + moved) for c in FakePodman.list_containers(podman)
+    ]
+    podman.list_containers = lambda max_age=0.0: counted(0, 0)
+    heartbeat.send_once()
+    for tick, restarts in enumerate((3, 6), start=1):
+        clock[0] = 10 * tick
+        podman.list_containers = lambda max_age=0.0, r=restarts: counted(r, r)  # noqa: B008
+        heartbeat.send_once()
+    assert podman.health_reads == [[looping.id]], "only the first sight is inspected"
+    assert reports[-1]["containers"][0]["healthStatus"] == "unhealthy"
 
 
 def test_a_due_beat_waits_briefly_for_the_reconcilers_tick():

@@ -22,6 +22,7 @@ from agent.host.podman import (
     PodmanCommandError,
     PodmanError,
     PodmanNotInstalled,
+    HealthReading,
     PodmanOptions,
     check_env,
     parse_ps,
@@ -174,6 +175,25 @@ def test_parse_ps_tolerates_odd_entries() -> None:
     assert parse_ps("") == [] and parse_ps("null") == []
 
 
+def test_parse_ps_reads_health_start_time_and_restarts() -> None:
+    """What lets a status report go without an inspect (issue 11): podman 4.3's ps shows
+    health as a suffix of its human status and StartedAt as unix seconds; newer ones add
+    a restart count."""
+    stdout = json.dumps([
+        {"Id": "a", "State": "running", "Status": "Up 3 minutes (healthy)", "StartedAt": 1796153734},
+        {"Id": "b", "State": "running", "Status": "Up Less than a second ago (starting)", "Restarts": 4},
+        {"Id": "c", "State": "running", "Status": "Up 14 seconds ago", "StartedAt": -62135596800},
+        {"Id": "d", "State": "running", "Status": "Up 2 hours (unhealthy) ", "StartedAt": True, "Restarts": "2"},
+        {"Id": "e", "State": "exited", "Status": "Exited (1) 2 seconds ago", "StartedAt": 5},
+        {"Id": "f", "State": "running", "Status": "Up (healthy) for a while", "Restarts": None},
+        {"Id": "g", "State": "running", "Status": ["(healthy)"]},
+    ])
+    assert [(c.id, c.health, c.started_at, c.restarts) for c in parse_ps(stdout)] == [
+        ("a", "healthy", 1796153734, -1), ("b", "starting", 0, 4), ("c", "", 0, -1), ("d", "unhealthy", 0, -1),
+        ("e", "", 5, -1), ("f", "", 0, -1), ("g", "", 0, -1),
+    ]
+
+
 @pytest.mark.parametrize("stdout", ["{not json", '{"Id": "x"}', WARNING])
 def test_parse_ps_rejects_garbage(stdout: str) -> None:
     with pytest.raises(PodmanError):
@@ -230,18 +250,27 @@ def test_is_managed_and_is_running(fp: Any, podman: Podman) -> None:
     assert not podman.is_running("mine")
 
 
+HEALTH_FORMAT = (
+    "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} "
+    "{{if .Config.Healthcheck}}check{{else}}-{{end}} {{.State.Health.Status}}"
+)
+
+
 def test_health_is_one_batched_call(fp: Any, podman: Podman) -> None:
     third = "c" * 64
     fp.register(
-        ["podman", "container", "inspect", "--format",
-         "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} {{.State.Health.Status}}",
-         CID, CID2, third, "named", "vanished"],
-        stdout=f"{CID} n1 running 0 healthy\n{CID2} n2 running 2 \n{third} n3 exited 0 unhealthy\n{'d' * 64} named running 0 starting\n",
+        ["podman", "container", "inspect", "--format", HEALTH_FORMAT, CID, CID2, third, "named", "vanished"],
+        stdout=f"{CID} n1 running 0 check healthy\n{CID2} n2 running 2 - \n{third} n3 exited 0 check unhealthy\n"
+        f"{'d' * 64} named running 0 check starting\n",
         stderr="Error: inspecting object: no such container vanished\n" + WARNING,
         returncode=125,
     )
-    both = podman.health_and_restarts([CID, CID2, third, "named", "vanished"])
-    assert both == {CID: ("healthy", 0), CID2: ("none", 2), third: ("none", 0), "named": ("starting", 0), "vanished": ("none", 0)}
+    both = podman.read_health([CID, CID2, third, "named", "vanished"])
+    assert both == {
+        CID: HealthReading("healthy", 0, True), CID2: HealthReading("none", 2, False),
+        third: HealthReading("none", 0, True), "named": HealthReading("starting", 0, True),
+        "vanished": HealthReading("none", 0, False),
+    }
     assert podman.health([]) == {}
 
 
@@ -1082,11 +1111,12 @@ def test_an_image_seen_here_is_not_asked_about_again(fp: Any, podman: Podman, tm
 
 def test_health_is_matched_by_full_id_name_and_short_id(fp: Any, podman: Podman) -> None:
     ids = [f"{n:064x}" for n in range(1, 301)]
-    lines = "".join(f"{cid} n{i} running 0 healthy\n" for i, cid in enumerate(ids))
-    fp.register(["podman", "container", "inspect", "--format", fp.any()], stdout=lines + f"{CID} named running 2 starting\n")
-    found = podman.health_and_restarts([*ids, "named", CID[:12], "gone"])
-    assert all(found[cid] == ("healthy", 0) for cid in ids)
-    assert found["named"] == found[CID[:12]] == ("starting", 2) and found["gone"] == ("none", 0)
+    lines = "".join(f"{cid} n{i} running 0 check healthy\n" for i, cid in enumerate(ids))
+    fp.register(["podman", "container", "inspect", "--format", fp.any()], stdout=lines + f"{CID} named running 2 check starting\n")
+    found = podman.read_health([*ids, "named", CID[:12], "gone"])
+    assert all(found[cid] == HealthReading("healthy", 0, True) for cid in ids)
+    assert found["named"] == found[CID[:12]] == HealthReading("starting", 2, True)
+    assert found["gone"] == HealthReading("none", 0, False)
 
 
 def test_a_network_removed_under_the_agent_is_recreated_by_the_next_run(fp: Any, podman: Podman, tmp_path: Path) -> None:

@@ -185,6 +185,20 @@ def test_deploy_two_containers_reachable_with_labels_secrets_volumes_health(
     calls_before = len(capture_runs)
     assert pm.health([id1, id2]) == {id1: "healthy", id2: "none"}
     assert len(capture_runs) == calls_before + 1
+    checked = pm.read_health([id1, id2])
+    assert checked[id1].checked and not checked[id2].checked and checked[id1].restarts == 0
+
+    # What podman's own listing says matches the inspect (issue 11: reports need no inspect):
+    # the health suffix of its status, and a start time that a restart moves.
+    listed = {c.id: c for c in pm.list_containers()}
+    assert (listed[id1].health, listed[id2].health) == ("healthy", "")
+    started = listed[id2].started_at
+    assert abs(started - time.time()) < 600
+    time.sleep(1.1)  # StartedAt has whole seconds
+    podman("restart", "-t", "0", id2)
+    moved = {c.id: c for c in pm.list_containers()}[id2]
+    assert moved.started_at > started and moved.running
+    assert pm.read_health([id2])[id2].restarts == 0, "a restart by hand is not one by the restart policy"
 
 
 def test_start_restart_stop_and_remove(podman_net: TestNetwork, httpd_image: str, tmp_path: Path) -> None:

@@ -59,6 +59,8 @@ IMAGE_UNKNOWN = "image not known"
 NETWORK_GONE = "network not found"
 IPAM_CONFLICT = re.compile(r"already allocated(?: to container ID ([0-9a-f]{12,64}))?", re.IGNORECASE)
 CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+# The health suffix of `podman ps`'s human status: "Up 3 minutes (healthy)".
+PS_HEALTH = re.compile(r"\((starting|healthy|unhealthy)\)\s*$")
 # What podman accepts as a container name or id; anything else never reaches an argv.
 CONTAINER_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 REGISTRY_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
@@ -222,6 +224,20 @@ class Listing:
             self._generation += 1
             self._at = None
 
+    def age(self) -> float | None:
+        """Seconds since the listing was taken; None when there is none."""
+        with self._lock:
+            return None if self._at is None else self._clock() - self._at
+
+
+@dataclass(frozen=True)
+class HealthReading:
+    """What one inspect says about a container's health (`Podman.read_health`)."""
+
+    status: str  # none | starting | healthy | unhealthy
+    restarts: int  # podman's RestartCount
+    checked: bool  # a health check is configured
+
 
 @dataclass(frozen=True)
 class PodmanOptions:
@@ -363,6 +379,10 @@ class Podman:
         self.listing.put(containers, generation)
         return containers
 
+    def listing_age(self) -> float | None:
+        """How old the shared listing `list_containers` last gave is (None: there is none)."""
+        return self.listing.age()
+
     def survey(self) -> list[tuple[ContainerInfo, Ownership]]:
         """Every container with the §9.1 service label (and scope label, if set), ours or
         not, each with the verdict of `judge` (for `agent plan`: what is left alone, why)."""
@@ -421,39 +441,41 @@ class Podman:
         A container that is not running, has no health check, or vanished is `none`
         (PROTOCOL.md §6.2); the status report decides what that means for the CP.
         """
-        return {ref: health for ref, (health, _restarts) in self.health_and_restarts(ids).items()}
+        return {ref: reading.status for ref, reading in self.read_health(ids).items()}
 
-    def health_and_restarts(self, ids: Sequence[str]) -> dict[str, tuple[str, int]]:
-        """Health and RestartCount of many containers in one inspect. The restart count
-        shows a crash loop that `--restart=always` otherwise hides behind "running".
-        Raises when podman answers nothing at all (the caller keeps what it knew)."""
+    def read_health(self, ids: Sequence[str]) -> dict[str, HealthReading]:
+        """Health, RestartCount and whether a health check is configured, for many containers
+        in one inspect. The restart count shows a crash loop that `--restart=always`
+        otherwise hides behind "running". Raises when podman answers nothing at all (the
+        caller keeps what it knew)."""
         refs = [_checked_ref(ref) for ref in ids]
         if not refs:
             return {}
         result = self._run(
             "container", "inspect", "--format",
-            "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} {{.State.Health.Status}}",
+            "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} "
+            "{{if .Config.Healthcheck}}check{{else}}-{{end}} {{.State.Health.Status}}",
             *refs, check=False,
         )
         if result.returncode != 0 and not result.stdout.strip():
             raise PodmanError(f"podman health read failed: {(result.stderr.strip() or 'no output')[-500:]}")
-        found = {ref: ("none", 0) for ref in refs}
+        found = {ref: HealthReading("none", 0, False) for ref in refs}
         # Refs are matched by full id or name through a dict; only short ids (rare: callers
         # pass the ids `ps` gave) need a prefix scan. Linear in the number of containers.
         short = [ref for ref in refs if len(ref) < 64 and CONTAINER_ID.fullmatch(ref.ljust(64, "0"))]
         for line in result.stdout.splitlines():
             fields = line.split()
-            if len(fields) < 4:
+            if len(fields) < 5:
                 continue
             full_id, name, state = fields[0], fields[1], fields[2]
             restarts = int(fields[3]) if fields[3].isdigit() else 0
-            status = fields[4] if len(fields) > 4 else ""
+            status = fields[5] if len(fields) > 5 else ""
             if state != "running" or status not in ("starting", "healthy", "unhealthy"):
                 status = "none"
             matched = [ref for ref in (full_id, name) if ref in found]
             matched += [ref for ref in short if len(ref) >= 12 and full_id.startswith(ref)]
             for ref in matched:
-                found[ref] = (status, restarts)
+                found[ref] = HealthReading(status, restarts, fields[4] == "check")
         return found
 
     def healthcheck_run(self, ref: str, timeout: float | None = None) -> bool:
@@ -1194,15 +1216,20 @@ def parse_ps_networks(stdout: str) -> list[tuple[ContainerInfo, list[str]]]:
         labels = item.get("Labels")
         if not isinstance(labels, dict):
             labels = {}
-        created = item.get("Created")
         networks = item.get("Networks")
+        status = item.get("Status")
+        health = PS_HEALTH.search(status) if isinstance(status, str) else None
+        restarts = item.get("Restarts")
         container = ContainerInfo(
             id=cid,
             name=name,
             image=str(item.get("Image") or ""),
             state=str(item.get("State") or "unknown").lower(),
             labels={str(k): str(v) for k, v in labels.items() if v is not None},
-            created=created if isinstance(created, int) and not isinstance(created, bool) else 0,
+            created=_whole(item.get("Created")),
+            health=health.group(1) if health else "",
+            started_at=_whole(item.get("StartedAt")),
+            restarts=_whole(restarts) if isinstance(restarts, int) else -1,
         )
         containers.append((container, [str(n) for n in networks] if isinstance(networks, list) else []))
     return containers
@@ -1245,6 +1272,11 @@ def _loads(text: str, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise PodmanError(f"{what}: output is not JSON ({exc})") from exc
+
+
+def _whole(value: Any) -> int:
+    """A non-negative JSON integer (not a bool), else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _int(value: Any) -> int:
