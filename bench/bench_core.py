@@ -2,6 +2,7 @@
 
     ./build.sh && .venv/bin/python bench/bench_core.py [--runs 3] [--converge 20,250]
                   [--idle 0,20,100,250] [--idle-seconds 30] [--agent bin/agent] [--baseline OLD]
+                  [--soak MINUTES [--soak-containers 100] [--soak-every 60]]
 
 Each run starts `bin/agent` (or `python -m agent` with `--agent module`) as a process with its
 default timers, registered against the fake control plane (tests/fakecp.py) over HTTP on
@@ -17,6 +18,8 @@ work-queue and build polls all run as they do on a server.
    cutime+cstime), from /proc/PID/stat over --idle-seconds once the agent has settled.
 3. VmRSS of the agent process at each M, beside the import floor (a bare python3 importing
    what every agent needs: urllib3 and cryptography's Ed25519).
+4. With `--soak`, one agent with `--soak-containers` for that many minutes: VmRSS and CPU
+   sampled every `--soak-every` seconds (is memory flat over an hour?).
 Extra, labelled `micro (in-process)`: report building from a listing of M containers.
 With `--baseline OLD` (another build, e.g. main's), both agents are measured in turn in every run.
 Needs root and Podman (scripts/install-test-deps.sh). Prints the load average with each run.
@@ -45,6 +48,9 @@ from tests.e2e import stop_process  # noqa: E402
 from tests.testbed import HTTPD_IMAGE, TestNetwork, create_network, prepare_podman, remove_network  # noqa: E402
 
 API = "/api/v1/agent"
+# After the last deployment runs: past the rollout-follow window (polls back to one per tick)
+# and past the one beat that may fall between two ticks until the heartbeat lines up with them.
+SETTLE = 25.0
 TICKS = os.sysconf("SC_CLK_TCK")
 IMPORT_FLOOR = (
     "import urllib3, json, logging, threading, subprocess; "
@@ -213,6 +219,33 @@ def converge(command: list[str], count: int, timeout: float) -> dict:
         rig.down()
 
 
+def soak(command: list[str], count: int, minutes: float, every: float, timeout: float) -> list[tuple[float, float, float]]:
+    """`count` containers for `minutes`: (minute, VmRSS MB, CPU ms per 10 s since the last
+    sample, agent + children) every `every` seconds, printed as they come."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    rig = Rig(workdir, command, wrapper=False)
+    samples: list[tuple[float, float, float]] = []
+    try:
+        rig.up()
+        assert rig.proc is not None
+        set_at = rig.set_containers(count)
+        rig.wait(lambda: rig.all_running(count, set_at), timeout, f"{count} running")
+        time.sleep(SETTLE)
+        started = time.monotonic()
+        last_cpu = sum(proc_cpu(rig.proc.pid))
+        while time.monotonic() - started < minutes * 60:
+            time.sleep(every)
+            cpu = sum(proc_cpu(rig.proc.pid))
+            sample = ((time.monotonic() - started) / 60, vm_rss_mb(rig.proc.pid), (cpu - last_cpu) * 10 / every * 1000)
+            last_cpu = cpu
+            samples.append(sample)
+            print(f"  soak {count}: minute {sample[0]:5.1f}: VmRSS {sample[1]:.1f} MB, CPU {sample[2]:.0f} ms per 10 s "
+                  f"(load {load()})", flush=True)
+        return samples
+    finally:
+        rig.down()
+
+
 def idle_series(command: list[str], counts: list[int], seconds: float, timeout: float) -> dict[int, dict]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-idle-"))
     rig = Rig(workdir, command, wrapper=False)
@@ -223,7 +256,7 @@ def idle_series(command: list[str], counts: list[int], seconds: float, timeout: 
         for count in counts:
             set_at = rig.set_containers(count)
             rig.wait(lambda: rig.all_running(count, set_at), timeout, f"{count} running")  # noqa: B023
-            time.sleep(8)  # past the settle window: back to one poll per tick
+            time.sleep(SETTLE)
             own0, kids0 = proc_cpu(rig.proc.pid)
             start_ms = rig.cp.now_ms()
             time.sleep(seconds)
@@ -310,6 +343,9 @@ def main() -> None:
     parser.add_argument("--idle", default="0,20,100", help="comma-separated container counts, ascending")
     parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--timeout", type=float, default=400)
+    parser.add_argument("--soak", type=float, default=0, help="minutes at --soak-containers, sampling VmRSS and CPU")
+    parser.add_argument("--soak-containers", type=int, default=100)
+    parser.add_argument("--soak-every", type=float, default=60, help="seconds between soak samples")
     parser.add_argument("--agent", default=str(REPO / "bin" / "agent"), help="the agent binary, or `module`")
     parser.add_argument("--baseline", default="", help="another agent binary, measured interleaved with --agent")
     args = parser.parse_args()
@@ -336,6 +372,11 @@ def main() -> None:
                 print(f"  [run {run + 1}, {label}]", flush=True)
                 for count, result in idle_series(command, idle_counts, args.idle_seconds, args.timeout).items():
                     idle[label][count].append(result)
+    soaked = {}
+    if args.soak:
+        for label, command in agents.items():
+            print(f"  [soak, {label}] {args.soak_containers} containers for {args.soak:g} min", flush=True)
+            soaked[label] = soak(command, args.soak_containers, args.soak, args.soak_every, args.timeout)
     print(f"--- min/median/max over {args.runs} run(s); load average now {load()}")
     for label, command in agents.items():
         print(f"{label} ({' '.join(command)}):")
@@ -351,6 +392,14 @@ def main() -> None:
             if results:
                 requests = ", ".join(f"{k} {v:.1f}" for k, v in sorted(results[-1]["requests"].items()))
                 print(f"    requests per 10 s: {requests}")
+        samples = soaked.get(label)
+        if samples:
+            rss = [sample[1] for sample in samples]
+            half = max(1, len(rss) // 2)
+            print(f"  soak {args.soak_containers} containers, {samples[-1][0]:.0f} min: VmRSS first {rss[0]:.1f}, "
+                  f"min/median/max {spread(rss, '{:.1f}')} MB, last {rss[-1]:.1f} MB; median of the second half minus "
+                  f"the first {statistics.median(rss[half:]) - statistics.median(rss[:half]):+.2f} MB; CPU per 10 s "
+                  f"{spread([sample[2] for sample in samples], '{:.0f}')} ms")
         print(f"  import floor (python3 + urllib3 + cryptography Ed25519): VmRSS {import_floor(command):.1f} MB")
     for count in idle_counts:
         print(f"micro (in-process, this checkout, not the shipped binary): one report from a listing of {count} "
