@@ -999,6 +999,11 @@ def load_state_file(path: Path) -> dict[str, Any]:
     return data
 
 
+#: How long a poll made with `keep` stands in for the next one (runtime.restore_from_cache's,
+#: which the loop's first tick follows at once).
+KEPT_FOR = 2.0
+
+
 class ControlPlaneSource:
     """Polls GET expected-state; keeps the last good answer on disk for restarts without a CP."""
 
@@ -1014,8 +1019,14 @@ class ControlPlaneSource:
         # stall the loop past its tick.
         self.deadline = deadline
         self.problems = ProblemLog(log, "expected state")
+        self._kept: tuple[ExpectedState, float] | None = None
 
-    def fetch(self, deadline: float | None = None) -> ExpectedState:
+    def fetch(self, deadline: float | None = None, keep: bool = False) -> ExpectedState:
+        """The expected state, polled now. With `keep`, the answer also serves the next call
+        if that comes within KEPT_FOR seconds: the start-up poll is then the loop's first."""
+        kept, self._kept = self._kept, None
+        if kept is not None and time.monotonic() - kept[1] <= KEPT_FOR:
+            return kept[0]
         data = self.client.expected_state(deadline=deadline or self.deadline)
         state = parse_expected_state(data, self.subnet)
         self.problems.report(state.problems, state.problem_count)
@@ -1026,6 +1037,8 @@ class ControlPlaneSource:
                 self._cached_text = text
             except OSError as exc:
                 log.warning("cannot cache the expected state in %s: %s", self.cache_path, exc)
+        if keep:
+            self._kept = (state, time.monotonic())
         return state
 
     def cached(self) -> ExpectedState | None:

@@ -448,7 +448,7 @@ def restore_from_cache(components: Components, stop: threading.Event, deadline: 
     if not isinstance(source, ControlPlaneSource) or components.client is None:
         return
     try:
-        source.fetch(deadline=min(deadline, source.deadline or deadline))
+        source.fetch(deadline=min(deadline, source.deadline or deadline), keep=True)  # also the first tick's
         return
     except Exception as exc:  # noqa: BLE001 - whatever the reason, the workloads come back
         reason = exc

@@ -108,6 +108,12 @@ def test_start_with_a_fresh_state_leaves_the_work_to_the_loop(env: Env) -> None:
     components = SimpleNamespace(source=env.source, client=env.client, reconciler=env.reconciler)
     restore_from_cache(components, threading.Event())  # type: ignore[arg-type]
     assert env.podman.calls == []
+    polls = len(env.cp.requests_to(STATE_PATH))
+    env.reconciler.tick()
+    assert len(env.cp.requests_to(STATE_PATH)) == polls, "the start-up poll is the first tick's"
+    assert env.deployments() == {"a": "running", "b": "running"}
+    env.reconciler.tick()
+    assert len(env.cp.requests_to(STATE_PATH)) == polls + 1, "only once"
 
 
 def test_start_without_a_cache_changes_nothing(env: Env) -> None:
