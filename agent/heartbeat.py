@@ -21,7 +21,7 @@ listing carries each container's health ("Up 3 minutes (healthy)") and when it l
 so a report normally costs no inspect at all. One batched inspect reads only what the listing
 cannot tell: a container seen for the first time (its restart count, the baseline of crash-loop
 detection, and whether it has a health check at all), one whose start time moved (it restarted:
-by how many restarts?), and, when the listing is older than `health_poll`, a container whose
+by how many restarts?), and, when the listing is older than the coalescing gap, a container whose
 health is not settled (unknown, `starting`) — or every checked one, on a podman whose listing
 shows no health. Idle, the reconciler's tick asks for the report with resources every
 `interval`, so a beat of our own is held back up to BEAT_SLACK for that trigger: one report
@@ -130,7 +130,10 @@ class Heartbeat:
         running = [c for c in containers if c.running]
         age = self.podman.listing_age()
         try:
-            health = self._health(running, current=age is not None and age <= self.health_poll)
+            # A listing taken within the coalescing gap is as good as an inspect: a health
+            # check that finishes after it triggers a report, which comes at least a gap later
+            # and so inspects the containers whose health was not settled.
+            health = self._health(running, current=age is not None and age <= self.coalesce)
             self._last_health = dict(health)
             self.observer.containers(containers, health)  # after a failed read `agent status` keeps the last
         except Exception as exc:  # noqa: BLE001
