@@ -6,6 +6,7 @@ Unit tests use tests/fakes.py; the `real` ones run real Podman 4.3 (tests/testbe
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,9 +16,10 @@ import pytest
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID
 from agent.heartbeat import Heartbeat
 from agent.host.podman import HealthReading, Podman, PodmanOptions
+from agent.model import ExpectedContainer
 from tests.fakes import FakePodman
 from tests.testbed import *  # noqa: F403
-from tests.testbed import BB_IMAGE, TestNetwork, podman
+from tests.testbed import BB_IMAGE, TestNetwork, cleanup_scope, podman
 
 
 class ReviewPodman(FakePodman):
@@ -464,3 +466,42 @@ def test_real_inspect_of_a_vanished_container_keeps_the_others(podman_net, tmp_p
     found = pm.read_health([kept, "0" * 64])
     assert found[kept] == HealthReading("starting", 0, True)
     assert found["0" * 64].status == "none"
+
+
+FLAKY_START = 'c=$(cat /tmp/c 2>/dev/null || echo 0); echo $((c+1)) > /tmp/c; [ "$c" -ge 2 ] && exec sleep 600; sleep 2; exit 1'
+
+
+@pytest.mark.real
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 11 review: a container the agent ran is in the shared listing without a start time, so "
+    "the restarts between its first report and the first real ps are never read (two crashes missed)"
+))
+def test_real_two_crashes_right_after_the_agents_run_are_counted(podman_net, tmp_path):  # noqa: F811
+    image = f"localhost/techulus-review11-{podman_net.name}:flaky"
+    podman("create", "--name", f"{podman_net.name}-base", "--label", podman_net.scope_label, BB_IMAGE)
+    podman("commit", "--change", "CMD " + json.dumps(["sh", "-c", FLAKY_START]), f"{podman_net.name}-base", image)
+    try:
+        pm = Podman(PodmanOptions(
+            network=podman_net.name, scope_label=podman_net.scope_label, run_dir=tmp_path / "run",
+            stop_timeout=1, timeout=30.0, verify_timeout=10.0,
+        ))
+        dep = f"flaky-{podman_net.scope_label[-8:]}"
+        spec = ExpectedContainer(dep, "svc-flaky", "Flaky", f"{podman_net.name}-flaky", image, podman_net.ip(2))
+        heartbeat, reports = beat(pm)
+        pm.list_containers()  # the reconciler's tick before it ran the container
+        cid = pm.run_container(spec, {}, tmp_path / "volumes")  # wait_running passes: it crashes at 2 s
+        heartbeat.send_once(triggered=True)  # the report the step asks for: the shared listing
+        assert heartbeat._restarts.get(cid) == 0, "first sight read the baseline before any crash"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            state = podman("container", "inspect", "--format", "{{.RestartCount}} {{.State.Status}}", cid).stdout.split()
+            if state == ["2", "running"]:
+                break
+            time.sleep(0.2)
+        assert state == ["2", "running"], state
+        heartbeat.send_once()  # the next beat: a fresh ps, its StartedAt the third start
+        heartbeat.send_once()
+        assert health_of(reports) == {dep: "unhealthy"}  # two restarts within the window
+    finally:
+        cleanup_scope(podman_net.scope_label)
+        podman("rmi", "-f", image, check=False)
