@@ -52,6 +52,13 @@ BEAT_SLACK = 1.0
 UNSETTLED = frozenset({"starting"})
 
 
+def _listed_restarts(container: ContainerInfo) -> int | None:
+    """The listing's restart count, trusted only from a real `ps` (one that says when the
+    container started): the agent's own entry for a container it just ran says 0, which is
+    a baseline, not a reading."""
+    return container.restarts if container.started_at and container.restarts >= 0 else None
+
+
 class Heartbeat:
     observer: Observer = Observer()  # runtime.assemble gives it the Publisher (agent status, metrics)
 
@@ -78,6 +85,8 @@ class Heartbeat:
         self._restarts: dict[str, int] = {}
         # Container id -> (when it last started as the listing said, has a health check).
         self._seen: dict[str, tuple[int, bool]] = {}
+        # Container id -> its own health check's status as last observed, and when (clock).
+        self._observed: dict[str, tuple[str, float]] = {}
         self._restart_times: dict[str, list[float]] = {}
         # Set by Reconciler.couple (defaults: nothing excluded, never following).
         self.exclude: Callable[[], frozenset[str]] = frozenset
@@ -112,8 +121,10 @@ class Heartbeat:
         with self._lock:
             include_resources = self._include_resources
         max_age = self.interval if triggered else 2 * self.health_poll if only_if_changed else 0.0
+        listed_at = self._clock()
         try:
-            containers = self.podman.list_containers(max_age=max_age)
+            containers, age = self.podman.list_containers_aged(max_age=max_age)
+            listed_at -= age
             self._last_containers = containers
             self._forget_gone(containers)
         except Exception as exc:  # noqa: BLE001 - report what we last knew instead of nothing
@@ -128,12 +139,8 @@ class Heartbeat:
         excluded = self.exclude()
         containers = [c for c in containers if c.id not in excluded]
         running = [c for c in containers if c.running]
-        age = self.podman.listing_age()
         try:
-            # A listing taken within the coalescing gap is as good as an inspect: a health
-            # check that finishes after it triggers a report, which comes at least a gap later
-            # and so inspects the containers whose health was not settled.
-            health = self._health(running, current=age is not None and age <= self.coalesce)
+            health = self._health(running, listed_at)
             self._last_health = dict(health)
             self.observer.containers(containers, health)  # after a failed read `agent status` keeps the last
         except Exception as exc:  # noqa: BLE001
@@ -160,46 +167,68 @@ class Heartbeat:
             self.on_report(changed)
         return True
 
-    def _health(self, running: list[ContainerInfo], current: bool) -> dict[str, str]:
-        """Container id -> health of the running containers: what the listing says, and one
-        batched inspect for what it cannot tell (module docstring). `current`: the listing
-        is at most `health_poll` old, so its health is as good as an inspect's."""
-        known = self._last_health
+    def _health(self, running: list[ContainerInfo], listed_at: float) -> dict[str, str]:
+        """Container id -> health of the running containers: what the listing (taken at
+        `listed_at`) says, and one batched inspect for what it cannot tell (module docstring)."""
+        now = self._clock()
         read = []
         for container in running:
             seen = self._seen.get(container.id)
-            if seen is None:
-                read.append(container.id)
+            if seen is None or (self._moved(container, seen[0]) and _listed_restarts(container) is None):
+                read.append(container.id)  # first sight, or restarted: by how many restarts?
                 continue
-            started_at, checked = seen
-            if container.started_at and started_at and container.started_at != started_at and container.restarts < 0:
-                read.append(container.id)
-            elif (checked or container.health) and (
-                not container.health or (not current and known.get(container.id, "starting") in UNSETTLED)
-            ):
+            if not (seen[1] or container.health):
+                continue  # no health check: always `none`
+            best = self._best_health(container, listed_at)
+            if best is None or (
+                best[0] in UNSETTLED and now - best[1] > self.coalesce
+            ) or (not container.health and listed_at > best[1]):
+                # Not settled and older than the coalescing gap; or a podman whose listing
+                # shows no health has listed it since the last read.
                 read.append(container.id)
         found = self.podman.read_health(read) if read else {}
         health = {}
         for container in running:
             seen = self._seen.get(container.id)
             reading = found.get(container.id)
-            restarts: int | None
+            restarts: int | None = None
             if reading is not None:
-                status, restarts, checked = reading.status, reading.restarts, reading.checked
+                checked, restarts = reading.checked, reading.restarts
+                # A checked container caught between a crash and its restart reads "none",
+                # which the control plane counts as healthy: it is starting.
+                status = "starting" if checked and reading.status == "none" else reading.status
+                self._observed[container.id] = (status, now)
+                if seen is None and container.restarts >= 0:
+                    # The agent's own run (0) or a ps that counts restarts: the baseline
+                    # predates this inspect, so restarts in between are counted.
+                    self._restarts.setdefault(container.id, container.restarts)
             elif seen is not None:
                 checked = seen[1] or bool(container.health)
-                if not checked:
-                    status = "none"
-                elif current and container.health:
-                    status = container.health
-                else:  # an older listing: what the last read said is newer
-                    status = known.get(container.id) or container.health or "starting"
-                restarts = container.restarts if container.restarts >= 0 else None
-            else:  # vanished between the listing and the inspect: the next report drops it
-                status, restarts, checked = "none", None, False
+                best = self._best_health(container, listed_at) if checked else None
+                status = best[0] if best is not None else "starting" if checked else "none"
+                if checked and best is not None:
+                    self._observed[container.id] = best
+                if self._moved(container, seen[0]):
+                    restarts = _listed_restarts(container)
+            else:  # pragma: no cover - read_health answers every ref it is given
+                status, checked = "none", False
             self._seen[container.id] = (container.started_at or (seen[0] if seen else 0), checked)
             health[container.id] = self._crash_looping(container.id, status, restarts)
         return health
+
+    @staticmethod
+    def _moved(container: ContainerInfo, started_at: int) -> bool:
+        """Whether the container may have restarted since `started_at` was seen: its start
+        time moved, or the listing does not say when it started."""
+        return not container.started_at or container.started_at != started_at
+
+    def _best_health(self, container: ContainerInfo, listed_at: float) -> tuple[str, float] | None:
+        """The newest word on a checked container's health, and when it was said: the
+        listing's when it was taken after the last inspect, else that inspect's."""
+        observed = self._observed.get(container.id)
+        if container.health and (observed is None or listed_at >= observed[1]):
+            return container.health, listed_at
+        return observed
 
     def _crash_looping(self, container_id: str, status: str, restarts: int | None) -> str:
         """`unhealthy` for a container podman restarted at least CRASH_LOOP_RESTARTS times
@@ -228,7 +257,7 @@ class Heartbeat:
 
     def _forget_gone(self, containers: list[ContainerInfo]) -> None:
         present = {c.id for c in containers}
-        for table in (self._restarts, self._restart_times, self._last_health, self._seen):
+        for table in (self._restarts, self._restart_times, self._last_health, self._seen, self._observed):
             for gone in [cid for cid in table if cid not in present]:
                 del table[gone]
 

@@ -307,8 +307,8 @@ def micro_report(count: int) -> float:
         def list_containers(self, max_age=0.0):  # noqa: ANN001, ANN202
             return containers
 
-        def listing_age(self):  # noqa: ANN202
-            return 0.0
+        def list_containers_aged(self, max_age=0.0):  # noqa: ANN001, ANN202
+            return containers, 0.0
 
         def read_health(self, ids):  # noqa: ANN001, ANN202
             return {cid: HealthReading("none", 0, False) for cid in ids}

@@ -56,13 +56,15 @@ class FakePodman:
         status = self.health_status.get(cid, "none")
         return "" if status == "none" or not self.ps_shows_health else status
 
-    # How old the listing is said to be (`Podman.listing_age`); None: never listed.
+    # How old the listing is said to be (`Podman.list_containers_aged`); 0: taken now.
     listing_age_value: float | None = 0.0
     # Whether `ps` shows health (podman 4.3 does); False: a podman whose listing does not.
     ps_shows_health = True
 
-    def listing_age(self) -> float | None:
-        return self.listing_age_value
+    def list_containers_aged(self, max_age: float = 0.0) -> tuple[list[ContainerInfo], float]:
+        """The listing with the age it had when it was taken from the cache (`listing_age_value`)."""
+        age = self.listing_age_value or 0.0
+        return self.list_containers(max_age), age
 
     def health(self, ids):
         return {i: reading.status for i, reading in self.read_health(ids).items()}

@@ -1,6 +1,6 @@
 """Review of issue 11 (status health from `podman ps` instead of an inspect per tick): cases
-where a report could now be wrong. xfail(strict) tests reproduce a defect (remove the mark
-once fixed); the others guard cases that were checked and hold.
+where a report could now be wrong. Tests that reproduced a defect the review found (marked
+"defect" in their section; all fixed since) and tests guarding cases that were checked and held.
 
 Unit tests use tests/fakes.py; the `real` ones run real Podman 4.3 (tests/testbed.py)."""
 
@@ -70,12 +70,6 @@ def health_of(reports: list[dict]) -> dict[str, str]:
 # --- defects (unit) -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: a listing older than the coalescing gap loses to the last report's settled "
-    "health even when the listing was taken AFTER that report: healthy->unhealthy goes unreported "
-    "until a report happens to take a listing at most 0.25 s old (measured: none of the 0.5 s looks "
-    "while following a rollout did; the health runner's own trigger reported 'healthy')"
-))
 def test_a_newer_listing_that_says_unhealthy_beats_the_last_reports_healthy():
     pm = ReviewPodman()
     checked = pm.add("d1")
@@ -97,10 +91,6 @@ def test_a_newer_listing_that_says_unhealthy_beats_the_last_reports_healthy():
     assert health_of(reports) == {"d1": "unhealthy"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: a restart the start time does not show (same whole second) or need not be "
-    "inspected for (ps carries Restarts) leaves the last report's 'healthy' while ps says starting"
-))
 @pytest.mark.parametrize("ps_restarts", [False, True], ids=["same-second-start", "ps-with-restarts"])
 def test_a_restart_puts_a_healthy_container_back_to_starting(ps_restarts: bool):
     pm = ReviewPodman()
@@ -124,10 +114,6 @@ def test_a_restart_puts_a_healthy_container_back_to_starting(ps_restarts: bool):
     assert health_of(reports) == {"d1": "starting"}  # before issue 11: read each interval
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: an inspect that caught a checked container between crash and restart says "
-    "'none' (counted healthy by the CP); that 'none' is kept as settled over the listing's health"
-))
 def test_a_none_read_mid_restart_does_not_stick_to_a_checked_container():
     pm = ReviewPodman()
     checked = pm.add("d1")
@@ -138,7 +124,7 @@ def test_a_none_read_mid_restart_does_not_stick_to_a_checked_container():
     clock = [0.0]
     heartbeat, reports = beat(pm, clock)
     heartbeat.send_once()
-    assert health_of(reports) == {"d1": "none"}  # the race itself predates issue 11
+    assert health_of(reports) == {"d1": "starting"}, "a checked container is never 'none'"
     # Running again in the same whole second: every later listing says "(starting)".
     pm.listing_age_value = 0.5
     for tick in range(1, 4):
@@ -147,10 +133,6 @@ def test_a_none_read_mid_restart_does_not_stick_to_a_checked_container():
     assert health_of(reports) == {"d1": "starting"}  # before issue 11: the next full inspect said so
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: on a podman whose ps has neither StartedAt nor Restarts, a container is "
-    "inspected only at first sight, so a --restart=always crash loop is never reported unhealthy"
-))
 def test_a_crash_loop_is_caught_when_ps_has_no_start_time():
     pm = ReviewPodman()
     pm.ps_started_at = False
@@ -165,10 +147,6 @@ def test_a_crash_loop_is_caught_when_ps_has_no_start_time():
     assert health_of(reports) == {"d1": "unhealthy"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: a container the agent just ran is in the shared listing without a start "
-    "time; the first real ps's StartedAt is taken as the baseline, so restarts in between are lost"
-))
 def test_restarts_between_the_agents_run_and_the_first_ps_are_counted():
     pm = ReviewPodman()
     new = pm.add("d1")
@@ -183,17 +161,16 @@ def test_restarts_between_the_agents_run_and_the_first_ps_are_counted():
     assert health_of(reports) == {"d1": "unhealthy"}  # before issue 11: the per-tick inspect saw 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: list_containers and listing_age are two calls: when the reconciler lists "
-    "between them, an old cached listing is taken for current and its '(starting)' reported"
-))
 def test_an_old_listing_is_not_taken_for_current_when_another_thread_just_listed():
     pm = ReviewPodman()
     checked = pm.add("d1")
     pm.health_status[checked.id] = "starting"
-    heartbeat, reports = beat(pm)
+    clock = [100.0]
+    heartbeat, reports = beat(pm, clock)
     heartbeat.send_once()
     old = pm.list_containers()  # the shared listing, 5 s old when the next report takes it
+    pm.listing_age_value = 5.0
+    clock[0] += 1
     pm.health_status[checked.id] = "healthy"
 
     def cached_then_relisted(max_age: float = 0.0):
@@ -226,12 +203,14 @@ def test_an_unsettled_container_is_inspected_when_the_listing_is_old():
     pm = ReviewPodman()
     checked = pm.add("d1")
     pm.health_status[checked.id] = "starting"
-    heartbeat, reports = beat(pm)
+    clock = [100.0]
+    heartbeat, reports = beat(pm, clock)
     heartbeat.send_once()
+    clock[0] += 1  # the last inspect is older than the coalescing gap, the listing older still
     pm.listing_age_value = 5.0
     pm.health_status[checked.id] = "unhealthy"  # the listing (FakePodman: as of now) would say so too
     heartbeat.send_once(triggered=True)
-    assert pm.health_reads[-1] == [checked.id]
+    assert len(pm.health_reads) == 2 and pm.health_reads[-1] == [checked.id]
     assert health_of(reports) == {"d1": "unhealthy"}
 
 
@@ -375,10 +354,6 @@ CHECK_FILE = ("--health-cmd", "test -e /tmp/ok", "--health-interval", "1h", "--h
 
 
 @pytest.mark.real
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: healthy->unhealthy is not reported by a report that reuses the reconciler's "
-    "ps taken after the last report but more than the coalescing gap ago"
-))
 def test_real_unhealthy_after_healthy_is_reported_from_the_reconcilers_listing(podman_net, tmp_path):  # noqa: F811
     name = f"{podman_net.name}-hc"
     run_box(podman_net, "hc", *CHECK_FILE, BB_IMAGE, "sleep", "600")
@@ -473,10 +448,6 @@ FLAKY_START = 'c=$(cat /tmp/c 2>/dev/null || echo 0); echo $((c+1)) > /tmp/c; [ 
 
 
 @pytest.mark.real
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 review: a container the agent ran is in the shared listing without a start time, so "
-    "the restarts between its first report and the first real ps are never read (two crashes missed)"
-))
 def test_real_two_crashes_right_after_the_agents_run_are_counted(podman_net, tmp_path):  # noqa: F811
     image = f"localhost/techulus-review11-{podman_net.name}:flaky"
     podman("create", "--name", f"{podman_net.name}-base", "--label", podman_net.scope_label, BB_IMAGE)

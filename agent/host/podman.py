@@ -193,10 +193,16 @@ class Listing:
 
     def get(self, max_age: float) -> list[ContainerInfo] | None:
         """The listing, when it is at most `max_age` seconds old; else None."""
+        aged = self.get_aged(max_age)
+        return None if aged is None else aged[0]
+
+    def get_aged(self, max_age: float) -> tuple[list[ContainerInfo], float] | None:
+        """The listing and its age, when it is at most `max_age` seconds old; else None."""
         with self._lock:
-            if self._at is None or self._clock() - self._at > max_age:
+            age = None if self._at is None else self._clock() - self._at
+            if age is None or age > max_age:
                 return None
-            return list(self._containers)
+            return list(self._containers), age
 
     def begin(self) -> int:
         """Call before listing; pass the result to `put`."""
@@ -223,11 +229,6 @@ class Listing:
         with self._lock:
             self._generation += 1
             self._at = None
-
-    def age(self) -> float | None:
-        """Seconds since the listing was taken; None when there is none."""
-        with self._lock:
-            return None if self._at is None else self._clock() - self._at
 
 
 @dataclass(frozen=True)
@@ -379,9 +380,15 @@ class Podman:
         self.listing.put(containers, generation)
         return containers
 
-    def listing_age(self) -> float | None:
-        """How old the shared listing `list_containers` last gave is (None: there is none)."""
-        return self.listing.age()
+    def list_containers_aged(self, max_age: float = 0.0) -> tuple[list[ContainerInfo], float]:
+        """`list_containers`, and how old that listing is in seconds (0 when it was taken
+        now), told together: a listing another thread takes meanwhile cannot be mistaken
+        for this one."""
+        if max_age > 0:
+            cached = self.listing.get_aged(max_age)
+            if cached is not None:
+                return cached
+        return self.list_containers(), 0.0
 
     def survey(self) -> list[tuple[ContainerInfo, Ownership]]:
         """Every container with the §9.1 service label (and scope label, if set), ours or
@@ -668,7 +675,7 @@ class Podman:
         if CONTAINER_ID.fullmatch(container_id):
             self.listing.add(ContainerInfo(
                 id=container_id, name=spec.name, image=canonical_image(spec.image), state="running",
-                labels=self._labels(spec), created=int(time.time()),
+                labels=self._labels(spec), created=int(time.time()), restarts=0,
             ))
         return container_id
 
