@@ -252,7 +252,7 @@ def test_is_managed_and_is_running(fp: Any, podman: Podman) -> None:
 
 HEALTH_FORMAT = (
     "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} "
-    "{{if .Config.Healthcheck}}check{{else}}-{{end}} {{.State.Health.Status}}"
+    "{{if .Config.Healthcheck}}check{{else}}-{{end}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"
 )
 
 

@@ -461,7 +461,7 @@ class Podman:
         result = self._run(
             "container", "inspect", "--format",
             "{{.Id}} {{.Name}} {{.State.Status}} {{.RestartCount}} "
-            "{{if .Config.Healthcheck}}check{{else}}-{{end}} {{.State.Health.Status}}",
+            "{{if .Config.Healthcheck}}check{{else}}-{{end}} {{if .State.Health}}{{.State.Health.Status}}{{end}}",
             *refs, check=False,
         )
         if result.returncode != 0 and not result.stdout.strip():
