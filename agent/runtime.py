@@ -432,7 +432,14 @@ def _run(settings: Settings, stop: threading.Event) -> int:
     from agent.upgrade import HealthMarker
 
     # `agent upgrade` commits a new build once this marker names the unit's main process.
-    components.reconciler.run(stop, on_tick=HealthMarker(settings.data_dir, components.reconciler))
+    marker = HealthMarker(settings.data_dir, components.reconciler)
+    trim = malloc.Trimmer()
+
+    def after_tick() -> None:
+        marker()
+        trim()  # the pass's podman JSON is garbage by now: its heap pages go back (agent/malloc.py)
+
+    components.reconciler.run(stop, on_tick=after_tick)
     sdnotify.notify("STOPPING=1")
     for thread in threads:
         thread.join(timeout=15)

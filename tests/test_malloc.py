@@ -46,3 +46,44 @@ def test_the_environment_wins(monkeypatch):
     libc = _Libc()
     assert malloc.limit_arenas(libc=libc) is False
     assert libc.calls == []
+
+
+class _TrimLibc:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        outer = self
+
+        class _Trim:
+            argtypes: object = None
+            restype: object = None
+
+            def __call__(self, pad: int) -> int:
+                outer.calls.append(pad)
+                return 1
+
+        self.malloc_trim = _Trim()
+
+
+def test_trims_after_a_tick_at_most_every_interval():
+    now = [100.0]
+    libc = _TrimLibc()
+    trim = malloc.Trimmer(interval=30.0, libc=libc, clock=lambda: now[0])
+    trim()
+    now[0] += 10
+    trim()
+    assert libc.calls == [0]
+    now[0] += 25
+    trim()
+    assert libc.calls == [0, 0]
+
+
+def test_trimming_without_malloc_trim_is_a_no_op():
+    trim = malloc.Trimmer(libc=object())
+    trim()
+    trim()
+
+
+def test_this_glibc_trims():
+    trim = malloc.Trimmer(interval=0.0)
+    assert trim._trim is not None  # glibc here: the real malloc_trim is bound
+    trim()
