@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import urllib3
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__, crypto
 
@@ -63,7 +62,7 @@ class BadResponse(ApiError):
 @dataclass(frozen=True)
 class Signer:
     server_id: str
-    key: Ed25519PrivateKey
+    key: crypto.SigningKey
 
     def __post_init__(self) -> None:
         if not isinstance(self.server_id, str) or not _HEADER_VALUE.fullmatch(self.server_id):

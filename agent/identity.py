@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import crypto
 from agent.fsutil import atomic_write, ensure_dir
@@ -92,7 +91,7 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class Identity:
-    signing_key: Ed25519PrivateKey = field(repr=False)
+    signing_key: crypto.SigningKey = field(repr=False)
     wireguard_private_key: str = field(repr=False)
     config: AgentConfig
 
@@ -105,7 +104,7 @@ class Identity:
 class PendingKeys:
     """Keys generated for a registration attempt, not yet on disk."""
 
-    signing_key: Ed25519PrivateKey = field(repr=False)
+    signing_key: crypto.SigningKey = field(repr=False)
     wireguard_private_key: str = field(repr=False)
 
     @classmethod

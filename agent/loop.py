@@ -979,7 +979,9 @@ def load_state_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ModelError(f"cannot read state file {path}: {exc.strerror}") from exc
     if path.suffix == ".toml":
-        from agent.settings import tomllib
+        from agent.settings import toml_parser
+
+        tomllib = toml_parser()
 
         try:
             data = tomllib.loads(raw.decode("utf-8"))

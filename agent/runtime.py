@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from agent import __version__, sdnotify, status
+from agent import __version__, malloc, sdnotify, status
 from agent.api import ControlPlane, Signer
 from agent.configsync import ConfigSync
 from agent.heartbeat import Heartbeat
@@ -355,7 +355,7 @@ def background_tasks(components: Components) -> list[tuple[str, Callable[[thread
         worker.observer = observer
         tasks.append(("builds", worker.run))
     if settings.logs_endpoint:
-        from agent.logship import LogShipper
+        from agent.logship.shipper import LogShipper
 
         shipper = LogShipper(settings, components.podman)
         observer.watch_logs(shipper)
@@ -399,6 +399,7 @@ def run_agent(
     """Run until `stop` (SIGTERM/SIGINT). `reload` re-reads the configuration on SIGHUP
     (`--config`, environment and flags, as at start)."""
     stop = stop or threading.Event()
+    malloc.limit_arenas()  # before any thread starts: see agent/malloc.py
     lock = hold_lock(settings.data_dir)
     previous = install_signal_handlers(stop, Reloader(settings, reload))
     try:
@@ -431,7 +432,14 @@ def _run(settings: Settings, stop: threading.Event) -> int:
     from agent.upgrade import HealthMarker
 
     # `agent upgrade` commits a new build once this marker names the unit's main process.
-    components.reconciler.run(stop, on_tick=HealthMarker(settings.data_dir, components.reconciler))
+    marker = HealthMarker(settings.data_dir, components.reconciler)
+    trim = malloc.Trimmer()
+
+    def after_tick() -> None:
+        marker()
+        trim()  # the pass's podman JSON is garbage by now: its heap pages go back (agent/malloc.py)
+
+    components.reconciler.run(stop, on_tick=after_tick)
     sdnotify.notify("STOPPING=1")
     for thread in threads:
         thread.join(timeout=15)

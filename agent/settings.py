@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+
+def toml_parser() -> Any:
+    """tomllib (tomli on 3.10), imported on first use: an installed agent is configured by its
+    environment file, so most agents never parse TOML and need not carry the parser."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        import tomli as tomllib
+    return tomllib
+
 
 ENV_PREFIX = "TECHULUS_AGENT_"
 DEFAULT_DATA_DIR = Path("/var/lib/techulus-agent")
@@ -312,6 +318,7 @@ def _is_http_url(value: str) -> bool:
 
 
 def _from_toml(path: Path) -> dict[str, Any]:
+    tomllib = toml_parser()
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)

@@ -53,8 +53,7 @@ API = "/api/v1/agent"
 SETTLE = 25.0
 TICKS = os.sysconf("SC_CLK_TCK")
 IMPORT_FLOOR = (
-    "import urllib3, json, logging, threading, subprocess; "
-    "from cryptography.hazmat.primitives.asymmetric import ed25519; "
+    "import urllib3, json, logging, threading, subprocess, ctypes; "
     "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))"
 )
 WRAPPER = """#!/bin/bash

@@ -25,25 +25,42 @@ Why it is shaped like this (fixing §17 items 24 and 9):
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any
 
-from agent.logship.buildlogs import BuildLogStream
-from agent.logship.caddy import CADDY_POSITION_FILE, CaddyLogTailer, FilePosition, caddy_entry
-from agent.logship.containers import (
-    ENTRY_OVERHEAD,
-    MIN_READ_BYTES,
-    POSITIONS_FILE,
-    READ_BYTES,
-    ContainerLogCollector,
-    Cursor,
-    LogLine,
-    container_entry,
-    read_podman_logs,
-    split_podman_line,
-)
-from agent.logship.sender import INSERT_PATH, MAX_LINE, STREAM_FIELDS, Checkpoints, LogSender, SenderStats
-from agent.logship.shipper import BUSY_PASS, LogShipper
-from agent.logship.timestamps import MonotonicClock, format_local_time, format_rfc3339_ns, parse_rfc3339_ns
+# Name -> submodule, imported on first access (PEP 562): an agent without a logs endpoint
+# only needs buildlogs (and what it uses) for builds, not the shipper's threads and tailers.
+_EXPORTS = {
+    "BuildLogStream": "buildlogs",
+    **dict.fromkeys(("CADDY_POSITION_FILE", "CaddyLogTailer", "FilePosition", "caddy_entry"), "caddy"),
+    **dict.fromkeys(
+        (
+            "ENTRY_OVERHEAD",
+            "MIN_READ_BYTES",
+            "POSITIONS_FILE",
+            "READ_BYTES",
+            "ContainerLogCollector",
+            "Cursor",
+            "LogLine",
+            "container_entry",
+            "read_podman_logs",
+            "split_podman_line",
+        ),
+        "containers",
+    ),
+    **dict.fromkeys(("INSERT_PATH", "MAX_LINE", "STREAM_FIELDS", "Checkpoints", "LogSender", "SenderStats"), "sender"),
+    **dict.fromkeys(("BUSY_PASS", "LogShipper"), "shipper"),
+    **dict.fromkeys(("MonotonicClock", "format_local_time", "format_rfc3339_ns", "parse_rfc3339_ns"), "timestamps"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 log = logging.getLogger(__name__)
 
