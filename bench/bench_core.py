@@ -17,7 +17,7 @@ work-queue and build polls all run as they do on a server.
    no wrapper): the agent's own CPU (utime+stime) and that of its reaped children (podman:
    cutime+cstime), from /proc/PID/stat over --idle-seconds once the agent has settled.
 3. VmRSS of the agent process at each M, beside the import floor (a bare python3 importing
-   what every agent needs: urllib3 and cryptography's Ed25519).
+   what every agent needs to run: urllib3, whose ssl maps the libcrypto that signs, and ctypes).
 4. With `--soak`, one agent with `--soak-containers` for that many minutes: VmRSS and CPU
    sampled every `--soak-every` seconds (is memory flat over an hour?).
 Extra, labelled `micro (in-process)`: report building from a listing of M containers.
@@ -399,7 +399,7 @@ def main() -> None:
                   f"min/median/max {spread(rss, '{:.1f}')} MB, last {rss[-1]:.1f} MB; median of the second half minus "
                   f"the first {statistics.median(rss[half:]) - statistics.median(rss[:half]):+.2f} MB; CPU per 10 s "
                   f"{spread([sample[2] for sample in samples], '{:.0f}')} ms")
-        print(f"  import floor (python3 + urllib3 + cryptography Ed25519): VmRSS {import_floor(command):.1f} MB")
+        print(f"  import floor (python3 + urllib3 + ctypes): VmRSS {import_floor(command):.1f} MB")
     for count in idle_counts:
         print(f"micro (in-process, this checkout, not the shipped binary): one report from a listing of {count} "
               f"containers: {micro_report(count):.2f} ms CPU")
