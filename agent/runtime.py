@@ -210,8 +210,10 @@ def assemble(settings: Settings, public_ip: Callable[[], str] = lambda: "", crea
     syncs = config_syncs(settings, config, identity, dns_woke_up)
     dns_active = not any(isinstance(sync, OnDemand) and sync.name == "dns" for sync in syncs)
     observer = Publisher(status_path(settings.run_dir, settings.data_dir), published_info(settings, config))
+    options = podman_options(settings, config, container_dns(settings, config, dns_active))
+    # Only a running agent ticks: a one-shot look (`agent plan`) has no listing to keep.
     podman = ObservedPodman(
-        podman_options(settings, config, container_dns(settings, config, dns_active)),
+        dataclasses.replace(options, watch_state=settings.podman_watch_state and create),
         images=ImageLedger(settings.data_dir / LEDGER_FILE),
     )
     podman.observer = observer

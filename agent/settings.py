@@ -103,6 +103,9 @@ class Settings:
     # Podman's per-container log file cap. At 10k lines/s a 10 MB file holds ~8 s, less than
     # the log shipper may lag behind; lines beyond the cap are lost before they are shipped.
     container_log_max_size: str = "50mb"
+    # Skip the idle tick's `podman ps` while podman's container database is unchanged
+    # (agent/host/listing.py); false = list every tick.
+    podman_watch_state: bool = True
     # Image GC (agent/host/images.py): removes only images this agent pulled, and only
     # while the disk holding podman's storage is more than `start` % used, until under `stop` %.
     image_gc_start_percent: float = 85.0

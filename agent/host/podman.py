@@ -45,6 +45,7 @@ from typing import Any
 
 from agent import validate
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, ContainerInfo
+from agent.host.listing import Listing, StateWatch
 from agent.host.images import ImageLedger
 from agent.host.run import CommandError, CommandNotFound, CommandTimeout, Result, run
 from agent.model import DOCTOR_PROBE_SERVICE, ExpectedContainer, canonical_image
@@ -175,62 +176,6 @@ def is_not_found(error: CommandError) -> bool:
     return any(marker in text for marker in NOT_FOUND_MARKERS)
 
 
-class Listing:
-    """The last `podman ps` of our containers and when it was taken, shared by every Podman
-    adapter of one agent (reconciler, status report, health runner): one `ps` per tick serves
-    them all (issue 11). The adapter keeps it current with the changes it makes itself
-    (`run_container` adds, a removal drops, anything else invalidates), so a report sent
-    during a pass shows the reconciler's own view without running podman again. A listing
-    that was taken while the adapter changed something is not kept (it may predate the
-    change)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._at: float | None = None
-        self._containers: list[ContainerInfo] = []
-        self._generation = 0
-
-    def get(self, max_age: float) -> list[ContainerInfo] | None:
-        """The listing, when it is at most `max_age` seconds old; else None."""
-        aged = self.get_aged(max_age)
-        return None if aged is None else aged[0]
-
-    def get_aged(self, max_age: float) -> tuple[list[ContainerInfo], float] | None:
-        """The listing and its age, when it is at most `max_age` seconds old; else None."""
-        with self._lock:
-            age = None if self._at is None else self._clock() - self._at
-            if age is None or age > max_age:
-                return None
-            return list(self._containers), age
-
-    def begin(self) -> int:
-        """Call before listing; pass the result to `put`."""
-        with self._lock:
-            return self._generation
-
-    def put(self, containers: Sequence[ContainerInfo], generation: int) -> None:
-        with self._lock:
-            if generation == self._generation:
-                self._containers, self._at = list(containers), self._clock()
-
-    def add(self, container: ContainerInfo) -> None:
-        with self._lock:
-            self._generation += 1
-            self._containers = [c for c in self._containers if c.id != container.id and c.name != container.name]
-            self._containers.append(container)
-
-    def drop(self, ref: str) -> None:
-        with self._lock:
-            self._generation += 1
-            self._containers = [c for c in self._containers if ref not in (c.id, c.name) and not c.id.startswith(ref)]
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._generation += 1
-            self._at = None
-
-
 @dataclass(frozen=True)
 class HealthReading:
     """What one inspect says about a container's health (`Podman.read_health`)."""
@@ -277,6 +222,8 @@ class PodmanOptions:
     adopt_legacy: bool = False
     # Run a tiny init as PID 1 (forwards SIGTERM); off because some images must be PID 1.
     init: bool = False
+    # Skip the `ps` while podman's container database is unchanged (agent/host/listing.py).
+    watch_state: bool = False
 
     def __post_init__(self) -> None:
         if not self.binary:
@@ -367,28 +314,46 @@ class Podman:
         """Every container this agent owns (see `judge`), any state, except `agent doctor`'s
         probe: it lives for a second beside a running agent, which must neither remove it as
         unexpected nor report it to the control plane. With `max_age`, the shared listing
-        (`Listing`) when it is at most that old, instead of running podman."""
-        if max_age > 0:
-            cached = self.listing.get(max_age)
-            if cached is not None:
-                return cached
-        generation = self.listing.begin()
-        containers = [
-            container for container, verdict in self.survey()
-            if verdict.ours and container.service_id != DOCTOR_PROBE_SERVICE
-        ]
-        self.listing.put(containers, generation)
-        return containers
+        (`Listing`) when it is at most that old, instead of running podman; with
+        `watch_state`, also when podman's database did not change since it was taken
+        (agent/host/listing.py)."""
+        return self.list_containers_aged(max_age)[0]
 
     def list_containers_aged(self, max_age: float = 0.0) -> tuple[list[ContainerInfo], float]:
         """`list_containers`, and how old that listing is in seconds (0 when it was taken
-        now), told together: a listing another thread takes meanwhile cannot be mistaken
-        for this one."""
+        now, or is verified as still true), told together: a listing another thread takes
+        meanwhile cannot be mistaken for this one."""
         if max_age > 0:
             cached = self.listing.get_aged(max_age)
             if cached is not None:
                 return cached
-        return self.list_containers(), 0.0
+        watch = self._state_watch()
+        stamp = watch.stamp() if watch is not None else None
+        verified = self.listing.unchanged(stamp)
+        if verified is not None:
+            return verified, 0.0
+        generation = self.listing.begin()
+        started = time.time()
+        containers = [
+            container for container, verdict in self.survey()
+            if verdict.ours and container.service_id != DOCTOR_PROBE_SERVICE
+        ]
+        quiet = watch is not None and stamp is not None and watch.quiet_before(stamp, started)
+        self.listing.put(containers, generation, stamp if quiet else None)
+        return containers, 0.0
+
+    def _state_watch(self) -> StateWatch | None:
+        """The watch on podman's database (found once, through its graph root), when enabled."""
+        if not self.options.watch_state or not self.listing.watching:
+            return None
+        if self.listing.watch is None:
+            try:
+                self.listing.watch = StateWatch.under(self.storage_path())
+            except PodmanError as exc:
+                log.warning("cannot find podman's database (%s); listing containers every tick", exc)
+                self.listing.watching = False
+                return None
+        return self.listing.watch
 
     def survey(self) -> list[tuple[ContainerInfo, Ownership]]:
         """Every container with the §9.1 service label (and scope label, if set), ours or
