@@ -14,18 +14,21 @@ about a second. Containers the reconciler is draining (`exclude`) are left out o
 After each report `on_report(changed)` tells the reconciler, which polls right after it.
 
 Podman cost (issue 11): a report that a trigger asked for uses the shared listing of the
-containers (`Listing` in agent/host/podman.py: the reconciler's own `podman ps`, kept current
+containers (`Listing` in agent/host/listing.py: the reconciler's own `podman ps`, kept current
 with the changes the agent made since) when it is at most `interval` old, and a look while
-following one at most `2 * health_poll` old; only a beat nobody asked for lists afresh. The
-listing carries each container's health ("Up 3 minutes (healthy)") and when it last started,
-so a report normally costs no inspect at all. One batched inspect reads only what the listing
-cannot tell: a container seen for the first time (its restart count, the baseline of crash-loop
-detection, and whether it has a health check at all), one whose start time moved (it restarted:
-by how many restarts?), and, when the listing is older than the coalescing gap, a container whose
-health is not settled (unknown, `starting`) — or every checked one, on a podman whose listing
-shows no health. Idle, the reconciler's tick asks for the report with resources every
+following one at most `2 * health_poll` old; a beat nobody asked for lists afresh, unless
+podman's database did not change since the listing was taken (then that listing is what a `ps`
+would say). The listing carries each container's health ("Up 3 minutes (healthy)") and when it
+last started, so a report normally costs no inspect at all. For each checked container the
+newer of the listing and the last inspect decides. One batched inspect reads only what the
+listing cannot tell: a container seen for the first time (its restart count, the baseline of
+crash-loop detection, and whether it has a health check at all), one whose start time moved or
+is unknown (it restarted: by how many restarts?), one whose best known health is unsettled
+(`starting`) and older than the coalescing gap, and every checked one that a newer listing
+shows without health (a podman whose `ps` does not show it). A checked container is never
+reported `none`. Idle, the reconciler's tick asks for the report with resources every
 `interval`, so a beat of our own is held back up to BEAT_SLACK for that trigger: one report
-and one `ps` per tick rather than two.
+and at most one `ps` per tick rather than two.
 """
 
 from __future__ import annotations
