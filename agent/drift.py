@@ -64,6 +64,8 @@ class ContainerInfo:
     health: str = ""
     started_at: int = 0
     restarts: int = -1
+    # Its main process on this host (0 = unknown, or not running).
+    pid: int = 0
 
     @property
     def deployment_id(self) -> str:

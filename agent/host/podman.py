@@ -329,17 +329,21 @@ class Podman:
                 return cached
         watch = self._state_watch()
         stamp = watch.stamp() if watch is not None else None
-        verified = self.listing.unchanged(stamp)
-        if verified is not None:
-            return verified, 0.0
+        if watch is not None:
+            self.listing.see(stamp)
+            verified = self.listing.unchanged(stamp)
+            if verified is not None:
+                return verified, 0.0
+        quiet = self.listing.quiet(stamp)
         generation = self.listing.begin()
-        started = time.time()
+        began = self.listing.now()
         containers = [
             container for container, verdict in self.survey()
             if verdict.ours and container.service_id != DOCTOR_PROBE_SERVICE
         ]
-        quiet = watch is not None and stamp is not None and watch.quiet_before(stamp, started)
-        self.listing.put(containers, generation, stamp if quiet else None)
+        # A stamp that moved during the ps says nothing about it; verified only if it was quiet before.
+        unmoved = watch is not None and watch.stamp() == stamp
+        self.listing.put(containers, generation, began, stamp if unmoved else None, verify=quiet)
         return containers, 0.0
 
     def _state_watch(self) -> StateWatch | None:
@@ -1202,6 +1206,7 @@ def parse_ps_networks(stdout: str) -> list[tuple[ContainerInfo, list[str]]]:
             health=health.group(1) if health else "",
             started_at=_whole(item.get("StartedAt")),
             restarts=_whole(restarts) if isinstance(restarts, int) else -1,
+            pid=_whole(item.get("Pid")),
         )
         containers.append((container, [str(n) for n in networks] if isinstance(networks, list) else []))
     return containers
