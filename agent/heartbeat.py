@@ -175,6 +175,8 @@ class Heartbeat:
         `listed_at`) says, and one batched inspect for what it cannot tell (module docstring)."""
         now = self._clock()
         read = []
+        # The best word on each checked container not read: decided once, used below.
+        bests: dict[str, tuple[str, float] | None] = {}
         for container in running:
             seen = self._seen.get(container.id)
             if seen is None or (self._moved(container, seen[0]) and _listed_restarts(container) is None):
@@ -182,7 +184,7 @@ class Heartbeat:
                 continue
             if not (seen[1] or container.health):
                 continue  # no health check: always `none`
-            best = self._best_health(container, listed_at)
+            best = bests[container.id] = self._best_health(container, listed_at)
             if best is None or (
                 best[0] in UNSETTLED and now - best[1] > self.coalesce
             ) or (not container.health and listed_at > best[1]):
@@ -207,7 +209,7 @@ class Heartbeat:
                     self._restarts.setdefault(container.id, container.restarts)
             elif seen is not None:
                 checked = seen[1] or bool(container.health)
-                best = self._best_health(container, listed_at) if checked else None
+                best = bests.get(container.id) if checked else None
                 status = best[0] if best is not None else "starting" if checked else "none"
                 if checked and best is not None:
                     self._observed[container.id] = best
